@@ -1,0 +1,145 @@
+"""Dataset containers shared by every reader.
+
+A split is held as ONE numpy array (uint8 images, or file paths as a fixed-width string array) plus
+an int64 label array: DataLoader workers then share the pages of the parent process instead of
+copying millions of Python objects (whose reference counts would touch every page).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+DATA_HELP = "see README, section Data"
+
+
+class DatasetError(ValueError):
+    """A data problem the user can fix; the message says what is wrong and what to do."""
+
+
+@dataclass
+class SplitData:
+    """What a reader returns: labels 0..C-1 and either the image array or the image paths.
+
+    `images` may be None when the reader was asked for metadata only (`load_images=False`);
+    `image_shape` then still says what the images are.
+    """
+
+    labels: np.ndarray
+    class_names: list[str]
+    images: np.ndarray | None = None
+    paths: np.ndarray | None = None
+    image_shape: tuple[int, int, int] | None = None
+
+
+def remap_labels(original: Sequence | np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Map arbitrary class ids to 0..C-1 in sorted order of the ids; returns (labels, sorted ids)."""
+    original = np.asarray(original)
+    if original.ndim != 1 or original.size == 0:
+        raise DatasetError(f"{source}: expected a non-empty 1-D list of labels, got shape {original.shape}")
+    class_ids, labels = np.unique(original, return_inverse=True)
+    return labels.astype(np.int64).reshape(-1), class_ids
+
+
+def check_images(images: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Images must be an N x H x W x 3 uint8 array with one label per image."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise DatasetError(
+            f"{source}: expected images as an N x H x W x 3 uint8 array, got {images.dtype} of shape "
+            f"{images.shape}; {DATA_HELP}"
+        )
+    if len(images) != len(labels):
+        raise DatasetError(
+            f"{source}: {len(images)} images but {len(labels)} labels; the file is incomplete or "
+            f"not in the expected layout ({DATA_HELP})"
+        )
+
+
+def read_image_sizes(paths: np.ndarray) -> np.ndarray:
+    """(N, 2) array of (height, width), read from the file headers only (no pixel decoding)."""
+    sizes = np.empty((len(paths), 2), dtype=np.int64)
+    for i, path in enumerate(paths):
+        with Image.open(path) as image:
+            sizes[i] = image.height, image.width
+    return sizes
+
+
+def common_image_shape(paths: np.ndarray) -> tuple[int, int, int] | None:
+    """(H, W, 3) when every image has the same size, else None."""
+    sizes = read_image_sizes(paths)
+    if len(sizes) == 0 or (sizes != sizes[0]).any():
+        return None
+    return int(sizes[0, 0]), int(sizes[0, 1]), 3
+
+
+class FewShotDataset(torch.utils.data.Dataset):
+    """A split of a few-shot data set: `ds[i]` is (normalised 3 x S x S tensor, int label)."""
+
+    def __init__(self, labels: np.ndarray, class_names: list[str], transform: Callable | None = None,
+                 name: str = "", split: str = "", transform_id: str | None = None, image_size: int | None = None):
+        self.labels = np.ascontiguousarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.name, self.split = name, split
+        self.transform_id, self.image_size = transform_id, image_size   # what `transform` was built from
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load_image(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        image = self.load_image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, "
+                f"classes={self.num_classes}, images={len(self)}, image_shape={self.image_shape})")
+
+
+class ArrayDataset(FewShotDataset):
+    """Images held in memory as one N x H x W x 3 uint8 array."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, class_names: list[str], **kwargs):
+        super().__init__(labels, class_names, **kwargs)
+        check_images(images, self.labels, f"{self.name} {self.split}")
+        self.images = images
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.images.shape[1:])
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+class FileDataset(FewShotDataset):
+    """Images read from files on access, any mode converted to RGB.
+
+    `image_shape` reads every file header the first time it is asked for (fast, no decoding) and is
+    None when the sizes differ.
+    """
+
+    def __init__(self, paths: np.ndarray, labels: np.ndarray, class_names: list[str], **kwargs):
+        super().__init__(labels, class_names, **kwargs)
+        self.paths = np.asarray(paths, dtype=np.str_)
+
+    @cached_property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        return common_image_shape(self.paths)
+
+    def load_image(self, index: int) -> Image.Image:
+        with Image.open(Path(self.paths[index])) as image:
+            return image.convert("RGB")

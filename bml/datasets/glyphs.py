@@ -1,0 +1,161 @@
+"""`glyphs`: the embedded default data set, rendered from the fonts matplotlib ships.
+
+Like Omniglot, each character is a class and its instances are renderings: 16 typefaces (DejaVu
+Sans/Serif/Mono and STIXGeneral, 4 styles each) under random rotation, shear, scale, aspect, shift,
+stroke width, ink/paper contrast and pixel noise. Characters that look alike (Latin A / Greek Alpha /
+Cyrillic A, O/0, l/I/1, c/C, ...) are left out so that no two classes are the same shape.
+
+Built on first use in a few seconds, deterministically (fixed seed), and cached as an .npz under
+`$BML_CACHE_DIR` (default `~/.cache/bml`); the file name carries a version that changes whenever the
+rendering does.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.ft2font import FT2Font
+from PIL import Image, ImageDraw, ImageFont
+
+from .base import DatasetError, SplitData
+
+GLYPHS_VERSION = 1
+IMAGE_SIZE = 32
+IMAGES_PER_CLASS = 60
+SPLIT_CLASSES = {"train": 64, "val": 16, "test": 20}
+SEED = 20210826
+
+# 100 mutually distinct shapes. Left out: letters equal to another class up to scale (c C, o O 0, s S,
+# u U, v V, w W, x X, z Z, k K, p P, y Y), the l/I/1/| family, and Greek/Cyrillic twins of Latin
+# letters or of each other (Alpha, Pi/Pe, Phi/Ef, Gamma/Ge, Ze/3, theta/Theta, ...).
+CHARACTERS = (
+    "ABCDEFGHJKLMNPQRSTUVWXYZ"
+    "abdefghijmnqrt"
+    "23456789"
+    "ΓΔΘΛΞΠΣΦΨΩ"
+    "αβγδεζλμξσω"
+    "БДЖИЦЧШЭЮЯЫ"
+    "&@#%?§¶$€£¥+=*~∞√∫≠±÷≥"
+)
+FONT_FILES = tuple(
+    f"{family}{style}.ttf"
+    for family, styles in (
+        ("DejaVuSans", ("", "-Bold", "-Oblique", "-BoldOblique")),
+        ("DejaVuSerif", ("", "-Bold", "-Italic", "-BoldItalic")),
+        ("DejaVuSansMono", ("", "-Bold", "-Oblique", "-BoldOblique")),
+        ("STIXGeneral", ("", "Bol", "Italic", "BolIta")),
+    )
+    for style in styles
+)
+
+_CANVAS = 4 * IMAGE_SIZE   # rendered at 4x, then downsampled with antialiasing
+_FONT_SIZE = 3 * IMAGE_SIZE
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BML_CACHE_DIR") or Path.home() / ".cache" / "bml")
+
+
+def cache_path() -> Path:
+    return cache_dir() / f"glyphs_v{GLYPHS_VERSION}_{IMAGE_SIZE}px.npz"
+
+
+def _font_dir() -> Path:
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+def _fonts_with(characters: str) -> list[list[ImageFont.FreeTypeFont]]:
+    """For every character, the fonts whose character map actually has a glyph for it."""
+    fonts = []
+    for file in FONT_FILES:
+        path = _font_dir() / file
+        if not path.exists():
+            raise DatasetError(f"glyphs needs matplotlib's font {path}: reinstall matplotlib (pip install -U matplotlib)")
+        fonts.append((set(FT2Font(str(path)).get_charmap()), ImageFont.truetype(str(path), _FONT_SIZE)))
+    per_character = [[font for charmap, font in fonts if ord(c) in charmap] for c in characters]
+    for character, available in zip(characters, per_character):
+        if len(available) < 4:
+            raise DatasetError(f"glyphs: only {len(available)} fonts have '{character}'; check the matplotlib install")
+    return per_character
+
+
+def _render(character: str, font: ImageFont.FreeTypeFont, rng: np.random.Generator) -> np.ndarray:
+    """One distorted rendering, IMAGE_SIZE x IMAGE_SIZE uint8 grey, dark ink on light paper."""
+    canvas = Image.new("L", (_CANVAS, _CANVAS), 0)
+    ImageDraw.Draw(canvas).text((_CANVAS / 2, _CANVAS / 2), character, fill=255, font=font, anchor="mm",
+                                stroke_width=int(rng.integers(0, 4)), stroke_fill=255)
+    box = canvas.getbbox()
+    if box is None:
+        raise DatasetError(f"glyphs: font {font.getname()} renders '{character}' empty; check the matplotlib install")
+    left, top, right, bottom = box
+    # Affine map from output pixels back to the glyph: fit its longer side to a random fraction of the
+    # canvas, then rotate, shear, stretch and shift it.
+    scale = rng.uniform(0.55, 0.85) * _CANVAS / max(right - left, bottom - top)
+    angle, shear = np.deg2rad(rng.uniform(-12, 12)), rng.uniform(-0.2, 0.2)
+    aspect = np.exp(rng.uniform(-0.15, 0.15))
+    forward = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) \
+        @ np.array([[aspect, shear], [0.0, 1 / aspect]])
+    inverse = np.linalg.inv(forward)
+    centre_out = _CANVAS / 2 + rng.uniform(-0.08, 0.08, size=2) * _CANVAS
+    centre_in = np.array([(left + right) / 2, (top + bottom) / 2])
+    offset = centre_in - inverse @ centre_out
+    coefficients = (*inverse[0], offset[0], *inverse[1], offset[1])
+    ink = canvas.transform(canvas.size, Image.Transform.AFFINE, coefficients, Image.Resampling.BILINEAR)
+    ink = np.asarray(ink.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), dtype=np.float32) / 255
+    paper, darkness = rng.uniform(200, 255), rng.uniform(0.6, 1.0)
+    pixels = paper * (1 - darkness * ink) + rng.normal(0, rng.uniform(2, 12), ink.shape)
+    return np.clip(pixels, 0, 255).round().astype(np.uint8)
+
+
+def build_glyphs() -> dict[str, np.ndarray]:
+    """Render the whole data set: images (N, S, S, 3) uint8, labels (N,), characters, class split."""
+    rng = np.random.default_rng(SEED)
+    fonts = _fonts_with(CHARACTERS)
+    images = np.empty((len(CHARACTERS) * IMAGES_PER_CLASS, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    for c, (character, available) in enumerate(zip(CHARACTERS, fonts)):
+        for k in range(IMAGES_PER_CLASS):
+            images[c * IMAGES_PER_CLASS + k] = _render(character, available[k % len(available)], rng)
+    order = rng.permutation(len(CHARACTERS))
+    bounds = np.cumsum([0, *SPLIT_CLASSES.values()])
+    class_split = np.empty(len(CHARACTERS), dtype="<U5")
+    for split, start, stop in zip(SPLIT_CLASSES, bounds[:-1], bounds[1:]):
+        class_split[order[start:stop]] = split
+    return {
+        "images": np.repeat(images[..., None], 3, axis=-1),
+        "labels": np.repeat(np.arange(len(CHARACTERS)), IMAGES_PER_CLASS),
+        "characters": np.array(list(CHARACTERS)),
+        "class_split": class_split,
+    }
+
+
+def load_glyphs() -> dict[str, np.ndarray]:
+    """The cached arrays, built and written atomically (temp file + rename) on first use."""
+    path = cache_path()
+    if not path.exists():
+        arrays = build_glyphs()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return arrays
+    with np.load(path, allow_pickle=False) as cached:
+        return {key: cached[key] for key in cached.files}
+
+
+def read_glyphs(split: str) -> SplitData:
+    """The classes of one split: labels 0..C-1 in the order of CHARACTERS."""
+    arrays = load_glyphs()
+    classes = np.flatnonzero(arrays["class_split"] == split)
+    keep = np.isin(arrays["labels"], classes)
+    labels = np.searchsorted(classes, arrays["labels"][keep])
+    images = arrays["images"][keep]
+    return SplitData(labels=labels, class_names=[str(c) for c in arrays["characters"][classes]],
+                     images=images, image_shape=images.shape[1:])

@@ -1,0 +1,76 @@
+"""Transforms A-E and O: output shapes, scaled parameters, defaults, augmentation across workers/epochs."""
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from bml.datasets import (NORMALIZATION, TRANSFORM_IDS, ArrayDataset, DatasetError, EpisodeSampler,
+                          build_episode_loader, build_transform, dataset_defaults)
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("transform_id", TRANSFORM_IDS)
+@pytest.mark.parametrize("image_size", [84, 32, 28])
+def test_output_shapes(transform_id, image_size):
+    for train in (True, False):
+        transform = build_transform(transform_id, image_size, train=train)
+        for width, height in ((32, 32), (84, 84), (50, 40)):
+            out = transform(random_image(width, height))
+            assert out.shape == (3, image_size, image_size) and out.dtype == torch.float32
+
+
+def test_scaled_parameters():
+    def steps(transform_id, size, train):
+        return {type(t).__name__: t for t in build_transform(transform_id, size, train).transforms}
+
+    assert steps("A", 84, False)["Resize"].size == 92 and steps("A", 32, False)["Resize"].size == 35
+    assert steps("D", 84, True)["RandomCrop"].padding == 8 and steps("D", 32, True)["RandomCrop"].padding == 3
+    assert steps("B", 28, False)["Resize"].size == (28, 28)            # stored size -> input size
+    assert "ColorJitter" not in steps("O", 28, True) and "RandomHorizontalFlip" not in steps("O", 28, True)
+    assert set(steps("E", 84, True)) >= {"RandomResizedCrop", "ColorJitter", "RandomHorizontalFlip"}
+
+
+def test_test_transforms_are_deterministic_and_normalised():
+    image = random_image(32, 32)
+    for transform_id in TRANSFORM_IDS:
+        transform = build_transform(transform_id, 32, train=False)
+        torch.testing.assert_close(transform(image), transform(image))
+    mean, std = NORMALIZATION["D"]
+    expected = T.Normalize(mean, std)(T.ToTensor()(image))
+    torch.testing.assert_close(build_transform("D", 32)(image), expected)   # "as stored" at the stored size
+
+
+def test_unknown_transform():
+    with pytest.raises(DatasetError, match="unknown transform 'F': expected one of A, B, C, D, E, O"):
+        build_transform("F")
+
+
+@pytest.mark.parametrize("name, transform_id, image_size", [
+    ("miniImageNet", "A", 84), ("tieredImageNet", "B", 84), ("FC100", "C", 84), ("CIFAR-FS", "D", 84),
+    ("CUB", "E", 84), ("glyphs", "O", 32), ("omniglot", "O", 28), ("omniglot-small", "O", 28),
+    ("cifar-fs", "D", 84), ("my_own_images", "A", 84),
+])
+def test_dataset_defaults(name, transform_id, image_size):
+    defaults = dataset_defaults(name)
+    assert (defaults.transform, defaults.image_size) == (transform_id, image_size)
+    assert (defaults.mean, defaults.std) == NORMALIZATION[transform_id]
+
+
+def test_augmentation_differs_across_workers_and_epochs():
+    """Every index is the same image; two workers and two epochs must augment it differently."""
+    image = np.asarray(random_image(32, 32))
+    dataset = ArrayDataset(np.repeat(image[None], 8, axis=0), np.repeat(np.arange(2), 4), ["a", "b"],
+                           transform=build_transform("D", 32, train=True))
+    sampler = EpisodeSampler(dataset.labels, way=2, shot=1, query=0, episodes=2)
+    loader = build_episode_loader(dataset, sampler, num_workers=2)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        epochs.append([images for images, _ in loader])
+    (worker0, worker1), (worker0_next, _) = epochs
+    assert not torch.equal(worker0, worker1) and not torch.equal(worker0, worker0_next)
