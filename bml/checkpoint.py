@@ -1,0 +1,172 @@
+"""The one checkpoint reader and writer: atomic saves, safe loads, strict architecture checks.
+
+A checkpoint is ``{'model': state_dict, 'max_accuracy', 'epoch', 'config': argparse.Namespace}``
+(the released format); training checkpoints add optimizer, scaler, RNG and step entries.
+Loading never unpickles arbitrary objects: tensors, containers, scalars and
+``argparse.Namespace`` only (``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bml.models import MODEL_KINDS, FewShotModel, build_model
+from bml.models.backbones import BACKBONE_CHANNELS, canonical_backbone
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+"""Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
+CONFIG_PASSTHROUGH = ("dataset", "image_size", "transform")
+LAST_STAGE_KEYS = (
+    "global_view.layer.0.conv1.weight", "local_view.layer.0.conv1.weight",
+    "global_view.layer4.0.conv1.weight", "local_view.layer4.0.conv1.weight",
+    "encoder.layer4.0.conv1.weight",
+)
+"""First convolution of the fourth stage, whose output channels give the width multiplier."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read safely or does not match the model it describes."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    a crash mid-save never leaves a truncated checkpoint behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(dict(state), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint onto the CPU with ``weights_only=True``, ``argparse.Namespace`` allowed.
+
+    Raises FileNotFoundError for a missing file and CheckpointError for a file holding any
+    other pickled object (which is refused, never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"refused to load {path}: it holds pickled objects other than tensors, containers, scalars "
+            f"and argparse.Namespace, and unpickling them could run arbitrary code. Load it with "
+            f"torch.load(weights_only=False) only if you trust its source. Details: {error}"
+        ) from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def model_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint (or of a bare state dict), wrapper prefixes removed."""
+    weights = state["model"] if "model" in state else state
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise CheckpointError("checkpoint has no 'model' state dict of tensors")
+    return {strip_wrapper_prefixes(key): value for key, value in weights.items()}
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def model_config(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Settings for ``build_model`` (plus dataset/image_size/transform when recorded).
+
+    Taken from the checkpoint's config where it has them, otherwise inferred from the weights:
+    the model kind from ``global_w`` / ``classifier``, the backbone from the ResNet-18 stem
+    ``encoder.conv1``, the width from the last stage's channels, the number of classes from the
+    classifier's rows, ``spatial`` from a 1x1-conv classifier. Released configs are the
+    original's Namespace: 'Res12'/'Res18' backbones, no width.
+    """
+    config = state.get("config")
+    settings = dict(vars(config) if isinstance(config, argparse.Namespace) else config or {})
+    weights = model_state_dict(state)
+    inferred = infer_model_config(weights)
+    kind = settings.get("model") if settings.get("model") in MODEL_KINDS else inferred["model"]
+    result = {
+        "model": kind,
+        "backbone": canonical_backbone(settings.get("backbone") or inferred["backbone"]),
+        "width": float(settings.get("width") or inferred["width"]),
+        "num_classes": settings.get("num_classes") or inferred["num_classes"],
+        "spatial": bool(settings.get("spatial", inferred["spatial"])),
+        "drop_rate": float(settings.get("drop_rate", 0.1)),
+    }
+    result.update({key: settings[key] for key in CONFIG_PASSTHROUGH if settings.get(key) is not None})
+    return result
+
+
+def infer_model_config(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Model kind, backbone, width, num_classes and spatial read from state-dict keys and shapes."""
+    backbone = "resnet18" if "encoder.conv1.weight" in weights else "resnet12"
+    if "global_w.weight" in weights:
+        kind, classifier = "bml", weights["global_w.weight"]
+    elif "classifier.weight" in weights:
+        kind, classifier = "global", weights["classifier.weight"]
+    else:
+        kind, classifier = "local", None
+    last_stage = next((key for key in LAST_STAGE_KEYS if key in weights), None)
+    width = weights[last_stage].shape[0] / BACKBONE_CHANNELS[backbone][-1] if last_stage else 1.0
+    return {
+        "model": kind,
+        "backbone": backbone,
+        "width": width,
+        "num_classes": None if classifier is None else classifier.shape[0],
+        "spatial": kind == "global" and classifier.dim() == 4,
+    }
+
+
+def check_state_dict(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    misshaped = sorted(
+        f"{key}: checkpoint {tuple(weights[key].shape)}, model {tuple(expected[key].shape)}"
+        for key in set(expected) & set(weights)
+        if weights[key].shape != expected[key].shape
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint does not match {type(model).__name__}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise CheckpointError("\n".join(lines))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> FewShotModel:
+    """A released or own checkpoint -> the right model with all its weights, in eval mode.
+
+    The architecture comes from ``model_config``; keys and shapes must match exactly, so a
+    half-loaded model is never returned.
+    """
+    state = read_checkpoint(path)
+    weights = model_state_dict(state)
+    try:
+        model = build_model(model_config(state))
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"cannot build a model for {path}: {error}") from error
+    check_state_dict(model, weights)
+    model.load_state_dict(weights, strict=True)
+    model.dropblock_step = int(state.get("dropblock_step", 0))
+    return model.to(device).eval()

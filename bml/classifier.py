@@ -1,0 +1,286 @@
+"""`FewShotClassifier`: a trained checkpoint applied to your own images, scikit-learn style.
+
+    clf = FewShotClassifier.from_checkpoint("output/.../best.pth")
+    clf.fit(support_images, ["cat", "cat", "dog", "fox"])    # any number of shots per class
+    clf.predict(query_images)         # -> ["dog", ...]
+    clf.predict_proba(query_images)   # -> (n, classes) array, columns in clf.classes_ order
+
+The test-time rule of SPEC section 5, with prototypes from however many shots each class has: per
+view, a prototype is the mean support embedding of a class and the logits are minus the squared
+Euclidean distances to the prototypes; the views' logits are summed (BML: global + local). The
+probabilities are the softmax of that sum.
+
+Images may be PIL images, file paths (str or Path) or numpy uint8 arrays (H x W or H x W x C): these go
+through the checkpoint's test transform (its data set's resize/crop and normalisation, at its input
+size). Torch tensors are taken as model input that is already transformed: float (3, S, S) or
+(N, 3, S, S), S the classifier's `image_size`.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from bml.checkpoint import load_model, model_config, read_checkpoint
+from bml.datasets import build_transform, dataset_defaults
+from bml.losses import prototype_logits
+
+NATURAL_IMAGES_DATASET = "miniImageNet"
+"""Whose test transform a checkpoint gets when it records neither its data set nor its transform."""
+
+ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
+
+
+class FewShotInputError(ValueError):
+    """Images or labels that cannot be classified as given; the message says what to change."""
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file fully (so truncated files fail here, not later) and convert it to RGB,
+    as the data layer reads image folders."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def input_transform_settings(config: dict[str, Any], image_size: int | None = None,
+                             transform_id: str | None = None) -> tuple[str, int]:
+    """(transform id, input size) for a checkpoint's `model_config`: the explicit arguments, else the
+    checkpoint's recorded values, else its data set's defaults (84 px for the benchmarks)."""
+    dataset = config.get("dataset")
+    if dataset is None and transform_id is None and config.get("transform") is None:
+        warnings.warn(f"the checkpoint records neither its data set nor its transform: using the "
+                      f"{NATURAL_IMAGES_DATASET} test transform (ImageNet-style normalisation); pass the "
+                      f"transform id ('A'..'E', 'O') if the model was trained on something else", stacklevel=3)
+    defaults = dataset_defaults(dataset or NATURAL_IMAGES_DATASET)
+    return (transform_id or config.get("transform") or defaults.transform,
+            int(image_size or config.get("image_size") or defaults.image_size))
+
+
+def class_order(labels: Sequence[Hashable]) -> list[Hashable]:
+    """The distinct labels, sorted; in first-seen order when they cannot be compared with each other."""
+    distinct = list(dict.fromkeys(labels))
+    try:
+        return sorted(distinct)
+    except TypeError:
+        return distinct
+
+
+@dataclass
+class Scores:
+    """Scores of the readable images among the inputs of `FewShotClassifier.score`.
+
+    Row i of `logits` belongs to input `kept[i]`; `unreadable` lists (input, reason) of the others.
+    """
+
+    logits: torch.Tensor
+    kept: list[int]
+    unreadable: list[tuple[str, str]]
+    classes: list[Hashable]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """(n, classes) softmax of the summed view logits, in float64."""
+        return self.logits.double().softmax(dim=1).numpy()
+
+    def ranked(self, rank: int) -> tuple[list[Hashable], np.ndarray]:
+        """The class at `rank` (0: the prediction, 1: the runner-up) of every row and its probability.
+
+        Ranked by logits: far from the prototypes, several probabilities may round to the same 0.
+        """
+        probabilities = self.probabilities
+        columns = self.logits.argsort(dim=1, descending=True, stable=True)[:, rank].numpy()
+        return [self.classes[c] for c in columns], probabilities[np.arange(len(columns)), columns]
+
+
+class _ImageInputs(torch.utils.data.Dataset):
+    """Inputs -> (index, model input or None, reason it is unreadable or None), so that a DataLoader
+    can decode files in workers and a bad file never stops the pass."""
+
+    def __init__(self, items: list[ImageLike], transform: Callable[[Image.Image], torch.Tensor]):
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        item = self.items[index]
+        if isinstance(item, torch.Tensor):
+            return index, item.detach().cpu().float(), None
+        if isinstance(item, np.ndarray):
+            return index, self.transform(Image.fromarray(item).convert("RGB")), None
+        if isinstance(item, Image.Image):
+            return index, self.transform(item.convert("RGB")), None
+        try:
+            image = load_rgb(item)
+        except Exception as error:   # a user's file may fail in any of PIL's decoders: report, never stop
+            return index, None, f"{type(error).__name__}: {error}"
+        return index, self.transform(image), None
+
+
+def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]
+             ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """Readable samples stacked into a batch; the unreadable ones as (index, reason)."""
+    readable = [(index, tensor) for index, tensor, _ in samples if tensor is not None]
+    unreadable = [(index, reason) for index, tensor, reason in samples if tensor is None]
+    batch = torch.stack([tensor for _, tensor in readable]) if readable else None
+    return [index for index, _ in readable], batch, unreadable
+
+
+class FewShotClassifier:
+    """Nearest-prototype classification of new images with a trained BML or baseline model.
+
+    `fit` sets the classes from labelled support images (any hashable labels, any number of shots
+    per class); `classes_` is their sorted order (first-seen order when the labels are not mutually
+    comparable) and the column order of `predict_proba`.
+    """
+
+    def __init__(self, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], image_size: int,
+                 device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0,
+                 progress: bool = True) -> None:
+        self.model = model.to(device).eval()
+        self.transform, self.image_size = transform, int(image_size)
+        self.device = torch.device(device)
+        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.classes_: list[Hashable] | None = None
+        self.prototypes_: tuple[torch.Tensor, ...] | None = None
+        self.shots_: list[int] | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        batch_size: int = 64, num_workers: int = 0, image_size: int | None = None,
+                        transform_id: str | None = None, progress: bool = True) -> FewShotClassifier:
+        """A released or own checkpoint with its data set's test transform and input size.
+
+        `device` defaults to CUDA when available. `image_size` and `transform_id` ('A'..'E', 'O')
+        override what the checkpoint records. Raises FileNotFoundError for a missing file and
+        `bml.checkpoint.CheckpointError` for a file that is not a matching model checkpoint.
+        """
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        transform_id, size = input_transform_settings(model_config(read_checkpoint(path)), image_size, transform_id)
+        model = load_model(path, device=device)
+        return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
+                   num_workers, progress)
+
+    @property
+    def view_names(self) -> tuple[str, ...]:
+        return tuple(self.model.view_names)
+
+    def fit(self, images: Sequence[ImageLike] | torch.Tensor, labels: Sequence[Hashable],
+            skip_unreadable: bool = False) -> FewShotClassifier:
+        """Set the classes and their prototypes (mean support embedding per class and view).
+
+        Unreadable image files raise FewShotInputError naming all of them, or with
+        `skip_unreadable` are left out with one warning; a class left without images is an error.
+        """
+        items, labels = self._as_items(images), list(labels)
+        if len(labels) != len(items):
+            raise FewShotInputError(f"fit got {len(items)} images but {len(labels)} labels")
+        classes = class_order(labels)
+        if len(classes) < 2:
+            raise FewShotInputError(f"few-shot classification needs support images of at least two classes, "
+                                    f"got {len(classes)}: {classes}")
+        column = {label: c for c, label in enumerate(classes)}
+        targets = torch.tensor([column[label] for label in labels], dtype=torch.long)
+        sums: list[torch.Tensor] = []
+        counts = torch.zeros(len(classes), dtype=torch.long)
+        unreadable: list[tuple[int, str]] = []
+        for indices, views in self._embedded_batches(items, unreadable, "support"):
+            batch_targets = targets[indices]
+            counts += torch.bincount(batch_targets, minlength=len(classes))
+            sums = sums or [torch.zeros(len(classes), view.shape[1], device=self.device) for view in views]
+            for total, view in zip(sums, views):
+                total.index_add_(0, batch_targets.to(self.device), view)
+        self._report_unreadable(items, unreadable, skip_unreadable, "support")
+        empty = [classes[c] for c in torch.nonzero(counts == 0).flatten().tolist()]
+        if empty:
+            raise FewShotInputError(f"no readable support image for class(es) {empty}: give every class at "
+                                    f"least one image")
+        self.classes_, self.shots_ = classes, counts.tolist()
+        self.prototypes_ = tuple(total / counts.to(self.device).unsqueeze(1) for total in sums)
+        return self
+
+    def score(self, images: Sequence[ImageLike] | torch.Tensor, skip_unreadable: bool = False) -> Scores:
+        """Summed view logits of every readable image (unreadable ones: as in `fit`)."""
+        if self.prototypes_ is None:
+            raise RuntimeError("this FewShotClassifier is not fitted yet: call fit(support_images, labels) first")
+        items = self._as_items(images)
+        logits, kept, unreadable = [], [], []
+        for indices, views in self._embedded_batches(items, unreadable, "query"):
+            logits.append(sum(prototype_logits(view, prototypes)
+                              for view, prototypes in zip(views, self.prototypes_)).cpu())
+            kept += indices
+        named_failures = self._report_unreadable(items, unreadable, skip_unreadable, "query")
+        all_logits = torch.cat(logits) if logits else torch.empty(0, len(self.classes_))
+        return Scores(all_logits, kept, named_failures, list(self.classes_))
+
+    def decision_function(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
+        """(n, classes) summed view logits: minus squared distances to the prototypes."""
+        return self.score(images).logits.numpy()
+
+    def predict_proba(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
+        """(n, classes) class probabilities, columns in `classes_` order."""
+        return self.score(images).probabilities
+
+    def predict(self, images: Sequence[ImageLike] | torch.Tensor) -> list[Hashable]:
+        """The class of the nearest prototype (summed over views) of every image."""
+        return self.score(images).ranked(0)[0]
+
+    def _as_items(self, images: Sequence[ImageLike] | ImageLike) -> list[ImageLike]:
+        """A list of single images; batched tensors/arrays split, tensors checked against the input size."""
+        if isinstance(images, (Image.Image, str, os.PathLike)):
+            return [images]
+        if isinstance(images, np.ndarray):
+            return list(images) if images.ndim == 4 else [images]
+        if isinstance(images, torch.Tensor):
+            images = list(images) if images.dim() == 4 else [images]
+        items = list(images)
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                self._check_input_tensor(item)
+            elif not isinstance(item, (Image.Image, str, os.PathLike, np.ndarray)):
+                raise TypeError(f"unsupported image type {type(item).__name__}: pass PIL images, paths, numpy "
+                                f"uint8 arrays or transformed float tensors")
+        return items
+
+    def _check_input_tensor(self, tensor: torch.Tensor) -> None:
+        expected = (3, self.image_size, self.image_size)
+        if not tensor.is_floating_point() or tuple(tensor.shape) != expected:
+            raise FewShotInputError(
+                f"a tensor image must be transformed model input, float of shape {expected} (or a batch "
+                f"(N, {', '.join(map(str, expected))})); got {tensor.dtype} {tuple(tensor.shape)}. Pass PIL "
+                f"images or paths to have the checkpoint's transform applied")
+
+    @torch.inference_mode()
+    def _embedded_batches(self, items: list[ImageLike], unreadable: list[tuple[int, str]],
+                          role: str) -> Iterator[tuple[list[int], tuple[torch.Tensor, ...]]]:
+        """(input indices, one (B, D) float32 embedding per view) per batch; failures appended to `unreadable`."""
+        loader = torch.utils.data.DataLoader(_ImageInputs(items, self.transform), batch_size=self.batch_size,
+                                             num_workers=self.num_workers, collate_fn=_collate,
+                                             pin_memory=self.device.type == "cuda")
+        large = len(items) > self.batch_size
+        for indices, batch, failures in tqdm(loader, desc=f"embed {role}", unit="batch",
+                                             disable=None if self.progress and large else True):
+            unreadable += failures
+            if batch is not None:
+                yield indices, tuple(view.float() for view in self.model.embed(batch.to(self.device)))
+
+    @staticmethod
+    def _report_unreadable(items: list[ImageLike], unreadable: list[tuple[int, str]], skip: bool,
+                           role: str) -> list[tuple[str, str]]:
+        """Raise (or, with `skip`, warn once) listing every unreadable input; returns (input, reason)."""
+        named = [(str(items[index]) if isinstance(items[index], (str, os.PathLike)) else f"image {index}", reason)
+                 for index, reason in unreadable]
+        if named:
+            listing = "\n".join(f"  {name} ({reason})" for name, reason in named)
+            message = f"{len(named)} of {len(items)} {role} files are not readable images"
+            if not skip:
+                raise FewShotInputError(f"{message}:\n{listing}")
+            warnings.warn(f"{message}, skipped:\n{listing}", stacklevel=3)
+        return named

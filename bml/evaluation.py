@@ -1,0 +1,300 @@
+"""Few-shot evaluation (SPEC section 5): embed a split once, score many episodes from the cache.
+
+The published protocol ran the network on the 100 images of every episode, 20,000 episodes for ten
+seeds. In eval mode with a deterministic transform an image's embedding does not depend on the
+episode, so each image is embedded once (`embed_dataset`) and all episodes are scored from the
+cached embeddings, many episodes per batched matrix product (`score_episodes`). The accuracies are
+those of the per-episode protocol; `tests/test_evaluation.py` checks this episode by episode.
+
+Memory: the cache holds, per image, every view's embedding in float16 (scores are computed in
+float32). A full-width BML ResNet-12 at 84 px has two views of 640 x 5 x 5 = 16,000 values, 64 kB an
+image: miniImageNet's test split (12,000 images) needs 0.8 GB, tieredImageNet's (206,209 images)
+13.2 GB. A cache larger than `max_memory_gb` (default: half of the available RAM) lives in a
+memory-mapped file in `cache_dir` (default: the system temp folder), deleted when released; the
+scoring then reads it through the page cache, fast while the file fits in RAM, disk-bound otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from tqdm import tqdm
+
+from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, dataset_defaults
+from bml.datasets.transforms import check_transform_id
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMBINED = "bml"
+# Working memory of one scoring chunk; on a CPU a chunk near the L3 cache size is several times faster.
+DEFAULT_CHUNK_MB = {"cpu": 48, "cuda": 2048}
+
+
+class EvaluationError(ValueError):
+    """A model that cannot be evaluated; the message says why and what to try."""
+
+
+def available_memory_bytes() -> int:
+    """RAM that can be allocated without swapping (MemAvailable on Linux, free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def allocate_cache(num_images: int, dims: Sequence[int], dtype: torch.dtype,
+                   max_memory_gb: float | None = None, cache_dir: str | None = None) -> tuple[torch.Tensor, ...]:
+    """One (num_images, D) tensor per view, in RAM if it fits the budget, else memory-mapped.
+
+    A memory-mapped cache is an unlinked temporary file: its disk space is freed when the tensors
+    are, even if the process dies.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = num_images * sum(dims) * itemsize
+    budget = available_memory_bytes() / 2 if max_memory_gb is None else max_memory_gb * 2**30
+    if needed <= budget:
+        return tuple(torch.empty((num_images, dim), dtype=dtype) for dim in dims)
+    cache_dir = cache_dir or tempfile.gettempdir()
+    free = shutil.disk_usage(cache_dir).free
+    if needed > free:
+        raise MemoryError(
+            f"the embedding cache needs {needed / 2**30:.1f} GB: more than the memory budget "
+            f"({budget / 2**30:.1f} GB) and than the free space in {cache_dir} ({free / 2**30:.1f} GB); "
+            f"pass --cache_dir on a larger disk or raise --max_memory_gb")
+    print(f"Embedding cache of {needed / 2**30:.1f} GB exceeds the memory budget of {budget / 2**30:.1f} GB: "
+          f"memory-mapping it in {cache_dir}", flush=True)
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    cache = []
+    for dim in dims:
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix="bml_embeddings_", suffix=".bin") as file:
+            array = np.memmap(file, dtype=numpy_dtype, mode="w+", shape=(num_images, dim))
+        cache.append(torch.from_numpy(array))
+    return tuple(cache)
+
+
+@torch.inference_mode()
+def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 128,
+                  device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
+                  storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
+                  cache_dir: str | None = None, progress: bool = True) -> tuple[torch.Tensor, ...]:
+    """Embed every image of `dataset` once: one (N, D) CPU tensor per view, in dataset order.
+
+    The model runs in eval mode (its previous mode is restored). float16 storage halves the cache;
+    near-ties between two prototypes may then rarely resolve differently than in float32.
+    """
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    cache: tuple[torch.Tensor, ...] = ()
+    start = 0
+    try:
+        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress):
+            with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "off"):
+                embeddings = model.embed(images.to(device, non_blocking=True))
+            if not cache:
+                cache = allocate_cache(len(dataset), [e.shape[1] for e in embeddings], storage_dtype,
+                                       max_memory_gb, cache_dir)
+            end = start + len(images)
+            for stored, embedding in zip(cache, embeddings):
+                if not torch.isfinite(embedding).all():
+                    raise EvaluationError(
+                        f"the model produced non-finite embeddings for images {start}..{end - 1}: the "
+                        f"checkpoint diverged, or --amp fp16 overflowed (try --amp off or bf16)")
+                stored[start:end] = embedding.to("cpu", storage_dtype)
+            start = end
+    finally:
+        model.train(was_training)
+    return cache
+
+
+def _fits_on_device(cache: Sequence[torch.Tensor], device: torch.device) -> bool:
+    """True when the whole cache takes at most half of the accelerator's free memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(t.numel() * t.element_size() for t in cache) <= free / 2
+
+
+def centered_statistics(cache: torch.Tensor, device: torch.device,
+                        rows_per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean row of one view's cache and every row's squared distance to it (float32, on `device`)."""
+    chunks = range(0, len(cache), rows_per_chunk)
+    total = torch.zeros(cache.shape[1], dtype=torch.float64, device=device)
+    for start in chunks:
+        total += cache[start:start + rows_per_chunk].to(device, torch.float32).sum(0, dtype=torch.float64)
+    center = (total / len(cache)).float()
+    squared_norms = torch.cat([(cache[start:start + rows_per_chunk].to(device, torch.float32) - center).square().sum(1)
+                               for start in chunks])
+    return center, squared_norms
+
+
+def episode_logits(rows: torch.Tensor, query_squared_norms: torch.Tensor, center: torch.Tensor, way: int,
+                   shot: int) -> torch.Tensor:
+    """(E, n, D) shot-major episodes -> (E, Q, way) minus squared distances query -> class mean.
+
+    With c the split's mean embedding, ||q - p||^2 = ||q - c||^2 + ||p - c||^2 - 2 (q.(p - c) - c.(p - c)):
+    one batched matrix product, the query terms precomputed once per image (`query_squared_norms`,
+    (E, Q)), and float32 cancellation at the scale of the distances, not of the non-negative embeddings.
+    """
+    episodes, _, dim = rows.shape
+    prototypes = rows[:, :way * shot].reshape(episodes, shot, way, dim).mean(1) - center
+    cross = torch.bmm(rows[:, way * shot:], prototypes.transpose(1, 2)) - (prototypes @ center).unsqueeze(1)
+    return -(query_squared_norms.unsqueeze(-1) + prototypes.square().sum(-1).unsqueeze(1) - 2 * cross)
+
+
+def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way: int, shot: int,
+                   device: str | torch.device = "cpu", names: Sequence[str] | None = None,
+                   chunk_mb: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+    """Per-episode query accuracy (%) of each view and of the sum of the views' logits (`'bml'`).
+
+    `episodes` is an (E, way*(shot+query)) index array into the cache, shot-major (SPEC section 2).
+    Episodes are scored in chunks using about `chunk_mb` MB of working memory.
+    """
+    device = torch.device(device)
+    names = tuple(names) if names is not None else tuple(f"view{i}" for i in range(len(embeddings)))
+    if len(names) != len(embeddings):
+        raise ValueError(f"{len(embeddings)} embedding views but {len(names)} names {names}")
+    if _fits_on_device(embeddings, device):
+        embeddings = [e.to(device) for e in embeddings]
+    num_episodes, episode_size = episodes.shape
+    query_labels = torch.arange(episode_size - way * shot, device=device) % way
+    chunk_bytes = (chunk_mb or DEFAULT_CHUNK_MB.get(device.type, 256)) * 2**20
+    row_bytes = sum(cache.shape[1] * (cache.element_size() + 4) for cache in embeddings)   # stored + float32
+    chunk = max(1, min(num_episodes, chunk_bytes // (episode_size * row_bytes)))
+    statistics = [centered_statistics(cache, device, max(1, chunk_bytes // row_bytes)) for cache in embeddings]
+    # Reused buffers: a fresh allocation this large page-faults on every chunk, slower than the copy.
+    buffers = [(torch.empty((chunk * episode_size, cache.shape[1]), dtype=cache.dtype, device=cache.device),
+                torch.empty((chunk, episode_size, cache.shape[1]), dtype=torch.float32, device=device))
+               for cache in embeddings]
+    correct = {name: torch.empty(num_episodes, dtype=torch.long) for name in (*names, COMBINED)}
+    with tqdm(total=num_episodes, desc="score", unit="episode", disable=not progress) as bar:
+        for start in range(0, num_episodes, chunk):
+            indices = torch.from_numpy(np.ascontiguousarray(episodes[start:start + chunk])).long()
+            query_indices = indices[:, way * shot:].to(device)
+            count = len(indices)
+            combined = 0
+            for name, cache, (center, squared_norms), (gathered, rows) in zip(names, embeddings, statistics, buffers):
+                flat_indices = indices.flatten().to(cache.device)
+                torch.index_select(cache, 0, flat_indices, out=gathered[:len(flat_indices)])
+                rows[:count].view(len(flat_indices), -1).copy_(gathered[:len(flat_indices)], non_blocking=True)
+                logits = episode_logits(rows[:count], squared_norms[query_indices], center, way, shot)
+                correct[name][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
+                combined = combined + logits
+            correct[COMBINED][start:start + count] = (combined.argmax(-1) == query_labels).sum(1).cpu()
+            bar.update(count)
+    return {name: count.numpy() * 100.0 / len(query_labels) for name, count in correct.items()}
+
+
+def accuracy_summary(accuracies: np.ndarray) -> dict[str, float]:
+    """Mean per-episode accuracy and its 95% interval, 1.96 * std / sqrt(episodes)."""
+    return {"acc": float(accuracies.mean()),
+            "ci95": float(1.96 * accuracies.std() / np.sqrt(len(accuracies)))}
+
+
+def sample_episodes(labels: np.ndarray, way: int, shot: int, query: int, episodes: int,
+                    seeds: Sequence[int]) -> np.ndarray:
+    """(len(seeds) * episodes, way*(shot+query)) indices: each seed's episodes from the shared sampler."""
+    return np.concatenate([EpisodeSampler(labels, way, shot, query, episodes, seed=seed).sample()
+                           for seed in seeds])
+
+
+def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset, way: int, shot: int,
+                      query: int, episodes: int, seeds: Sequence[int], batch_size: int = 128,
+                      device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
+                      storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
+                      cache_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
+    """The SPEC section 5 protocol on `dataset` (already carrying its test transform).
+
+    Returns, for 'bml' (the argmax of the summed view logits; for a one-view baseline, that view) and
+    for each view name: {'acc', 'ci95', 'per_seed': {seed: {'acc', 'ci95'}}}. The overall 'acc' is the
+    mean of the seeds' accuracies, its 'ci95' the interval over all the seeds' episodes together.
+    """
+    seeds = list(seeds)
+    indices = sample_episodes(dataset.labels, way, shot, query, episodes, seeds)
+    cache = embed_dataset(model, dataset, batch_size=batch_size, device=device, amp=amp,
+                          num_workers=num_workers, storage_dtype=storage_dtype,
+                          max_memory_gb=max_memory_gb, cache_dir=cache_dir, progress=progress)
+    accuracies = score_episodes(cache, indices, way, shot, device=device, names=model.view_names,
+                                progress=progress)
+    results = {}
+    for name, per_episode in accuracies.items():
+        per_seed = {seed: accuracy_summary(seed_accuracies)
+                    for seed, seed_accuracies in zip(seeds, np.split(per_episode, len(seeds)))}
+        overall = accuracy_summary(per_episode)
+        overall["acc"] = float(np.mean([summary["acc"] for summary in per_seed.values()]))
+        results[name] = {**overall, "per_seed": per_seed}
+    return results
+
+
+def build_evaluation_dataset(name: str, split: str = "test", data_root: str | Path | None = None,
+                             image_size: int | None = None, transform: str | None = None,
+                             test_dataset: str | None = None) -> FewShotDataset:
+    """The split to evaluate on, with its test transform (`transform` overrides the data set's id).
+
+    Cross-domain (`test_dataset`, e.g. a miniImageNet model on CUB): the images of `test_dataset` get
+    its own resize/crop, which suits how they are stored, but the normalisation of the model's
+    transform (`transform`, else `name`'s default): the input statistics its BatchNorm layers were
+    fitted to. `image_size` defaults to the input size of `name`.
+    """
+    if test_dataset is None:
+        return build_dataset(name, split, data_root, image_size, train=False, transform=transform)
+    dataset = build_dataset(test_dataset, split, data_root, image_size or dataset_defaults(name).image_size,
+                            train=False)
+    mean, std = NORMALIZATION[check_transform_id(transform or dataset_defaults(name).transform)]
+    steps = list(dataset.transform.transforms)
+    if not isinstance(steps[-1], T.Normalize):
+        raise TypeError(f"expected the test transform of {test_dataset} to end with Normalize, got {steps[-1]}")
+    dataset.transform = T.Compose([*steps[:-1], T.Normalize(mean, std)])
+    return dataset
+
+
+def parse_seed_range(token: str) -> list[int]:
+    """argparse type for one `--seeds` token: a seed ('3') or an inclusive range ('0-9')."""
+    first, _, last = token.partition("-")
+    try:
+        seeds = list(range(int(first), int(last or first) + 1))
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"{token!r} is not a seed (e.g. 3) or an increasing range (e.g. 0-9)")
+    return seeds
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path` as a whole, so an interrupted run never leaves a half-written results file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_results(results: dict[str, dict], label: str, shot: int, output_dir: str | Path = "eval_results",
+                  json_path: str | Path | None = None, metadata: dict | None = None) -> tuple[Path, Path]:
+    """Write `<label>_bml_eval_results_<shot>shot.txt` (the published format) and its JSON beside it.
+
+    The text file has one `seed: acc` line per seed of the combined prediction, then
+    `==> Mean ACC on <label>: acc`; the JSON has `metadata` and every view's results.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text_path = output_dir / f"{label}_bml_eval_results_{shot}shot.txt"
+    json_path = Path(json_path) if json_path else text_path.with_suffix(".json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    combined = results[COMBINED]
+    lines = [f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()]
+    lines.append(f"==> Mean ACC on {label}: {combined['acc']:.4f}")
+    _write_atomic(text_path, "\n".join(lines) + "\n")
+    _write_atomic(json_path, json.dumps({**(metadata or {}), "results": results}, indent=2) + "\n")
+    return text_path, json_path

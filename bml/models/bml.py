@@ -1,0 +1,64 @@
+"""Binocular Mutual Learning (SPEC 4): a shared trunk with a global and a local view."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bml.losses import global_position_loss, local_prototype_loss, mutual_kl_loss
+from bml.models.backbones import backbone_channels, build_trunk, build_view, canonical_backbone
+from bml.models.base import FewShotModel, check_episode_batch, pooled
+
+LOSS_WEIGHTS = (2.0, 1.0, 0.5)
+
+
+class BML(FewShotModel):
+    """Shared stages 1-3 (``encoder``), two private fourth stages (``global_view``, ``local_view``)
+    and the global view's 1x1-conv classifier over base classes (``global_w``).
+
+    The global view learns the whole base-class space, the local view episodic prototypes with
+    an elastic margin, and each view learns from the other through a mutual KL on pooled
+    features. State-dict keys equal the released checkpoints'.
+    """
+
+    view_names = ("global", "local")
+
+    def __init__(self, num_classes: int, width: float = 1.0, drop_rate: float = 0.1,
+                 backbone: str = "resnet12") -> None:
+        super().__init__()
+        self.backbone = canonical_backbone(backbone)
+        self.num_classes = num_classes
+        self.num_features = backbone_channels(self.backbone, width)[-1]
+        self.encoder = build_trunk(self.backbone, width, drop_rate)
+        self.global_view = build_view(self.backbone, width, drop_rate)
+        self.local_view = build_view(self.backbone, width, drop_rate)
+        self.global_w = nn.Conv2d(self.num_features, num_classes, kernel_size=1)
+        nn.init.xavier_uniform_(self.global_w.weight)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global and local views' B x D x h x w feature maps."""
+        shared = self.encoder(images)
+        return self.global_view(shared), self.local_view(shared)
+
+    def losses(self, images: torch.Tensor, base_labels: torch.Tensor, way: int = 15, shot: int = 5,
+               query: int = 7, epoch: int = 1, max_epoch: int = 100, alpha_1: float = 5.5,
+               alpha_2: float = 0.1, T: float = 4.0, weights: tuple[float, float, float] = LOSS_WEIGHTS,
+               **unused) -> dict[str, torch.Tensor]:
+        """The three loss terms of one shot-major episode and their weighted sum 'total'.
+
+        ``base_labels`` are the images' base-class labels (for the global view); the local view
+        uses the episode labels implied by the shot-major order. Epochs count from 1.
+        """
+        check_episode_batch(images, way, shot, query)
+        global_map, local_map = self(images)
+        terms = {
+            "global": global_position_loss(self.global_w(global_map), base_labels),
+            "local": local_prototype_loss(local_map, way, shot, epoch, max_epoch, alpha_1, alpha_2),
+            "mutual": mutual_kl_loss(pooled(global_map), pooled(local_map), T),
+        }
+        terms["total"] = sum(w * terms[name] for w, name in zip(weights, ("global", "local", "mutual")))
+        return terms
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluation embeddings (SPEC 5): sqrt(relu(F)) of each view, flattened to B x (D*h*w)."""
+        return tuple(torch.relu(feature_map).sqrt().flatten(1) for feature_map in self(images))

@@ -1,0 +1,203 @@
+"""Classify your own images with a trained checkpoint, from a folder of labelled examples.
+
+    python -m bml.predict --ckp_path best.pth --support support/ --query photos/ --out predictions.csv \\
+        --sheet sheet.png
+
+`support/` holds one sub-folder per class with one or more images each (shots may differ between
+classes); `--query` is an image or a folder, searched recursively. Every query gets the class of the
+nearest prototype under the model's test-time rule (`bml.classifier`), its confidence (softmax of the
+summed view logits) and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
+When the query folder is laid out by class (sub-folders named like support classes), the accuracy is
+reported and wrong predictions are marked on the contact sheet.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import sys
+import warnings
+from collections.abc import Hashable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from bml.checkpoint import CheckpointError
+from bml.classifier import FewShotClassifier, FewShotInputError, Scores
+from bml.contact_sheet import SheetQuery, draw_contact_sheet
+from bml.datasets import TRANSFORM_IDS, DatasetError
+
+CSV_COLUMNS = ("path", "prediction", "confidence", "runner_up")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Few-shot prediction on your own images", add_help=False)
+    parser.add_argument("--ckp_path", required=True, help="checkpoint (released or this project's)")
+    parser.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
+    parser.add_argument("--query", required=True, help="an image, or a folder searched recursively")
+    parser.add_argument("--out", default="predictions.csv", help="CSV of path,prediction,confidence,runner_up")
+    parser.add_argument("--sheet", default=None, help="also draw a contact sheet to this image file (e.g. sheet.png)")
+    parser.add_argument("--sheet_max", type=positive_int, default=100,
+                        help="most queries drawn on the sheet (evenly spaced over the queries when more)")
+
+    inputs = parser.add_argument_group("model input (default: what the checkpoint records)")
+    inputs.add_argument("--image_size", type=int, default=None, help="input size in pixels")
+    inputs.add_argument("--transform", choices=TRANSFORM_IDS, default=None, help="test transform id (SPEC 1)")
+
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    compute.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
+    compute.add_argument("--num_workers", type=int, default=2, help="image decoding processes")
+    compute.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def visible_files(folder: Path) -> list[Path]:
+    """Every file under `folder`, recursively, sorted; hidden files and folders (.DS_Store, .git) left out."""
+    return sorted(path for path in folder.rglob("*")
+                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
+def find_support(folder: Path) -> dict[str, list[Path]]:
+    """Class name -> its files, one class per sub-folder of `folder` (files in nested folders included)."""
+    if not folder.is_dir():
+        raise FewShotInputError(f"--support {folder} is not a folder: it must hold one sub-folder of images per class")
+    class_folders = sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+    stray = [path.name for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")]
+    if stray:
+        warnings.warn(f"ignored {len(stray)} files directly in {folder} (support images go in {folder}/<class>/): "
+                      f"{', '.join(sorted(stray))}")
+    support = {path.name: visible_files(path) for path in class_folders}
+    empty = [str(folder / name) for name, files in support.items() if not files]
+    if empty:
+        raise FewShotInputError(f"empty class folder(s): {', '.join(empty)}; put at least one image in each "
+                                f"class folder, or remove it")
+    if len(support) < 2:
+        raise FewShotInputError(f"{folder} has {len(support)} class folder(s) {list(support)}: few-shot "
+                                f"prediction needs at least two classes, one sub-folder of images each")
+    return support
+
+
+def find_queries(path: Path, exclude: set[Path]) -> list[Path]:
+    """The query image, or every visible file under the query folder except the run's own outputs."""
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"--query {path} does not exist")
+    files = [file for file in visible_files(path) if file.resolve() not in exclude]
+    if not files:
+        raise FewShotInputError(f"no files found under --query {path}")
+    return files
+
+
+def true_class(path: Path, query_root: Path, classes: set[str]) -> str | None:
+    """The top-level sub-folder of `query_root` holding `path` when it is named after a support class."""
+    if not query_root.is_dir():
+        return None
+    parts = path.relative_to(query_root).parts
+    return parts[0] if len(parts) > 1 and parts[0] in classes else None
+
+
+def write_predictions(path: Path, queries: Sequence[SheetQuery], runners_up: Sequence[Hashable]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(CSV_COLUMNS)
+        for query, runner_up in zip(queries, runners_up):
+            writer.writerow((str(query.path), query.prediction, f"{query.confidence:.4f}", runner_up))
+
+
+def summary_table(classes: Sequence[str], shots: Sequence[int], queries: Sequence[SheetQuery]) -> str:
+    """Per class: support shots and predicted count; with known true classes also queries, correct, accuracy."""
+    judged = [query for query in queries if query.correct is not None]
+    header = ["class", "shots", "predicted"] + (["queries", "correct", "accuracy"] if judged else [])
+    rows = []
+    for name, shot_count in zip(classes, shots):
+        row = [name, shot_count, sum(query.prediction == name for query in queries)]
+        if judged:
+            truths = [query for query in judged if query.truth == name]
+            correct = sum(query.correct for query in truths)
+            row += [len(truths), correct, f"{100 * correct / len(truths):.1f}%" if truths else "-"]
+        rows.append([str(cell) for cell in row])
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) if c == 0 else cell.rjust(width)
+                       for c, (cell, width) in enumerate(zip(row, widths))) for row in [header, *rows]]
+    if judged:
+        correct = sum(query.correct for query in judged)
+        lines.append(f"accuracy: {correct}/{len(judged)} = {100 * correct / len(judged):.2f}% "
+                     f"(queries in sub-folders named after a support class)")
+    return "\n".join(lines)
+
+
+def classified_queries(scores: Scores, paths: Sequence[Path], query_root: Path) -> list[SheetQuery]:
+    """The readable queries with their prediction, confidence and (when the folder tells) true class."""
+    predictions, confidences = scores.ranked(0)
+    classes = set(scores.classes)
+    return [SheetQuery(paths[index], prediction, float(confidence), true_class(paths[index], query_root, classes))
+            for index, prediction, confidence in zip(scores.kept, predictions, confidences)]
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def plain_warnings() -> Iterator[None]:
+    """Warnings printed as 'warning: message' lines, without Python's source location."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _print_warning
+        yield
+
+
+def predict(args: argparse.Namespace) -> None:
+    """Classify the queries, write the CSV (and the sheet) and print the summary."""
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise FewShotInputError("--device cuda was asked for but no CUDA GPU is available: pass --device cpu")
+    query_root = Path(args.query)
+    support = find_support(Path(args.support))
+    outputs = {Path(path).resolve() for path in (args.out, args.sheet) if path}
+    query_paths = find_queries(query_root, outputs)
+    classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.batch_size,
+                                                   num_workers=args.num_workers, image_size=args.image_size,
+                                                   transform_id=args.transform, progress=not args.no_progress)
+    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)}, {classifier.image_size} px input, "
+          f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files",
+          flush=True)
+    classifier.fit([path for paths in support.values() for path in paths],
+                   [name for name, paths in support.items() for _ in paths], skip_unreadable=True)
+    scores = classifier.score(query_paths, skip_unreadable=True)
+    if not scores.kept:
+        raise FewShotInputError(f"none of the {len(query_paths)} query files under {query_root} is a readable image")
+    queries = classified_queries(scores, query_paths, query_root)
+    write_predictions(Path(args.out), queries, scores.ranked(1)[0])
+    print(summary_table(classifier.classes_, classifier.shots_, queries))
+    print(f"wrote {len(queries)} predictions to {args.out}")
+    if args.sheet:
+        shown = draw_contact_sheet(args.sheet, support, queries, max_queries=args.sheet_max)
+        capped = f" (capped at --sheet_max {args.sheet_max}: {shown} of {len(queries)} queries shown)"
+        print(f"wrote the contact sheet {args.sheet}{capped if shown < len(queries) else ''}")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `predict`; return 0, or 1 after printing the problem (bad input, missing or mismatched checkpoint)."""
+    with plain_warnings():
+        try:
+            predict(args)
+        except (CheckpointError, DatasetError, FewShotInputError, FileNotFoundError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0])
+    sys.exit(main(parser.parse_args()))

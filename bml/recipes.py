@@ -1,0 +1,112 @@
+"""Per-dataset training recipes: the published settings (SPEC 4), and CPU-sized ones for the small sets.
+
+The entry scripts leave every recipe flag at None; `apply_recipe` fills what the user did not
+give, so `python train_bml.py --dataset CUB` trains exactly as published while any flag given
+on the command line still wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+LR_BY_OPTIMIZER = {"SGD": 0.1, "adam": 1e-3}
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Step decay: after `fraction * epochs` epochs the lr is multiplied by the matching gamma.
+
+    Fractions rather than epoch numbers, so that a shortened run (`--epochs 10`) still decays at
+    the same points of its schedule; at the published epoch counts they give the published epochs
+    (0.5 and 0.7 of 100 = after epochs 50 and 70).
+    """
+
+    fractions: tuple[float, ...]
+    gammas: dict[str, tuple[float, ...]]
+
+    def milestones(self, epochs: int) -> tuple[int, ...]:
+        """Epoch counts after which each decay applies (at least 1, so a 1-epoch run is valid)."""
+        return tuple(max(1, round(fraction * epochs)) for fraction in self.fractions)
+
+
+PUBLISHED_SCHEDULE = LRSchedule(fractions=(0.5, 0.7), gammas={"SGD": (0.06, 0.2), "adam": (0.1, 0.1)})
+TIERED_SCHEDULE = LRSchedule(fractions=(0.2, 0.4, 0.6, 0.8), gammas={"SGD": (0.1,) * 4, "adam": (0.1,) * 4})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults for the flags a dataset's published (or CPU-sized) recipe decides."""
+
+    transform: str | None = None          # None: the data set's default (bml.datasets.dataset_defaults)
+    image_size: int | None = None         # None: the data set's default (84 for natural images)
+    width: float = 1.0
+    drop_rate: float = 0.1
+    epochs: int = 100
+    episodes_per_epoch: int = 500
+    n_train_ways: int = 15
+    n_train_shots: int = 5
+    n_train_queries: int = 7
+    n_ways: int = 5
+    n_shots: int = 1
+    n_queries: int = 15
+    val_episodes: int = 2000
+    eval_freq: int = 20
+    save_freq: int = 20
+    batch_size: int = 128
+    optim: str = "SGD"
+    schedule: LRSchedule = field(default=PUBLISHED_SCHEDULE)
+
+
+PUBLISHED = Recipe()
+# CPU-sized: a narrow network on small images, short epochs, one validation at the end.
+GLYPHS = Recipe(image_size=32, width=0.25, epochs=4, episodes_per_epoch=50, n_train_ways=10, n_train_queries=5,
+                val_episodes=300, eval_freq=4, save_freq=0, batch_size=64)
+OMNIGLOT = Recipe(image_size=28, width=0.25, epochs=20, episodes_per_epoch=100, n_train_ways=20, n_train_queries=5,
+                  val_episodes=600, eval_freq=5, save_freq=0, batch_size=64)
+
+RECIPES: dict[str, Recipe] = {
+    "miniImageNet": dataclasses.replace(PUBLISHED, transform="A"),
+    "tieredImageNet": dataclasses.replace(PUBLISHED, transform="B", epochs=200, eval_freq=40, save_freq=40,
+                                          schedule=TIERED_SCHEDULE),
+    "FC100": dataclasses.replace(PUBLISHED, transform="C"),
+    "CIFAR-FS": dataclasses.replace(PUBLISHED, transform="D"),
+    "CUB": dataclasses.replace(PUBLISHED, transform="E"),
+    "glyphs": GLYPHS,
+    "omniglot": OMNIGLOT,
+    "omniglot-small": OMNIGLOT,
+}
+"""Any other name is an image-folder data set and gets the published recipe with its own transform."""
+
+
+def get_recipe(dataset: str) -> Recipe:
+    return RECIPES.get(dataset, PUBLISHED)
+
+
+def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every recipe flag that `args` has and left at None from `args.dataset`'s recipe (in place, also
+    returned).
+
+    `args.lr_milestones` and `args.lr_gammas` are added: the decay points of this run.
+    """
+    recipe = get_recipe(args.dataset)
+    for name in (f.name for f in dataclasses.fields(Recipe)):
+        if name != "schedule" and hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, getattr(recipe, name))
+    if getattr(args, "lr", None) is None:
+        args.lr = LR_BY_OPTIMIZER[args.optim]
+    args.lr_milestones = list(recipe.schedule.milestones(args.epochs))
+    args.lr_gammas = list(recipe.schedule.gammas[args.optim])
+    return args
+
+
+def lr_factor(completed_epochs: int, milestones: list[int], gammas: list[float]) -> float:
+    """Multiplier of the base lr once `completed_epochs` epochs are done."""
+    factor = 1.0
+    for milestone, gamma in zip(milestones, gammas):
+        if completed_epochs >= milestone:
+            factor *= gamma
+    return factor

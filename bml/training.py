@@ -1,0 +1,596 @@
+"""The training driver shared by `train_bml.py` and `train_baseline.py`.
+
+One loop trains BML and both baselines; what differs is the model (`args.model`), its loss
+settings and how a step's images are drawn (episodes, or shuffled batches for the global
+baseline). Around the loop: the per-dataset recipe, DDP, mixed precision, checkpoints with exact
+resume, validation, logging and clean stops on SIGINT/SIGTERM.
+
+Resume semantics: `last.pth` is written at the end of every epoch and, on SIGINT/SIGTERM, after
+the step in progress (`epoch_step` > 0 then). It holds everything the run depends on (weights,
+optimiser, scaler, lr, counters, every process's RNG state); episodes depend only on (seed,
+rank, epoch) and each step's augmentation only on (seed, rank, epoch, step). So `--is_continue`
+resumes bit-exactly on the same device and world size, also from the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
+from bml.datasets import DatasetError, EpisodeSampler, build_dataset, canonical_name, dataset_defaults
+from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
+from bml.models import build_model
+from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, lr_factor
+from bml.utils import distributed
+from bml.utils.logger import RunLogger
+from bml.utils.rng import capture_rng_state, derive_seed, isolated_cpu_rng, restore_rng_state, seed_everything
+
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
+LAST_CHECKPOINT = "last.pth"
+BEST_CHECKPOINT = "best.pth"
+EXIT_FAILURE = 1
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message says which flag to change."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: the flags both entry scripts share
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default unless it is None (recipe flags, whose help says where the value comes from) or a switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def get_common_parser(description: str) -> argparse.ArgumentParser:
+    """Flags shared by BML and the baselines. Recipe flags default to None: `apply_recipe` fills them."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="miniImageNet",
+                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download), "
+                           "omniglot, or the name of an image folder <data_root>/<name>/<split>/<class>/<image>")
+    data.add_argument("--data_root", default=None,
+                      help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
+    data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
+                      help="augmentation id (SPEC 1); default: the dataset's published transform")
+    data.add_argument("--image_size", type=int, default=None,
+                      help="input size in pixels; default: the recipe's (84; glyphs 32, omniglot 28)")
+    data.add_argument("--num_workers", type=int, default=4, help="data-loading processes per training process")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
+    model.add_argument("--width", type=float, default=None,
+                       help="channel-width multiplier (1.0 = the published model); default: the recipe's")
+    model.add_argument("--drop_rate", type=float, default=None,
+                       help="dropout / DropBlock rate of the ResNet-12 blocks (recipe: 0.1)")
+
+    episodes = parser.add_argument_group("training episodes")
+    episodes.add_argument("--n_train_ways", type=int, default=None, help="classes per training episode (recipe: 15)")
+    episodes.add_argument("--n_train_shots", type=int, default=None, help="support images per class (recipe: 5)")
+    episodes.add_argument("--n_train_queries", type=int, default=None, help="query images per class (recipe: 7)")
+    episodes.add_argument("--episodes_per_epoch", type=int, default=None,
+                          help="optimiser steps per epoch (recipe: 500); each process draws --episodes_per_step "
+                               "episodes per step")
+    episodes.add_argument("--episodes_per_step", type=int, default=1,
+                          help="episodes (separate forward/backward passes, BatchNorm statistics per episode) whose "
+                               "gradients are averaged into one optimiser step, per process. The published recipe "
+                               "averaged 2 episodes (one per GPU): on one device use 2 to reproduce it")
+
+    validation = parser.add_argument_group("validation (on the val split)")
+    validation.add_argument("--n_ways", type=int, default=None, help="classes per validation episode (recipe: 5)")
+    validation.add_argument("--n_shots", type=int, default=None, help="support images per class (recipe: 1)")
+    validation.add_argument("--n_queries", type=int, default=None, help="query images per class (recipe: 15)")
+    validation.add_argument("--val_episodes", type=int, default=None, help="validation episodes (recipe: 2000)")
+    validation.add_argument("--eval_freq", type=int, default=None,
+                            help="validate every this many epochs and after the last one; 0: never (recipe: 20)")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=int, default=None, help="training epochs (recipe: 100; tiered 200)")
+    optimisation.add_argument("--optim", default=None, choices=tuple(LR_BY_OPTIMIZER),
+                              help=f"SGD (momentum {MOMENTUM}) or Adam, weight decay {WEIGHT_DECAY} (recipe: SGD)")
+    optimisation.add_argument("--lr", type=float, default=None,
+                              help="initial learning rate (SGD 0.1, Adam 1e-3); decayed x0.06 after 50%% of the "
+                                   "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
+    optimisation.add_argument("--seed", type=int, default=0, help="seed of initialisation, episodes and augmentation")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("-s", "--save_folder", default=None,
+                     help="where checkpoints and logs go; default: output/<a name recording the main settings>")
+    run.add_argument("--is_continue", action="store_true",
+                     help="resume from last.pth in the save folder (exactly: same lr, counters, RNG); starts "
+                          "afresh when there is none")
+    run.add_argument("--save_freq", type=int, default=None,
+                     help="also keep epoch_<N>.pth every this many epochs; 0: only best.pth and last.pth")
+    run.add_argument("--print_freq", type=int, default=50,
+                     help="steps between log lines and TensorBoard points")
+    run.add_argument("--device", default=None,
+                     help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
+    run.add_argument("--amp", default=None, choices=tuple(AMP_DTYPES),
+                     help="mixed precision with torch.amp; default: bf16 on GPUs that support it, else fp16 "
+                          "(with a gradient scaler); off on CPU")
+    run.add_argument("--amp_opt_level", default=None, choices=("O0", "O1", "O2"),
+                     help="the original's apex setting, mapped onto torch.amp: O0 = --amp off, O1/O2 = --amp fp16")
+    run.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on GPUs)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training step; compilation failures fall back to eager with a warning")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def parse_weights(text: str) -> tuple[float, float, float]:
+    """'2_1_0.5' -> (2.0, 1.0, 0.5): the global, local and mutual loss weights."""
+    try:
+        weights = tuple(float(part) for part in str(text).split("_"))
+    except ValueError:
+        weights = ()
+    if len(weights) != 3:
+        raise SettingsError(f"--weights must be three numbers joined by '_' (global_local_mutual), e.g. 2_1_0.5; "
+                         f"got {text!r}")
+    return weights
+
+
+def default_save_folder(args: argparse.Namespace) -> Path:
+    """output/<name>, the name recording the settings that distinguish runs (as the original did)."""
+    parts = [args.dataset, {"bml": "bml", "global": "baseline-global", "local": "baseline-local"}[args.model],
+             args.backbone, f"w{args.width:g}", f"{args.image_size}px"]
+    if args.model == "global":
+        parts.append(f"b{args.batch_size}")
+    else:
+        parts.append(f"{args.n_train_ways}w{args.n_train_shots}s{args.n_train_queries}q")
+    if args.model == "bml":
+        parts += [f"wt{args.weights}", f"a{args.alpha_1:g}_{args.alpha_2:g}", f"T{args.T:g}"]
+    elif args.spatial:
+        parts.append("spatial")
+    if args.episodes_per_step > 1:
+        parts.append(f"x{args.episodes_per_step}")
+    parts += [args.optim, f"lr{args.lr:g}", f"e{args.epochs}", f"s{args.seed}"]
+    return Path("output") / "_".join(str(part) for part in parts)
+
+
+def resolve_amp(args: argparse.Namespace, device: torch.device) -> str:
+    """--amp, else --amp_opt_level, else the device's best; unsupported choices fall back with a warning."""
+    amp = args.amp
+    if amp is None and args.amp_opt_level is not None:
+        amp = "off" if args.amp_opt_level == "O0" else "fp16"
+    if amp is None:
+        if device.type != "cuda":
+            return "off"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp == "fp16" and device.type != "cuda":
+        warn(f"fp16 mixed precision needs a CUDA GPU; training in fp32 on {device.type} instead "
+             "(--amp bf16 gives mixed precision on CPUs)")
+        return "off"
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warn("this GPU does not support bf16; using fp16 with a gradient scaler instead")
+        return "fp16"
+    return amp
+
+
+def finish_settings(args: argparse.Namespace, context: distributed.DistributedContext) -> argparse.Namespace:
+    """Fill the recipe and the derived settings in place; everything in `args` is a plain value
+    (it is stored as the checkpoint's `config`)."""
+    args.dataset = canonical_name(args.dataset)
+    apply_recipe(args)
+    defaults = dataset_defaults(args.dataset)
+    args.transform = args.transform or defaults.transform
+    args.image_size = args.image_size or defaults.image_size
+    if args.model == "bml":
+        parse_weights(args.weights)
+    for name in ("epochs", "episodes_per_epoch", "episodes_per_step", "print_freq"):
+        if getattr(args, name) < 1:
+            raise SettingsError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args.world_size = context.world_size
+    args.device = str(context.device)
+    args.amp = resolve_amp(args, context.device)
+    args.save_folder = str(args.save_folder or default_save_folder(args))
+    return args
+
+
+def warn(message: str) -> None:
+    if distributed.is_main_process():
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    if distributed.is_main_process():
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: which images each step uses, and a loader whose augmentation is seeded per step
+
+
+class StepBatches(Dataset):
+    """Item `k` is step `k`'s images, (episodes_per_step, B, 3, S, S), and their dataset labels.
+
+    The augmentation of step `k` is drawn from its own seed (run seed, rank, epoch, k), so a step's
+    images depend neither on the number of loader workers nor on where a resumed run starts.
+    """
+
+    def __init__(self, dataset: Dataset, plan: np.ndarray, seed_key: tuple[int, ...]) -> None:
+        self.dataset = dataset
+        self.plan = plan
+        self.seed_key = seed_key
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.plan[step]
+        with isolated_cpu_rng(derive_seed(*self.seed_key, step)):
+            images = torch.stack([self.dataset[int(index)][0] for index in indices.reshape(-1)])
+        labels = torch.from_numpy(np.asarray(self.dataset.labels)[indices])
+        return images.reshape(*indices.shape, *images.shape[1:]), labels
+
+
+def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
+    """Episodic training: --episodes_per_epoch; global baseline: one pass over the data."""
+    if args.model != "global":
+        return args.episodes_per_epoch
+    steps = num_images // (args.batch_size * args.episodes_per_step * args.world_size)
+    if steps < 1:
+        raise SettingsError(f"the training split has {num_images} images, fewer than one step of --batch_size "
+                            f"{args.batch_size} x {args.episodes_per_step} x {args.world_size} processes: "
+                            "lower --batch_size")
+    return steps
+
+
+def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: int) -> np.ndarray:
+    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_step, B)."""
+    steps = steps_per_epoch(args, len(labels))
+    slots = args.episodes_per_step
+    if args.model == "global":
+        order = np.random.default_rng([args.seed, epoch]).permutation(len(labels))
+        per_step = args.batch_size * slots
+        return order[:steps * per_step * args.world_size].reshape(steps, args.world_size, slots, -1)[:, rank]
+    sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
+                             episodes=steps * slots, seed=args.seed, rank=rank, world_size=args.world_size)
+    sampler.set_epoch(epoch)
+    return sampler.sample().reshape(steps, slots, -1)
+
+
+def build_step_loader(args: argparse.Namespace, dataset: Dataset, epoch: int, first_step: int, rank: int,
+                      device: torch.device) -> DataLoader:
+    """The steps of `epoch` from `first_step` on (a resumed epoch skips the steps already done)."""
+    plan = step_plan(args, np.asarray(dataset.labels), epoch, rank)
+    return DataLoader(StepBatches(dataset, plan, (args.seed, rank, epoch)), batch_size=None,
+                      sampler=range(first_step, len(plan)), num_workers=args.num_workers,
+                      pin_memory=device.type == "cuda",
+                      generator=torch.Generator())  # keeps the global RNG untouched
+
+
+def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
+    """Keyword arguments of `model.losses` for `epoch`; every model ignores those it does not use."""
+    settings = {"way": args.n_train_ways, "shot": args.n_train_shots, "query": args.n_train_queries,
+                "epoch": epoch, "max_epoch": args.epochs}
+    if args.model == "bml":
+        settings.update(alpha_1=args.alpha_1, alpha_2=args.alpha_2, T=args.T, weights=parse_weights(args.weights))
+    return settings
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimiser, wrappers
+
+
+class LossForward(nn.Module):
+    """Makes `model.losses` the forward pass, so that DDP (and torch.compile) wrap the loss computation."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, settings: dict) -> dict[str, torch.Tensor]:
+        return self.model.losses(images, labels, **settings)
+
+
+def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    if args.optim == "SGD":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
+
+
+def set_epoch_lr(args: argparse.Namespace, optimizer: torch.optim.Optimizer, completed_epochs: int) -> float:
+    """The published step schedule: the lr of the epoch after `completed_epochs`."""
+    lr = args.lr * lr_factor(completed_epochs, args.lr_milestones, args.lr_gammas)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def wrap_for_training(args: argparse.Namespace, model: nn.Module, context: distributed.DistributedContext
+                      ) -> tuple[nn.Module, nn.parallel.DistributedDataParallel | None]:
+    """(loss module, DDP wrapper or None): DDP under torchrun, then torch.compile if asked for."""
+    loss_module: nn.Module = LossForward(model)
+    ddp = None
+    if context.distributed:
+        device_ids = [context.device.index] if context.device.type == "cuda" else None
+        ddp = nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids)
+        loss_module = ddp
+    if args.compile:
+        try:
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = True  # a backend failure falls back to eager, with a warning
+            loss_module = torch.compile(loss_module)
+        except Exception as error:  # torch.compile is unavailable on some platforms / Python versions
+            warn(f"torch.compile is unavailable here ({error}); training without compilation")
+    return loss_module, ddp
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def checkpoint_state(args: argparse.Namespace, parts: TrainComponents, state: TrainingState) -> dict:
+    """The released format (model, max_accuracy, epoch, config) plus what an exact resume needs.
+
+    Collective under DDP (every process contributes its RNG state): call it on all processes.
+    """
+    rng_states = distributed.all_gather_objects(capture_rng_state())
+    return {
+        "model": parts.model.state_dict(),
+        "max_accuracy": float(state.max_accuracy),
+        "epoch": int(state.epoch),
+        "config": argparse.Namespace(**vars(args)),
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "scheduler": {"base_lr": args.lr, "milestones": list(args.lr_milestones), "gammas": list(args.lr_gammas),
+                      "lr": parts.optimizer.param_groups[0]["lr"]},
+        "rng": rng_states,
+        "dropblock_step": int(state.step),
+        "step": int(state.step),
+        "training_state": asdict(state),
+    }
+
+
+def resume(args: argparse.Namespace, parts: TrainComponents, path: Path) -> tuple[TrainingState, list | None]:
+    """Load `path` into the model, optimiser and scaler; return the counters and the saved RNG states."""
+    checkpoint = read_checkpoint(path)
+    weights = model_state_dict(checkpoint)
+    check_state_dict(parts.model, weights)
+    parts.model.load_state_dict(weights, strict=True)
+    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):
+        parts.scaler.load_state_dict(checkpoint["scaler"])
+    state = TrainingState(**checkpoint["training_state"])
+    parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
+    saved = vars(checkpoint["config"])
+    changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
+                                     "seed", "episodes_per_epoch", "episodes_per_step", "world_size")
+                     if key in saved and saved[key] != getattr(args, key, None))
+    if changed:
+        warn("resuming with settings that differ from the checkpoint's (the run will not match an uninterrupted "
+             "one): " + ", ".join(f"{key} {saved[key]!r} -> {getattr(args, key, None)!r}" for key in changed))
+    return state, checkpoint.get("rng")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run (the current one plus --is_continue and its save folder)."""
+    argv = [arg for arg in sys.argv[1:] if arg != "--is_continue"]
+    if "-s" not in argv and "--save_folder" not in argv:
+        argv += ["-s", args.save_folder]
+    launcher = ["torchrun", "--standalone", f"--nproc_per_node={args.world_size}"] if args.world_size > 1 else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *argv, "--is_continue"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Signals
+
+
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step.
+
+    The trainer then saves `last.pth` and exits with 128 + the signal number (130 for SIGINT, 143
+    for SIGTERM), the shell convention for "stopped by this signal". Repeated signals are ignored:
+    torchrun forwards the signal it receives to processes that may already have it from the
+    terminal. SIGKILL stops at once, without a checkpoint.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():   # Python delivers signals there only
+            for signum in self.SIGNALS:
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            info(f"\n{signal.Signals(signum).name} received: saving a checkpoint after the current step")
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def agreed_stop(stop: StopOnSignal, device: torch.device) -> int:
+    """The exit code of a stop requested on any process (0: none), the same on every process."""
+    signum = torch.tensor([float(stop.signum or 0)], device=device)
+    if distributed.is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+    return 128 + int(signum.item()) if signum.item() > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class TrainingOutcome:
+    exit_code: int
+    model: nn.Module | None = None
+    state: TrainingState | None = None
+    save_folder: Path | None = None
+
+
+def train(args: argparse.Namespace) -> TrainingOutcome:
+    """Train `args.model` ('bml', 'global' or 'local') as `args` says; see the module docstring.
+
+    Exit codes: 0 done, 1 a data/checkpoint/settings problem or a non-finite loss (message on
+    stderr), 130/143 stopped by SIGINT/SIGTERM after saving `last.pth`.
+    """
+    context = distributed.init_distributed_mode(args.device)
+    try:
+        return _train(args, context)
+    except (SettingsError, DatasetError, CheckpointError, NonFiniteLossError) as error:
+        where = f" (rank {context.rank})" if context.distributed else ""
+        print(f"ERROR{where}: {error}", file=sys.stderr, flush=True)
+        return TrainingOutcome(EXIT_FAILURE)
+    finally:
+        distributed.cleanup()
+
+
+def _train(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainingOutcome:
+    finish_settings(args, context)
+    save_folder = Path(args.save_folder)
+    device, is_main = context.device, context.is_main_process
+    seed_everything(args.seed + context.rank)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    train_set = build_dataset(args.dataset, "train", args.data_root, args.image_size, train=True,
+                              transform=args.transform)
+    val_set = None
+    if args.eval_freq > 0 and is_main:
+        val_set = build_dataset(args.dataset, "val", args.data_root, args.image_size, train=False,
+                                transform=args.transform)
+    args.num_classes = train_set.num_classes
+    steps = steps_per_epoch(args, len(train_set))
+
+    model = build_model(args).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(args, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    loss_module, ddp = wrap_for_training(args, model, context)
+    parts = TrainComponents(model=model, loss_module=loss_module, ddp=ddp, optimizer=optimizer, scaler=scaler,
+                            device=device, amp_dtype=AMP_DTYPES[args.amp], channels_last=args.channels_last)
+
+    state, saved_rng = TrainingState(), None
+    last_path = save_folder / LAST_CHECKPOINT
+    if args.is_continue and last_path.is_file():
+        state, saved_rng = resume(args, parts, last_path)
+        info(f"Resuming {last_path}: epoch {state.epoch + 1}, {state.epoch_step} of {steps} steps done")
+    elif args.is_continue:
+        info(f"--is_continue: no {last_path} yet, starting afresh")
+
+    logger = RunLogger(save_folder, enabled=is_main)
+    logger.write_config(args)
+    info(f"Training {args.model} on {args.dataset} ({len(train_set)} images, {args.num_classes} classes): "
+         f"{args.epochs} epochs of {steps} steps, {context.world_size} process(es) on {device.type}, amp {args.amp}; "
+         f"saving to {save_folder}")
+    if saved_rng is not None and len(saved_rng) == context.world_size:
+        restore_rng_state(saved_rng[context.rank])
+    elif saved_rng is not None:
+        warn(f"the checkpoint holds RNG states of {len(saved_rng)} processes, this run has {context.world_size}: "
+             "random streams are reseeded, so the run continues consistently but not bit-exactly")
+        seed_everything(derive_seed(args.seed, context.rank, state.epoch, state.step))
+
+    last_validation: dict[str, float] = {}
+    with StopOnSignal() as stop:
+        try:
+            for epoch in range(state.epoch + 1, args.epochs + 1):
+                set_epoch_lr(args, optimizer, epoch - 1)
+                loader = build_step_loader(args, train_set, epoch, state.epoch_step, context.rank, device)
+                result = train_one_epoch(parts, loader, state, epoch=epoch, epochs=args.epochs, steps_per_epoch=steps,
+                                         loss_settings=loss_settings(args, epoch), stop_requested=stop.requested,
+                                         logger=logger, print_freq=args.print_freq, is_main=is_main)
+                if result.interrupted:
+                    checkpoint = checkpoint_state(args, parts, state)
+                    if is_main:
+                        save_checkpoint(last_path, checkpoint)
+                    return _stopped(args, agreed_stop(stop, device), last_path, model, state)
+                last_validation = end_epoch(args, parts, state, epoch, result.stats, val_set, logger) or last_validation
+                exit_code = agreed_stop(stop, device)
+                if exit_code and epoch < args.epochs:
+                    return _stopped(args, exit_code, last_path, model, state)
+        except NonFiniteLossError as error:
+            kept = (f"the last good checkpoint is {last_path}" if last_path.is_file()
+                    else "no checkpoint was written yet")
+            raise NonFiniteLossError(f"{error}\nTraining stopped; {kept}. Lower --lr, try --amp off, or check the "
+                                     "data; then resume with:\n  " + resume_command(args)) from error
+        finally:
+            logger.close()
+
+    info(f"Done: {args.epochs} epochs. Last checkpoint: {last_path}")
+    if last_validation:
+        info(f"Validation accuracy ({args.n_ways}-way {args.n_shots}-shot, {args.val_episodes} episodes of the val "
+             f"split): last {last_validation['acc']:.2f} +- {last_validation['ci95']:.2f}%, best "
+             f"{state.max_accuracy:.2f}% at epoch {state.best_epoch}: {save_folder / BEST_CHECKPOINT}")
+    info(f"Log: {save_folder / 'log.txt'}, TensorBoard: {save_folder / 'tensorboard'}")
+    return TrainingOutcome(0, model, state, save_folder)
+
+
+def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingState, epoch: int,
+              train_stats: dict[str, float], val_set: Dataset | None, logger: RunLogger) -> dict[str, float]:
+    """Validate when due (rank 0), log the epoch, write last.pth (and best.pth, epoch_<N>.pth).
+
+    Returns the validation results, empty when there was no validation. Collective under DDP.
+    """
+    state.epoch, state.epoch_step, state.epoch_sums = epoch, 0, {}
+    stats = {"epoch": epoch, "step": state.step, **train_stats}
+    validation: dict[str, float] = {}
+    if val_set is not None and (epoch % args.eval_freq == 0 or epoch == args.epochs):
+        validation = validate(args, parts.model, val_set, parts.device)
+        if validation["acc"] > state.max_accuracy:
+            state.max_accuracy, state.best_epoch = validation["acc"], epoch
+        stats.update({f"val_{key}": value for key, value in validation.items()})
+        logger.scalars({f"val/{key}": value for key, value in validation.items()}, state.step)
+        info(f"Epoch {epoch}: validation accuracy {validation['acc']:.2f} +- {validation['ci95']:.2f}% "
+             f"(best {state.max_accuracy:.2f}% at epoch {state.best_epoch})")
+    distributed.barrier()
+    stats["max_accuracy"] = state.max_accuracy
+    logger.epoch(stats)
+    checkpoint = checkpoint_state(args, parts, state)
+    if distributed.is_main_process():
+        save_folder = Path(args.save_folder)
+        if state.best_epoch == epoch:
+            save_checkpoint(save_folder / BEST_CHECKPOINT, checkpoint)
+        if args.save_freq > 0 and epoch % args.save_freq == 0:
+            save_checkpoint(save_folder / f"epoch_{epoch}.pth", checkpoint)
+        save_checkpoint(save_folder / LAST_CHECKPOINT, checkpoint)
+    return validation
+
+
+def validate(args: argparse.Namespace, model: nn.Module, val_set: Dataset, device: torch.device) -> dict[str, float]:
+    """Validation accuracy on fixed episodes (seed 0), without touching the training RNG streams."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return evaluate(model, val_set, way=args.n_ways, shot=args.n_shots, query=args.n_queries,
+                        episodes=args.val_episodes, seed=0, device=device, amp=args.amp,
+                        num_workers=args.num_workers, progress=sys.stderr.isatty())
+
+
+def _stopped(args: argparse.Namespace, exit_code: int, last_path: Path, model: nn.Module,
+             state: TrainingState) -> TrainingOutcome:
+    info(f"Stopped in epoch {state.epoch + 1} after step {state.epoch_step} (global step {state.step}); "
+         f"saved {last_path}. Resume with:\n  {resume_command(args)}")
+    return TrainingOutcome(exit_code, model, state, Path(args.save_folder))

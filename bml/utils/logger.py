@@ -1,0 +1,69 @@
+"""Training records: smoothed metrics, the JSON-lines log, config.json and TensorBoard scalars."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import deque
+from pathlib import Path
+
+
+class SmoothedValue:
+    """A metric seen once per step: its recent median (what a progress bar should show) and its mean."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.recent: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, weight: int = 1) -> None:
+        self.recent.append(value)
+        self.total += value * weight
+        self.count += weight
+
+    @property
+    def median(self) -> float:
+        return sorted(self.recent)[len(self.recent) // 2] if self.recent else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+class RunLogger:
+    """Writes a run's records into its save folder; a no-op on every process but the main one.
+
+    - `config.json`: the resolved settings of the run;
+    - `log.txt`: one JSON object per epoch with all its statistics (DeiT style);
+    - `tensorboard/`: scalars (loss terms, learning rate, images/s, validation accuracy).
+    """
+
+    def __init__(self, save_folder: Path, enabled: bool) -> None:
+        self.save_folder = Path(save_folder)
+        self.enabled = enabled
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.save_folder.mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(self.save_folder / "tensorboard"))
+
+    def write_config(self, args: argparse.Namespace) -> None:
+        if self.enabled:
+            text = json.dumps(vars(args), indent=2, sort_keys=True, default=str)
+            (self.save_folder / "config.json").write_text(text + "\n")
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for name, value in values.items():
+                self.writer.add_scalar(name, value, step)
+
+    def epoch(self, stats: dict) -> None:
+        if self.enabled:
+            with open(self.save_folder / "log.txt", "a") as log_file:
+                log_file.write(json.dumps(stats, sort_keys=True) + "\n")
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

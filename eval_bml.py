@@ -1,0 +1,109 @@
+"""Evaluate a BML or baseline checkpoint with the published few-shot protocol (SPEC section 5).
+
+    python eval_bml.py --dataset miniImageNet --ckp_path pretrained_weights/miniImageNet.pth --n_shots 5
+    bash eval_bml.sh miniImageNet A pretrained_weights/miniImageNet.pth 5     # the original command
+
+Each image of the split is embedded once and all seeds x episodes are scored from those embeddings
+(`bml.evaluation`): the published 10 x 2,000 episodes cost little more than one pass over the split.
+Writes `<output_dir>/<dataset>_bml_eval_results_<K>shot.txt` and a JSON beside it with every view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from bml.checkpoint import CheckpointError, load_model, model_config, read_checkpoint
+from bml.datasets import DatasetError, TRANSFORM_IDS
+from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
+                            parse_seed_range, write_results)
+
+STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("Evaluate a BML or baseline checkpoint on few-shot episodes", add_help=False)
+    parser.add_argument("--ckp_path", required=True, help="checkpoint (released or this project's)")
+    parser.add_argument("--dataset", default=None,
+                        help="data set the model was trained on and, without --test_dataset, is evaluated on "
+                             "(default: the checkpoint's)")
+    parser.add_argument("--test_dataset", default=None,
+                        help="cross-domain: evaluate on this data set, with its resize/crop and the "
+                             "normalisation of the model's transform")
+    parser.add_argument("--transform", choices=TRANSFORM_IDS, default=None,
+                        help="transform id (default: the checkpoint's, else the data set's)")
+    parser.add_argument("--split", choices=("val", "test"), default="test")
+    parser.add_argument("--data_root", default=None, help="data root (default: $BML_DATA_ROOT, else data/)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="input size (default: the checkpoint's, else the data set's, 84 for the benchmarks)")
+
+    episodes = parser.add_argument_group("episodes")
+    episodes.add_argument("--n_ways", type=int, default=5)
+    episodes.add_argument("--n_shots", type=int, default=5)
+    episodes.add_argument("--n_queries", type=int, default=15)
+    episodes.add_argument("--episodes", type=int, default=2000, help="episodes per seed")
+    episodes.add_argument("--seeds", type=parse_seed_range, nargs="+", default=[list(range(10))],
+                          metavar="SEED", help="seeds, e.g. '0 1 2' or '0-9' (default 0-9)")
+
+    compute = parser.add_argument_group("compute")
+    compute.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    compute.add_argument("--batch_size", type=int, default=128, help="images per forward pass when embedding")
+    compute.add_argument("--num_workers", type=int, default=4, help="data loading processes")
+    compute.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast while embedding")
+    compute.add_argument("--storage", choices=tuple(STORAGE_DTYPES), default="float16",
+                         help="dtype of the cached embeddings (scores are always float32)")
+    compute.add_argument("--max_memory_gb", type=float, default=None,
+                         help="larger caches are memory-mapped (default: half of the available RAM)")
+    compute.add_argument("--cache_dir", default=None, help="folder of a memory-mapped cache (default: temp)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="eval_results")
+    output.add_argument("--json", default=None, help="JSON results path (default: beside the results file)")
+    output.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """Evaluate, write the results files and return the exit code (1: a data or checkpoint problem)."""
+    seeds = list(dict.fromkeys(seed for group in args.seeds for seed in group))
+    try:
+        config = model_config(read_checkpoint(args.ckp_path))
+        dataset_name = args.dataset or config.get("dataset")
+        if dataset_name is None:
+            raise DatasetError(f"{args.ckp_path} does not record its data set: pass --dataset")
+        dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root,
+                                           args.image_size or config.get("image_size"),
+                                           args.transform or config.get("transform"), args.test_dataset)
+        model = load_model(args.ckp_path, device=args.device)
+        print(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
+              f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
+              f"{args.n_queries}-query episodes", flush=True)
+        start = time.perf_counter()
+        results = evaluate_episodes(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes, seeds,
+                                    batch_size=args.batch_size, device=args.device, amp=args.amp,
+                                    num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
+                                    max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
+                                    progress=not args.no_progress)
+    except (CheckpointError, DatasetError, EvaluationError, FileNotFoundError, MemoryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
+    label += "" if args.split == "test" else f"_{args.split}"
+    metadata = {"checkpoint": str(args.ckp_path), "model": config["model"], "dataset": dataset_name,
+                "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
+                "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
+                "seeds": seeds, "storage": args.storage, "amp": args.amp, "device": str(args.device),
+                "seconds": round(time.perf_counter() - start, 1)}
+    text_path, json_path = write_results(results, label, args.n_shots, args.output_dir, args.json, metadata)
+    for name, summary in results.items():
+        print(f"{name:>8}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
+    print(f"==> Mean ACC on {label}: {results[COMBINED]['acc']:.2f}; wrote {text_path} and {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0])
+    sys.exit(main(parser.parse_args()))

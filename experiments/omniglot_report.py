@@ -1,0 +1,91 @@
+"""Summarise an `experiments/omniglot_cpu.sh` run: the results table (markdown) and training curves (PNG).
+
+    python experiments/omniglot_report.py output/omniglot_full     # writes report.md and curves.png there
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+
+MODELS = ("bml", "global", "local")
+TASKS = ((5, 1), (5, 5), (20, 1), (20, 5))
+# Snell et al. 2017, Table 1 (Prototypical Networks, Omniglot, Vinyals split).
+PROTONETS = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}
+NOT_LOSSES = {"epoch", "step", "lr", "max_accuracy", "images_per_second"}
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_times(path: Path) -> dict[str, int]:
+    return {name: int(seconds) for name, seconds in (line.split() for line in path.read_text().splitlines())}
+
+
+def cell(result: dict) -> str:
+    return f"{result['acc']:.2f} ± {result['ci95']:.2f}"
+
+
+def results_table(run: Path) -> str:
+    """One row per model (BML also per view), one column per task, plus Prototypical Networks."""
+    header = "| model | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS) + " |"
+    rows = [header, "|" + "---|" * (len(TASKS) + 1)]
+    rows.append("| Prototypical Networks (published, Conv-4) | "
+                + " | ".join(f"{PROTONETS[task]:.1f}" for task in TASKS) + " |")
+    for model in MODELS:
+        evaluations = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text())["results"]
+                       for way, shot in TASKS]
+        names = ["bml", "global", "local"] if model == "bml" else ["bml"]
+        for name in names:
+            label = {"bml": f"**{model}**" if model == "bml" else f"baseline-{model}",
+                     "global": "bml, global view alone", "local": "bml, local view alone"}[name]
+            rows.append(f"| {label} | " + " | ".join(cell(evaluation[name]) for evaluation in evaluations) + " |")
+    return "\n".join(rows)
+
+
+def plot_curves(run: Path, path: Path) -> None:
+    """Loss terms per epoch for each model, and validation accuracy of all three on one axis."""
+    logs = {model: read_log(run / model / "log.txt") for model in MODELS}
+    figure, axes = plt.subplots(1, len(MODELS) + 1, figsize=(4.2 * (len(MODELS) + 1), 3.4))
+    for axis, (model, log) in zip(axes, logs.items()):
+        epochs = [entry["epoch"] for entry in log]
+        terms = sorted(key for key, value in log[0].items()
+                       if isinstance(value, (int, float)) and key not in NOT_LOSSES and not key.startswith("val_"))
+        for term in terms:
+            axis.plot(epochs, [entry[term] for entry in log], marker="o", markersize=3, label=term)
+        axis.set(title=f"{model}: training losses", xlabel="epoch", yscale="log")
+        axis.legend(fontsize=7)
+    validation = axes[-1]
+    for model, log in logs.items():
+        points = [(entry["epoch"], entry["val_acc"]) for entry in log if "val_acc" in entry]
+        validation.plot(*zip(*points), marker="o", markersize=3, label=model)
+    validation.set(title="validation accuracy (5-way 1-shot)", xlabel="epoch", ylabel="%")
+    validation.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(args: argparse.Namespace) -> None:
+    run = Path(args.run)
+    times = read_times(run / "times.txt")
+    timing = ", ".join(f"{model} {times[model] / 60:.1f} min" for model in MODELS if model in times)
+    evaluation_time = sum(seconds for name, seconds in times.items() if name.startswith("eval_"))
+    report = (f"{results_table(run)}\n\nTraining wall time: {timing}; all evaluations: "
+              f"{evaluation_time / 60:.1f} min.\n")
+    (run / "report.md").write_text(report)
+    plot_curves(run, run / "curves.png")
+    print(report)
+    print(f"wrote {run / 'report.md'} and {run / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="the output folder of one experiments/omniglot_cpu.sh run")
+    main(parser.parse_args())

@@ -1,0 +1,278 @@
+"""Training: recipes, the shared loop, exact resume, signals, non-finite losses, DDP and the shell scripts.
+
+Every run uses the embedded `glyphs` set (built once per session in a temporary cache by conftest),
+a width-0.125 network on 32 px images and a few small episodes per epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_baseline
+import train_bml
+from bml.checkpoint import read_checkpoint
+from bml.datasets import build_dataset
+from bml.models import BML
+from bml.recipes import apply_recipe, lr_factor
+from bml.training import SettingsError, StepBatches, default_save_folder, parse_weights, resolve_amp
+from bml.utils.rng import capture_rng_state, restore_rng_state
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON_BIN = Path(sys.executable).parent
+TINY = ["--dataset", "glyphs", "--width", "0.125", "--image_size", "32", "--n_train_ways", "5",
+        "--n_train_shots", "2", "--n_train_queries", "3", "--val_episodes", "20", "--num_workers", "0",
+        "--print_freq", "1"]
+
+
+def bml_args(save_folder: Path, *extra: str):
+    return train_bml.get_args_parser().parse_args([*TINY, "-s", str(save_folder), *extra])
+
+
+def baseline_args(save_folder: Path, *extra: str):
+    return train_baseline.get_args_parser().parse_args([*TINY, "-s", str(save_folder), *extra])
+
+
+def epoch_log(save_folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_folder / "log.txt").read_text().splitlines()]
+
+
+def subprocess_env() -> dict[str, str]:
+    """The venv first on PATH (as the Makefile does), one thread per process (the CPU is shared)."""
+    return {**os.environ, "PATH": f"{PYTHON_BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared CPU, spinning OpenMP threads slow tiny models down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def on_losses_call(monkeypatch):
+    """on_losses_call(n, fn): make the n-th call of BML.losses run fn(losses) first (n counts from 1)."""
+    original = BML.losses
+
+    def install(call_number: int, action):
+        calls = {"count": 0}
+
+        def losses(self, *args, **kwargs):
+            calls["count"] += 1
+            result = original(self, *args, **kwargs)
+            return action(result) if calls["count"] == call_number else result
+
+        monkeypatch.setattr(BML, "losses", losses)
+
+    return install
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_recipes_fill_only_what_is_not_given():
+    args = train_bml.get_args_parser().parse_args(["--dataset", "tieredImageNet", "--width", "0.5"])
+    apply_recipe(args)
+    assert (args.epochs, args.transform, args.width, args.lr, args.n_train_ways) == (200, "B", 0.5, 0.1, 15)
+    assert args.lr_milestones == [40, 80, 120, 160] and args.lr_gammas == [0.1] * 4
+    mini = apply_recipe(train_bml.get_args_parser().parse_args([]))
+    assert (mini.dataset, mini.epochs, mini.episodes_per_epoch, mini.eval_freq) == ("miniImageNet", 100, 500, 20)
+    assert [round(0.1 * lr_factor(done, mini.lr_milestones, mini.lr_gammas), 6) for done in (49, 50, 69, 70)] \
+        == [0.1, 0.006, 0.006, 0.0012]
+    adam = apply_recipe(train_bml.get_args_parser().parse_args(["--optim", "adam"]))
+    assert adam.lr == 1e-3 and adam.lr_gammas == [0.1, 0.1]
+    assert not hasattr(mini, "batch_size")   # baseline-only flags stay out of BML's config
+
+
+def test_settings_helpers(tmp_path, capsys):
+    assert parse_weights("2_1_0.5") == (2.0, 1.0, 0.5)
+    with pytest.raises(SettingsError, match="three numbers"):
+        parse_weights("2_1")
+    args = apply_recipe(bml_args(tmp_path))
+    args.model, args.save_folder = "bml", None
+    assert default_save_folder(args).name == "glyphs_bml_Res12_w0.125_32px_5w2s3q_wt2_1_0.5_a5.5_0.1_T4_SGD_lr0.1_e4_s0"
+    args.amp = "fp16"
+    assert resolve_amp(args, torch.device("cpu")) == "off"
+    assert "fp16 mixed precision needs a CUDA GPU" in capsys.readouterr().err
+    args.amp, args.amp_opt_level = None, "O1"
+    assert resolve_amp(args, torch.device("cpu")) == "off"
+
+
+def test_step_batches_are_seeded_per_step():
+    """A step's augmentation depends on its seed only, not on the RNG state of the loading process."""
+    dataset = build_dataset("glyphs", "train", image_size=32, train=True)
+    batches = StepBatches(dataset, np.arange(40).reshape(2, 2, 10), seed_key=(0, 0, 1))
+    first = batches[1]
+    torch.manual_seed(123)
+    rng = capture_rng_state()
+    again = batches[1]
+    assert torch.equal(first[0], again[0]) and first[0].shape == (2, 10, 3, 32, 32)
+    assert torch.equal(capture_rng_state()["torch"], rng["torch"])   # loading left the stream alone
+    restore_rng_state(rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training runs
+
+
+def test_loss_decreases_and_checkpoints_are_complete(tmp_path):
+    folder = tmp_path / "run"
+    args = bml_args(folder, "--epochs", "3", "--episodes_per_epoch", "15", "--n_train_shots", "3",
+                    "--alpha_1", "0", "--lr", "0.05", "--eval_freq", "3")
+    assert train_bml.main(args) == 0
+    log = epoch_log(folder)
+    assert [entry["epoch"] for entry in log] == [1, 2, 3]
+    assert log[-1]["train_total"] < 0.75 * log[0]["train_total"]
+    assert log[-1]["val_acc"] > 20.0 and {"val_acc_global", "val_acc_local", "train_mutual"} <= set(log[-1])
+    checkpoint = read_checkpoint(folder / "last.pth")   # weights_only: RNG states are plain values
+    assert {"model", "max_accuracy", "epoch", "config", "optimizer", "scaler", "scheduler", "rng",
+            "dropblock_step", "step"} <= set(checkpoint)
+    assert checkpoint["epoch"] == 3 and checkpoint["step"] == checkpoint["dropblock_step"] == 45
+    assert checkpoint["max_accuracy"] == read_checkpoint(folder / "best.pth")["max_accuracy"] == log[-1]["val_acc"]
+    assert checkpoint["config"].model == "bml" and checkpoint["config"].num_classes == 64
+    assert json.loads((folder / "config.json").read_text())["width"] == 0.125
+    assert any((folder / "tensorboard").iterdir())
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, on_losses_call):
+    """SIGTERM in the middle of epoch 2 (2 episodes per step), then --is_continue: the same weights,
+    optimiser state and logs as a run that was never interrupted, whatever the number of loader workers."""
+    extra = ("--epochs", "2", "--episodes_per_epoch", "3", "--episodes_per_step", "2", "--eval_freq", "1")
+    assert train_bml.main(bml_args(tmp_path / "straight", *extra)) == 0
+
+    def terminate(losses):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return losses
+
+    on_losses_call(9, terminate)   # 9th episode: epoch 2, step 2 (3 steps of 2 episodes an epoch)
+    assert train_bml.main(bml_args(tmp_path / "resumed", *extra)) == 128 + signal.SIGTERM
+    interrupted = read_checkpoint(tmp_path / "resumed" / "last.pth")
+    assert (interrupted["epoch"], interrupted["training_state"]["epoch_step"], interrupted["step"]) == (1, 2, 5)
+    assert train_bml.main(bml_args(tmp_path / "resumed", *extra, "--num_workers", "2", "--is_continue")) == 0
+
+    straight = read_checkpoint(tmp_path / "straight" / "last.pth")
+    resumed = read_checkpoint(tmp_path / "resumed" / "last.pth")
+    assert straight["model"].keys() == resumed["model"].keys()
+    assert all(torch.equal(straight["model"][key], resumed["model"][key]) for key in straight["model"])
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    assert (straight["step"], straight["max_accuracy"]) == (resumed["step"], resumed["max_accuracy"])
+    drop_speed = [{k: v for k, v in entry.items() if k != "train_images_per_s"} for entry in epoch_log(tmp_path / "straight")]
+    assert drop_speed == [{k: v for k, v in entry.items() if k != "train_images_per_s"}
+                          for entry in epoch_log(tmp_path / "resumed")]
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, on_losses_call, capsys):
+    def poison(losses):
+        return {**losses, "local": losses["local"] * float("nan"), "total": losses["total"] * float("nan")}
+
+    on_losses_call(4, poison)   # epoch 2, step 1 (3 steps an epoch)
+    folder = tmp_path / "nan"
+    assert train_bml.main(bml_args(folder, "--epochs", "3", "--episodes_per_epoch", "3", "--eval_freq", "0")) == 1
+    message = capsys.readouterr().err
+    assert "non-finite loss at epoch 2, step 1/3 (global step 4)" in message
+    assert "local=nan" in message and "global=" in message and "--is_continue" in message
+    checkpoint = read_checkpoint(folder / "last.pth")
+    assert checkpoint["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+
+
+def test_baselines_train_one_epoch(tmp_path):
+    assert train_baseline.main(baseline_args(tmp_path / "global", "--mode", "global", "--epochs", "1",
+                                             "--batch_size", "256", "--eval_freq", "1")) == 0
+    assert train_baseline.main(baseline_args(tmp_path / "local", "--mode", "local", "--spatial", "--epochs", "1",
+                                             "--episodes_per_epoch", "3", "--eval_freq", "1")) == 0
+    global_log, local_log = epoch_log(tmp_path / "global")[0], epoch_log(tmp_path / "local")[0]
+    assert global_log["step"] == 3840 // 256 and "train_global" in global_log and "val_acc" in global_log
+    assert local_log["step"] == 3 and "train_local" in local_log
+    assert read_checkpoint(tmp_path / "local" / "best.pth")["config"].model == "local"
+
+
+def test_bf16_and_channels_last_on_cpu(tmp_path):
+    args = bml_args(tmp_path, "--epochs", "1", "--episodes_per_epoch", "2", "--eval_freq", "0",
+                    "--amp", "bf16", "--channels_last")
+    assert train_bml.main(args) == 0
+    assert np.isfinite(epoch_log(tmp_path)[0]["train_total"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes: SIGTERM, two ranks with Gloo, the shell script
+
+
+def test_sigterm_saves_and_prints_the_resume_command(tmp_path):
+    folder = tmp_path / "term"
+    command = [sys.executable, str(ROOT / "train_bml.py"), *TINY, "--epochs", "50", "--episodes_per_epoch", "100",
+               "--eval_freq", "0", "-s", str(folder)]
+    process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("step [2/100]" in line for line in lines) and time.monotonic() < deadline:
+        assert process.poll() is None, "".join(lines)
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(lines)
+    reader.join(timeout=10)
+    output = "".join(lines)
+    assert "SIGTERM received" in output and "--is_continue" in output and f"-s {folder}" in output
+    checkpoint = read_checkpoint(folder / "last.pth")
+    assert checkpoint["epoch"] == 0 and checkpoint["training_state"]["epoch_step"] == checkpoint["step"] >= 2
+
+
+HELPER = """
+import sys, torch, train_bml
+from bml.training import train
+args = train_bml.get_args_parser().parse_args(sys.argv[2:])
+args.model = "bml"
+outcome = train(args)
+assert outcome.exit_code == 0, outcome.exit_code
+rank = int(__import__("os").environ["RANK"])
+torch.save({name: p.detach() for name, p in outcome.model.named_parameters()}, f"{sys.argv[1]}/rank{rank}.pt")
+"""
+
+
+def test_two_processes_with_gloo_stay_in_sync(tmp_path):
+    helper = tmp_path / "ddp_helper.py"
+    helper.write_text(HELPER)
+    folder = tmp_path / "ddp"
+    command = [str(PYTHON_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(helper), str(tmp_path),
+               *TINY, "--epochs", "2", "--episodes_per_epoch", "2", "--episodes_per_step", "2", "--eval_freq", "2",
+               "-s", str(folder)]
+    result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    log = epoch_log(folder)
+    assert [entry["epoch"] for entry in log] == [1, 2] and "val_acc" in log[-1]   # rank 0 alone writes
+    checkpoint = read_checkpoint(folder / "last.pth")
+    assert len(checkpoint["rng"]) == 2 and checkpoint["config"].world_size == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    assert all(torch.equal(checkpoint["model"][name], rank0[name]) for name in rank0)
+
+
+def test_train_bml_sh_default_trains_glyphs_and_validates(tmp_path):
+    """`bash train_bml.sh` with no arguments: the laptop demo, as `make demo` runs it."""
+    result = subprocess.run(["bash", str(ROOT / "train_bml.sh")], cwd=tmp_path, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Validation accuracy (5-way 1-shot" in result.stdout
+    (folder,) = (tmp_path / "output").iterdir()
+    assert folder.name.startswith("glyphs_bml_Res12_w0.25_32px_10w5s5q")
+    best = read_checkpoint(folder / "best.pth")
+    assert best["epoch"] == 4 and best["max_accuracy"] > 30.0
+    assert f"{Path('output') / folder.name / 'best.pth'}" in result.stdout
