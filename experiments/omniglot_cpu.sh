@@ -17,10 +17,10 @@ cd "$(dirname "$0")/.."
 
 case $VARIANT in
     full)
-        DATASET=omniglot; EPOCHS=${EPOCHS:-10}; WAYS=20; SHOTS=5; QUERIES=5
+        DATASET=omniglot; EPOCHS=${EPOCHS:-8}; WAYS=20; SHOTS=5; QUERIES=5
         SEEDS=0-4; EPISODES=1000 ;;
     quick)
-        DATASET=omniglot-small; EPOCHS=${EPOCHS:-6}; WAYS=20; SHOTS=5; QUERIES=5
+        DATASET=omniglot-small; EPOCHS=${EPOCHS:-20}; WAYS=20; SHOTS=5; QUERIES=5
         SEEDS=0-2; EPISODES=500 ;;
     *) echo "usage: bash $0 {full|quick} [DATA_ROOT]" >&2; exit 2 ;;
 esac

@@ -18,7 +18,6 @@ MODELS = ("bml", "global", "local")
 TASKS = ((5, 1), (5, 5), (20, 1), (20, 5))
 # Snell et al. 2017, Table 1 (Prototypical Networks, Omniglot, Vinyals split).
 PROTONETS = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}
-NOT_LOSSES = {"epoch", "step", "lr", "max_accuracy", "images_per_second"}
 
 
 def read_log(path: Path) -> list[dict]:
@@ -56,10 +55,10 @@ def plot_curves(run: Path, path: Path) -> None:
     figure, axes = plt.subplots(1, len(MODELS) + 1, figsize=(4.2 * (len(MODELS) + 1), 3.4))
     for axis, (model, log) in zip(axes, logs.items()):
         epochs = [entry["epoch"] for entry in log]
-        terms = sorted(key for key, value in log[0].items()
-                       if isinstance(value, (int, float)) and key not in NOT_LOSSES and not key.startswith("val_"))
+        terms = sorted(key for key in log[0] if key.startswith("train_") and key != "train_images_per_s")
         for term in terms:
-            axis.plot(epochs, [entry[term] for entry in log], marker="o", markersize=3, label=term)
+            axis.plot(epochs, [entry[term] for entry in log], marker="o", markersize=3,
+                      label=term.removeprefix("train_"))
         axis.set(title=f"{model}: training losses", xlabel="epoch", yscale="log")
         axis.legend(fontsize=7)
     validation = axes[-1]
