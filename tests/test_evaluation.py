@@ -75,7 +75,7 @@ def correct_queries(accuracies: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("shot", [1, 5])
 def test_cached_scoring_equals_per_episode_protocol(model, dataset, shot):
-    episodes = sample_episodes(dataset.labels, WAY, shot, QUERY, episodes=40, seeds=[0, 1])
+    episodes = sample_episodes(dataset.labels, WAY, shot, QUERY, episodes=15, seeds=[0, 1])
     cache = embed_dataset(model, dataset, batch_size=64, storage_dtype=torch.float32, progress=False)
     cached = score_episodes(cache, episodes, WAY, shot, names=model.view_names, progress=False)
     reference = per_episode_accuracies(model, dataset, episodes, shot)
