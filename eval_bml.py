@@ -20,6 +20,7 @@ from bml.checkpoint import CheckpointError, load_model, model_config, read_check
 from bml.datasets import DatasetError, TRANSFORM_IDS
 from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
                             parse_seed_range, write_results)
+from bml.utils.distributed import DeviceError, resolve_device
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -49,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                           metavar="SEED", help="seeds, e.g. '0 1 2' or '0-9' (default 0-9)")
 
     compute = parser.add_argument_group("compute")
-    compute.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     compute.add_argument("--batch_size", type=int, default=128, help="images per forward pass when embedding")
     compute.add_argument("--num_workers", type=int, default=4, help="data loading processes")
     compute.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast while embedding")
@@ -70,6 +71,7 @@ def main(args: argparse.Namespace) -> int:
     """Evaluate, write the results files and return the exit code (1: a data or checkpoint problem)."""
     seeds = list(dict.fromkeys(seed for group in args.seeds for seed in group))
     try:
+        args.device = resolve_device(args.device)
         config = model_config(read_checkpoint(args.ckp_path))
         dataset_name = args.dataset or config.get("dataset")
         if dataset_name is None:
@@ -87,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
                                     num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
                                     max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
                                     progress=not args.no_progress)
-    except (CheckpointError, DatasetError, EvaluationError, FileNotFoundError, MemoryError) as error:
+    except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"

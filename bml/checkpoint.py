@@ -53,11 +53,16 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
         raise
 
 
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    return CheckpointError(f"{path} is not a readable torch checkpoint (truncated, corrupt, or not written by "
+                           f"torch.save): {type(error).__name__}")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint onto the CPU with ``weights_only=True``, ``argparse.Namespace`` allowed.
 
-    Raises FileNotFoundError for a missing file and CheckpointError for a file holding any
-    other pickled object (which is refused, never executed).
+    Raises FileNotFoundError for a missing file, and CheckpointError for a file holding any
+    other pickled object (which is refused, never executed) or one that is not a torch checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -66,11 +71,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error):   # a refused global is named so by torch; anything else is damage
+            raise _unreadable(path, error) from error
         raise CheckpointError(
             f"refused to load {path}: it holds pickled objects other than tensors, containers, scalars "
             f"and argparse.Namespace, and unpickling them could run arbitrary code. Load it with "
             f"torch.load(weights_only=False) only if you trust its source. Details: {error}"
         ) from error
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError) as error:
+        raise _unreadable(path, error) from error
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
     return state

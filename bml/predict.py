@@ -20,12 +20,11 @@ import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 
-import torch
-
 from bml.checkpoint import CheckpointError
 from bml.classifier import FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import SheetQuery, draw_contact_sheet
 from bml.datasets import TRANSFORM_IDS, DatasetError
+from bml.utils.distributed import DeviceError, resolve_device
 
 CSV_COLUMNS = ("path", "prediction", "confidence", "runner_up")
 
@@ -53,7 +52,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--transform", choices=TRANSFORM_IDS, default=None, help="test transform id (SPEC 1)")
 
     compute = parser.add_argument_group("compute")
-    compute.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     compute.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
     compute.add_argument("--num_workers", type=int, default=2, help="image decoding processes")
     compute.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -160,8 +159,7 @@ def plain_warnings() -> Iterator[None]:
 
 def predict(args: argparse.Namespace) -> None:
     """Classify the queries, write the CSV (and the sheet) and print the summary."""
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise FewShotInputError("--device cuda was asked for but no CUDA GPU is available: pass --device cpu")
+    args.device = resolve_device(args.device)
     query_root = Path(args.query)
     support = find_support(Path(args.support))
     outputs = {Path(path).resolve() for path in (args.out, args.sheet) if path}
@@ -192,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
     with plain_warnings():
         try:
             predict(args)
-        except (CheckpointError, DatasetError, FewShotInputError, FileNotFoundError) as error:
+        except (CheckpointError, DatasetError, DeviceError, FewShotInputError, FileNotFoundError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
     return 0

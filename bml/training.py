@@ -458,11 +458,12 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
     Exit codes: 0 done, 1 a data/checkpoint/settings problem or a non-finite loss (message on
     stderr), 130/143 stopped by SIGINT/SIGTERM after saving `last.pth`.
     """
-    context = distributed.init_distributed_mode(args.device)
+    context = None
     try:
+        context = distributed.init_distributed_mode(args.device)
         return _train(args, context)
-    except (SettingsError, DatasetError, CheckpointError, NonFiniteLossError) as error:
-        where = f" (rank {context.rank})" if context.distributed else ""
+    except (SettingsError, DatasetError, CheckpointError, NonFiniteLossError, distributed.DeviceError) as error:
+        where = f" (rank {context.rank})" if context is not None and context.distributed else ""
         print(f"ERROR{where}: {error}", file=sys.stderr, flush=True)
         return TrainingOutcome(EXIT_FAILURE)
     finally:

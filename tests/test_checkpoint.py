@@ -108,6 +108,18 @@ def test_missing_file_is_named(tmp_path):
         load_model(tmp_path / "nowhere.pth")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+def test_unreadable_file_is_a_checkpoint_error(tmp_path, damage):
+    path = tmp_path / "broken.pth"
+    if damage == "truncated":
+        torch.save({"model": {"weight": torch.zeros(4096)}}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        path.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        read_checkpoint(path)
+
+
 def test_own_checkpoints_round_trip_with_config_and_ddp_prefix(tmp_path):
     torch.manual_seed(0)
     model = BML(num_classes=6, width=0.125)

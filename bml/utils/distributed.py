@@ -59,6 +59,10 @@ def barrier() -> None:
         dist.barrier()
 
 
+class DeviceError(ValueError):
+    """A requested device that this machine does not have."""
+
+
 def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     """The training device: `requested` if given ('cpu', 'cuda', 'cuda:1', ...), else a GPU if any.
 
@@ -69,7 +73,7 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested} was asked for but no CUDA GPU is visible; "
+            raise DeviceError(f"--device {requested} was asked for but no CUDA GPU is visible; "
                                "use --device cpu (or leave --device out to pick one automatically)")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
