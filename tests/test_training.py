@@ -5,6 +5,7 @@ a width-0.125 network on 32 px images and a few small episodes per epoch.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -276,3 +277,23 @@ def test_train_bml_sh_default_trains_glyphs_and_validates(tmp_path):
     best = read_checkpoint(folder / "best.pth")
     assert best["epoch"] == 4 and best["max_accuracy"] > 30.0
     assert f"{Path('output') / folder.name / 'best.pth'}" in result.stdout
+
+
+def test_resnet18_trains_one_epoch_and_evaluates(tmp_path):
+    """`--backbone Res18` end to end: one training epoch, then eval_bml.py on its checkpoint."""
+    folder = tmp_path / "res18"
+    assert train_bml.main(bml_args(folder, "--backbone", "Res18", "--epochs", "1", "--episodes_per_epoch", "2",
+                                   "--eval_freq", "1")) == 0
+    checkpoint = read_checkpoint(folder / "best.pth")
+    assert checkpoint["config"].backbone == "Res18" and "encoder.conv1.weight" in checkpoint["model"]
+    spec = importlib.util.spec_from_file_location("eval_bml", ROOT / "eval_bml.py")
+    eval_bml = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_bml)
+    results = tmp_path / "results.json"
+    args = eval_bml.get_args_parser().parse_args(
+        ["--ckp_path", str(folder / "best.pth"), "--split", "val", "--n_shots", "1", "--episodes", "10",
+         "--seeds", "0", "--num_workers", "0", "--device", "cpu", "--output_dir", str(tmp_path),
+         "--json", str(results), "--no_progress"])
+    assert eval_bml.main(args) == 0
+    saved = json.loads(results.read_text())
+    assert saved["model"] == "bml" and set(saved["results"]) == {"global", "local", "bml"}
