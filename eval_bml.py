@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from bml.checkpoint import CheckpointError, load_model, model_config, read_checkpoint
+from bml.checkpoint import CheckpointError, model_config, model_from_state, read_checkpoint
 from bml.datasets import DatasetError, TRANSFORM_IDS
 from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
                             parse_seed_range, write_results)
@@ -72,14 +72,15 @@ def main(args: argparse.Namespace) -> int:
     seeds = list(dict.fromkeys(seed for group in args.seeds for seed in group))
     try:
         args.device = resolve_device(args.device)
-        config = model_config(read_checkpoint(args.ckp_path))
+        checkpoint = read_checkpoint(args.ckp_path)
+        config = model_config(checkpoint)
         dataset_name = args.dataset or config.get("dataset")
         if dataset_name is None:
             raise DatasetError(f"{args.ckp_path} does not record its data set: pass --dataset")
         dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root,
                                            args.image_size or config.get("image_size"),
                                            args.transform or config.get("transform"), args.test_dataset)
-        model = load_model(args.ckp_path, device=args.device)
+        model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         print(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
               f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
               f"{args.n_queries}-query episodes", flush=True)

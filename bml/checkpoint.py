@@ -169,12 +169,17 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> F
     The architecture comes from ``model_config``; keys and shapes must match exactly, so a
     half-loaded model is never returned.
     """
-    state = read_checkpoint(path)
+    return model_from_state(read_checkpoint(path), device, source=str(path))
+
+
+def model_from_state(state: Mapping[str, Any], device: str | torch.device = "cpu",
+                     source: str = "the checkpoint") -> FewShotModel:
+    """``load_model`` for a checkpoint already read with ``read_checkpoint`` (no second read)."""
     weights = model_state_dict(state)
     try:
         model = build_model(model_config(state))
     except (KeyError, ValueError) as error:
-        raise CheckpointError(f"cannot build a model for {path}: {error}") from error
+        raise CheckpointError(f"cannot build a model for {source}: {error}") from error
     check_state_dict(model, weights)
     model.load_state_dict(weights, strict=True)
     model.dropblock_step = int(state.get("dropblock_step", 0))

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from bml.checkpoint import load_model, model_config, read_checkpoint
+from bml.checkpoint import model_config, model_from_state, read_checkpoint
 from bml.datasets import build_transform, dataset_defaults
 from bml.losses import prototype_logits
 
@@ -163,8 +163,9 @@ class FewShotClassifier:
         `bml.checkpoint.CheckpointError` for a file that is not a matching model checkpoint.
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        transform_id, size = input_transform_settings(model_config(read_checkpoint(path)), image_size, transform_id)
-        model = load_model(path, device=device)
+        state = read_checkpoint(path)
+        transform_id, size = input_transform_settings(model_config(state), image_size, transform_id)
+        model = model_from_state(state, device=device, source=str(path))
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
                    num_workers, progress)
 
