@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from bml.evaluation import COMBINED, evaluate_episodes
 from bml.utils.distributed import all_reduce_sum, get_world_size
 from bml.utils.logger import RunLogger, SmoothedValue
 
@@ -191,8 +192,6 @@ def evaluate(model: nn.Module, dataset, *, way: int, shot: int, query: int, epis
     Uses the fast protocol of `bml.evaluation` (embed the split once, score every episode from the
     cache); the model's training mode is restored afterwards.
     """
-    from bml.evaluation import COMBINED, evaluate_episodes
-
     results = evaluate_episodes(model, dataset, way, shot, query, episodes, seeds=[seed], device=device, amp=amp,
                                 num_workers=num_workers, progress=progress)
     summary = {"acc": results[COMBINED]["acc"], "ci95": results[COMBINED]["ci95"]}
