@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from bml.models import MODEL_KINDS, FewShotModel, build_model
 from bml.models.backbones import BACKBONE_CHANNELS, canonical_backbone
+from bml.utils.io import atomic_write
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
@@ -39,18 +39,8 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
     a crash mid-save never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(dict(state), handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as handle:
+        torch.save(dict(state), handle)
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:

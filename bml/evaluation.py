@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, dataset_defaults
 from bml.datasets.transforms import check_transform_id
+from bml.utils.io import atomic_write
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMBINED = "bml"
@@ -273,13 +274,6 @@ def parse_seed_range(token: str) -> list[int]:
     return seeds
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` as a whole, so an interrupted run never leaves a half-written results file."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def write_results(results: dict[str, dict], label: str, shot: int, output_dir: str | Path = "eval_results",
                   json_path: str | Path | None = None, metadata: dict | None = None) -> tuple[Path, Path]:
     """Write `<label>_bml_eval_results_<shot>shot.txt` (the published format) and its JSON beside it.
@@ -295,6 +289,8 @@ def write_results(results: dict[str, dict], label: str, shot: int, output_dir: s
     combined = results[COMBINED]
     lines = [f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()]
     lines.append(f"==> Mean ACC on {label}: {combined['acc']:.4f}")
-    _write_atomic(text_path, "\n".join(lines) + "\n")
-    _write_atomic(json_path, json.dumps({**(metadata or {}), "results": results}, indent=2) + "\n")
+    with atomic_write(text_path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with atomic_write(json_path, "w") as handle:
+        handle.write(json.dumps({**(metadata or {}), "results": results}, indent=2) + "\n")
     return text_path, json_path

@@ -12,13 +12,14 @@ rendering does.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
+
+from bml.utils.io import atomic_write
 
 from .base import DatasetError, SplitData
 
@@ -136,15 +137,8 @@ def load_glyphs() -> dict[str, np.ndarray]:
     path = cache_path()
     if not path.exists():
         arrays = build_glyphs()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(descriptor, "wb") as f:
-                np.savez_compressed(f, **arrays)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as handle:
+            np.savez_compressed(handle, **arrays)
         return arrays
     with np.load(path, allow_pickle=False) as cached:
         return {key: cached[key] for key in cached.files}
