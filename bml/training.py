@@ -28,13 +28,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
-from bml.datasets import DatasetError, EpisodeSampler, build_dataset, canonical_name, dataset_defaults
+from bml.datasets import (DatasetError, EpisodeSampler, build_dataset, build_step_loader, canonical_name,
+                          dataset_defaults, shuffled_batches)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, lr_factor
 from bml.utils import distributed
 from bml.utils.logger import RunLogger
-from bml.utils.rng import capture_rng_state, derive_seed, isolated_cpu_rng, restore_rng_state, seed_everything
+from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
@@ -221,29 +222,6 @@ def info(message: str) -> None:
 # Data: which images each step uses, and a loader whose augmentation is seeded per step
 
 
-class StepBatches(Dataset):
-    """Item `k` is step `k`'s images, (episodes_per_step, B, 3, S, S), and their dataset labels.
-
-    The augmentation of step `k` is drawn from its own seed (run seed, rank, epoch, k), so a step's
-    images depend neither on the number of loader workers nor on where a resumed run starts.
-    """
-
-    def __init__(self, dataset: Dataset, plan: np.ndarray, seed_key: tuple[int, ...]) -> None:
-        self.dataset = dataset
-        self.plan = plan
-        self.seed_key = seed_key
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = self.plan[step]
-        with isolated_cpu_rng(derive_seed(*self.seed_key, step)):
-            images = torch.stack([self.dataset[int(index)][0] for index in indices.reshape(-1)])
-        labels = torch.from_numpy(np.asarray(self.dataset.labels)[indices])
-        return images.reshape(*indices.shape, *images.shape[1:]), labels
-
-
 def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
     """Episodic training: --episodes_per_epoch; global baseline: one pass over the data."""
     if args.model != "global":
@@ -261,23 +239,22 @@ def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: in
     steps = steps_per_epoch(args, len(labels))
     slots = args.episodes_per_step
     if args.model == "global":
-        order = np.random.default_rng([args.seed, epoch]).permutation(len(labels))
-        per_step = args.batch_size * slots
-        return order[:steps * per_step * args.world_size].reshape(steps, args.world_size, slots, -1)[:, rank]
-    sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
-                             episodes=steps * slots, seed=args.seed, rank=rank, world_size=args.world_size)
-    sampler.set_epoch(epoch)
-    return sampler.sample().reshape(steps, slots, -1)
+        batches = shuffled_batches(len(labels), args.batch_size, steps * slots, seed=args.seed, epoch=epoch,
+                                   rank=rank, world_size=args.world_size)
+    else:
+        sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
+                                 episodes=steps * slots, seed=args.seed, rank=rank, world_size=args.world_size)
+        sampler.set_epoch(epoch)
+        batches = sampler.sample()
+    return batches.reshape(steps, slots, -1)
 
 
-def build_step_loader(args: argparse.Namespace, dataset: Dataset, epoch: int, first_step: int, rank: int,
-                      device: torch.device) -> DataLoader:
+def build_epoch_loader(args: argparse.Namespace, dataset: Dataset, epoch: int, first_step: int, rank: int,
+                       device: torch.device) -> DataLoader:
     """The steps of `epoch` from `first_step` on (a resumed epoch skips the steps already done)."""
     plan = step_plan(args, np.asarray(dataset.labels), epoch, rank)
-    return DataLoader(StepBatches(dataset, plan, (args.seed, rank, epoch)), batch_size=None,
-                      sampler=range(first_step, len(plan)), num_workers=args.num_workers,
-                      pin_memory=device.type == "cuda",
-                      generator=torch.Generator())  # keeps the global RNG untouched
+    return build_step_loader(dataset, plan, (args.seed, rank, epoch), first_step=first_step,
+                             num_workers=args.num_workers, pin_memory=device.type == "cuda")
 
 
 def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
@@ -521,7 +498,7 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext) ->
         try:
             for epoch in range(state.epoch + 1, args.epochs + 1):
                 set_epoch_lr(args, optimizer, epoch - 1)
-                loader = build_step_loader(args, train_set, epoch, state.epoch_step, context.rank, device)
+                loader = build_epoch_loader(args, train_set, epoch, state.epoch_step, context.rank, device)
                 result = train_one_epoch(parts, loader, state, epoch=epoch, epochs=args.epochs, steps_per_epoch=steps,
                                          loss_settings=loss_settings(args, epoch), stop_requested=stop.requested,
                                          logger=logger, print_freq=args.print_freq, is_main=is_main)

@@ -1,9 +1,11 @@
-"""The episode sampler: shot-major order, labels, reproducibility, ranks, epochs, validation; loaders."""
+"""The episode sampler: shot-major order, labels, reproducibility, ranks, epochs, validation; shuffled
+batches; the step loader and its per-step augmentation seeds."""
 import numpy as np
 import pytest
 import torch
 
-from bml.datasets import DatasetError, EpisodeSampler, build_episode_loader, build_shuffled_loader, episode_labels
+from bml.datasets import (ArrayDataset, DatasetError, EpisodeSampler, StepBatches, build_dataset, build_step_loader,
+                          episode_labels, shuffled_batches)
 from bml.datasets import sampler as sampler_module
 
 
@@ -51,10 +53,11 @@ def test_iteration_as_batch_sampler():
     assert len(sampler) == len(batches) == 6
     assert all(isinstance(b, list) and isinstance(b[0], int) and len(b) == 12 for b in batches)
     np.testing.assert_array_equal(np.array(batches), sampler.sample())
-    dataset = torch.utils.data.TensorDataset(torch.arange(len(labels)), torch.from_numpy(labels))
-    loader = build_episode_loader(dataset, sampler)
-    for (indices, batch_labels), batch in zip(loader, batches):
-        assert indices.tolist() == batch and (batch_labels.numpy() == labels[batch]).all()
+    dataset = ArrayDataset(np.arange(len(labels), dtype=np.uint8).reshape(-1, 1, 1, 1).repeat(3, axis=3), labels,
+                           [str(c) for c in range(labels.max() + 1)], transform=lambda image: torch.tensor(image.getpixel((0, 0))))
+    loader = build_step_loader(dataset, sampler.sample(), seed_key=(0,))
+    for (pixels, batch_labels), batch in zip(loader, batches):
+        assert pixels[:, 0].tolist() == batch and (batch_labels.numpy() == labels[batch]).all()
 
 
 def test_every_class_and_image_gets_drawn():
@@ -82,30 +85,37 @@ def test_validation_errors():
         EpisodeSampler(labels, 2, 0, 1, episodes=1)
 
 
-class _RandomPerItem(torch.utils.data.Dataset):
-    """Returns numpy and torch random draws, to see how workers are seeded."""
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return torch.tensor([float(np.random.randint(1 << 30)), float(torch.randint(1 << 30, ()))])
-
-
-def test_shuffled_loader_workers_and_epochs_differ():
-    loader = build_shuffled_loader(_RandomPerItem(), batch_size=4, num_workers=2, seed=0)
-    epochs = []
-    for epoch in range(2):
-        loader.sampler.set_epoch(epoch)
-        epochs.append([batch for batch in loader])
-    (w0, w1), (w0_next, _) = epochs
-    for column in (0, 1):                    # numpy draws, torch draws
-        assert not torch.equal(w0[:, column], w1[:, column])        # two workers differ
-        assert not torch.equal(w0[:, column], w0_next[:, column])   # same worker, next epoch
+def test_shuffled_batches_cover_each_image_once_and_shard_ranks():
+    shares = [shuffled_batches(23, batch_size=5, batches=2, seed=1, epoch=0, rank=r, world_size=2) for r in range(2)]
+    assert shares[0].shape == (2, 5)
+    drawn = np.concatenate([share.reshape(-1) for share in shares])
+    assert len(set(drawn.tolist())) == 20 and drawn.max() < 23                 # disjoint ranks, no repeats
+    np.testing.assert_array_equal(shares[0], shuffled_batches(23, 5, 2, seed=1, epoch=0, rank=0, world_size=2))
+    assert not np.array_equal(shares[0], shuffled_batches(23, 5, 2, seed=1, epoch=1, rank=0, world_size=2))
+    with pytest.raises(DatasetError, match="need 30 images, but the split has 23"):
+        shuffled_batches(23, batch_size=5, batches=3, seed=0, epoch=0, world_size=2)
 
 
-def test_shuffled_loader_shards_ranks():
-    dataset = torch.utils.data.TensorDataset(torch.arange(10))
-    shards = [build_shuffled_loader(dataset, batch_size=5, seed=1, rank=r, world_size=2) for r in range(2)]
-    indices = [torch.cat([b[0] for b in loader]).tolist() for loader in shards]
-    assert len(indices[0]) == len(indices[1]) == 5 and not set(indices[0]) & set(indices[1])
+def test_step_batches_are_seeded_per_step():
+    """A step's augmentation depends on its seed only, not on the RNG state of the loading process."""
+    dataset = build_dataset("glyphs", "train", image_size=32, train=True)
+    batches = StepBatches(dataset, np.arange(40).reshape(2, 2, 10), seed_key=(0, 0, 1))
+    first = batches[1]
+    torch.manual_seed(123)
+    stream = torch.get_rng_state()
+    again = batches[1]
+    assert torch.equal(first[0], again[0]) and first[0].shape == (2, 10, 3, 32, 32)
+    assert torch.equal(torch.get_rng_state(), stream)                # loading left the stream alone
+    assert not torch.equal(batches[0][0], first[0])
+
+
+def test_step_loader_images_do_not_depend_on_workers_or_start():
+    dataset = build_dataset("glyphs", "train", image_size=32, train=True)
+    plan = EpisodeSampler(dataset.labels, way=3, shot=1, query=1, episodes=4).sample()
+    serial = [images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, 1))]
+    parallel = [images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, 1), num_workers=2)]
+    resumed = [images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, 1), first_step=2)]
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(parallel) == 4
+    assert all(torch.equal(a, b) for a, b in zip(serial[2:], resumed)) and len(resumed) == 2
+    next_epoch = next(iter(build_step_loader(dataset, plan, seed_key=(0, 0, 2))))[0]
+    assert not torch.equal(serial[0], next_epoch)

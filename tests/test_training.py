@@ -22,11 +22,9 @@ import torch
 import train_baseline
 import train_bml
 from bml.checkpoint import read_checkpoint
-from bml.datasets import build_dataset
 from bml.models import BML
 from bml.recipes import apply_recipe, lr_factor
-from bml.training import SettingsError, StepBatches, default_save_folder, parse_weights, resolve_amp
-from bml.utils.rng import capture_rng_state, restore_rng_state
+from bml.training import SettingsError, default_save_folder, parse_weights, resolve_amp
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -110,23 +108,6 @@ def test_settings_helpers(tmp_path, capsys):
     assert "fp16 mixed precision needs a CUDA GPU" in capsys.readouterr().err
     args.amp, args.amp_opt_level = None, "O1"
     assert resolve_amp(args, torch.device("cpu")) == "off"
-
-
-def test_step_batches_are_seeded_per_step():
-    """A step's augmentation depends on its seed only, not on the RNG state of the loading process."""
-    dataset = build_dataset("glyphs", "train", image_size=32, train=True)
-    batches = StepBatches(dataset, np.arange(40).reshape(2, 2, 10), seed_key=(0, 0, 1))
-    first = batches[1]
-    torch.manual_seed(123)
-    rng = capture_rng_state()
-    again = batches[1]
-    assert torch.equal(first[0], again[0]) and first[0].shape == (2, 10, 3, 32, 32)
-    assert torch.equal(capture_rng_state()["torch"], rng["torch"])   # loading left the stream alone
-    restore_rng_state(rng)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training runs
 
 
 def test_loss_decreases_and_checkpoints_are_complete(tmp_path):

@@ -6,7 +6,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from bml.datasets import (NORMALIZATION, TRANSFORM_IDS, ArrayDataset, DatasetError, EpisodeSampler,
-                          build_episode_loader, build_transform, dataset_defaults)
+                          build_step_loader, build_transform, dataset_defaults)
 
 
 def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -61,16 +61,13 @@ def test_dataset_defaults(name, transform_id, image_size):
     assert (defaults.mean, defaults.std) == NORMALIZATION[transform_id]
 
 
-def test_augmentation_differs_across_workers_and_epochs():
-    """Every index is the same image; two workers and two epochs must augment it differently."""
+def test_augmentation_differs_across_steps_and_epochs():
+    """Every index is the same image; two steps and two epochs must augment it differently."""
     image = np.asarray(random_image(32, 32))
     dataset = ArrayDataset(np.repeat(image[None], 8, axis=0), np.repeat(np.arange(2), 4), ["a", "b"],
                            transform=build_transform("D", 32, train=True))
-    sampler = EpisodeSampler(dataset.labels, way=2, shot=1, query=0, episodes=2)
-    loader = build_episode_loader(dataset, sampler, num_workers=2)
-    epochs = []
-    for epoch in range(2):
-        sampler.set_epoch(epoch)
-        epochs.append([images for images, _ in loader])
-    (worker0, worker1), (worker0_next, _) = epochs
-    assert not torch.equal(worker0, worker1) and not torch.equal(worker0, worker0_next)
+    plan = EpisodeSampler(dataset.labels, way=2, shot=1, query=0, episodes=2).sample()
+    epochs = [[images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, epoch), num_workers=2)]
+              for epoch in range(2)]
+    (step0, step1), (step0_next, _) = epochs
+    assert not torch.equal(step0, step1) and not torch.equal(step0, step0_next)

@@ -1,18 +1,22 @@
-"""The one episodic batch sampler (SPEC section 2), and the data loaders built around it.
+"""The one episodic batch sampler (SPEC section 2), shuffled batches, and the one training loader.
 
 An N-way K-shot Q-query episode is a list of N*(K+Q) dataset indices in shot-major order: position
 i*N + c holds the i-th image of the c-th drawn class, so the first N*K are the support set and query j
 has episode label j mod N. A whole epoch is drawn at once with array operations.
+
+Training draws an epoch's *plan* first (the dataset indices of every step: episodes from
+`EpisodeSampler.sample`, or `shuffled_batches` for the global baseline) and loads it with
+`build_step_loader`, which augments each step from its own seed.
 """
 from __future__ import annotations
 
-import random
 from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..utils.rng import derive_seed, isolated_cpu_rng
 from .base import DatasetError
 
 _MAX_KEYS = 1 << 22   # random keys drawn at once when choosing images (32 MiB of float64)
@@ -86,33 +90,50 @@ class EpisodeSampler(Sampler[list[int]]):
             yield episode.tolist()
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy and `random` from the worker's torch seed, which differs per worker and per epoch."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def shuffled_batches(num_images: int, batch_size: int, batches: int, seed: int, epoch: int, rank: int = 0,
+                     world_size: int = 1) -> np.ndarray:
+    """This rank's shuffled batches of one epoch, (batches, batch_size) dataset indices.
 
-
-def _generator(seed: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-
-
-def build_episode_loader(dataset: Dataset, sampler: EpisodeSampler, num_workers: int = 0,
-                         pin_memory: bool = False) -> DataLoader:
-    """Loads the sampler's episodes; each batch is (images, dataset labels) in shot-major order."""
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=seed_worker, generator=_generator(sampler.seed, sampler.rank),
-                      persistent_workers=num_workers > 0)
-
-
-def build_shuffled_loader(dataset: Dataset, batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
-                          world_size: int = 1, drop_last: bool = True, pin_memory: bool = False) -> DataLoader:
-    """Shuffled batches for the global baseline; call `loader.sampler.set_epoch(epoch)` every epoch.
-
-    A DistributedSampler (also for one process) gives each rank its own 1/world_size of the data.
+    All ranks cut the same permutation (it depends on (seed, epoch) only) into world_size disjoint
+    shares, so a distributed epoch still shows every image at most once.
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=drop_last)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=drop_last, worker_init_fn=seed_worker,
-                      generator=_generator(seed, rank), persistent_workers=num_workers > 0)
+    needed = batches * batch_size * world_size
+    if needed > num_images:
+        raise DatasetError(f"{batches} batches of {batch_size} images on {world_size} process(es) need {needed} "
+                           f"images, but the split has {num_images}: lower the batch size or the number of batches")
+    order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    return order[:needed].reshape(batches, world_size, batch_size)[:, rank]
+
+
+class StepBatches(Dataset):
+    """Item `k` is step `k`'s images, (*plan.shape[1:], 3, S, S), and their dataset labels.
+
+    `plan[k]` holds the dataset indices of step `k` (one or more episodes or shuffled batches). Step
+    `k` is augmented from its own seed (seed_key, k) with the loading process's generators left as
+    they were, so a step's images depend neither on the number of loader workers nor on where a
+    resumed run starts, and loading never shifts the training stream (dropout, DropBlock).
+    """
+
+    def __init__(self, dataset: Dataset, plan: np.ndarray, seed_key: tuple[int, ...]) -> None:
+        self.dataset = dataset
+        self.plan = plan
+        self.seed_key = seed_key
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = self.plan[step]
+        with isolated_cpu_rng(derive_seed(*self.seed_key, step)):
+            images = torch.stack([self.dataset[int(index)][0] for index in indices.reshape(-1)])
+        labels = torch.from_numpy(np.asarray(self.dataset.labels)[indices])
+        return images.reshape(*indices.shape, *images.shape[1:]), labels
+
+
+def build_step_loader(dataset: Dataset, plan: np.ndarray, seed_key: tuple[int, ...], first_step: int = 0,
+                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The one training loader: loads the steps of `plan` from `first_step` on (a resumed epoch skips
+    the steps already done), each batch being `StepBatches[k]`."""
+    return DataLoader(StepBatches(dataset, plan, seed_key), batch_size=None, sampler=range(first_step, len(plan)),
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      generator=torch.Generator())  # keeps the global RNG untouched
