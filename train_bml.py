@@ -25,6 +25,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     losses.add_argument("--alpha_2", type=float, default=0.1,
                         help="slope of the sigmoid of the distance gap in the elastic margin")
     losses.add_argument("--T", type=float, default=4.0, help="temperature of the mutual (cross-view) KL loss")
+    losses.add_argument("--global_batch", type=int, default=0,
+                        help="shuffled images added to each episode that only the global and mutual terms see "
+                             "(our extension for thousands of base classes, e.g. Omniglot; 0 = as published)")
     return parser
 
 

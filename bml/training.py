@@ -161,6 +161,8 @@ def default_save_folder(args: argparse.Namespace) -> Path:
         parts.append(f"{args.n_train_ways}w{args.n_train_shots}s{args.n_train_queries}q")
     if args.model == "bml":
         parts += [f"wt{args.weights}", f"a{args.alpha_1:g}_{args.alpha_2:g}", f"T{args.T:g}"]
+        if args.global_batch:
+            parts.append(f"gb{args.global_batch}")
     elif args.spatial:
         parts.append("spatial")
     if args.episodes_per_step > 1:
@@ -198,6 +200,8 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     args.image_size = args.image_size or defaults.image_size
     if args.model == "bml":
         parse_weights(args.weights)
+        if args.global_batch < 0:
+            raise SettingsError(f"--global_batch must be 0 or more, got {args.global_batch}")
     for name in ("epochs", "episodes_per_epoch", "episodes_per_step", "print_freq"):
         if getattr(args, name) < 1:
             raise SettingsError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -246,6 +250,10 @@ def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: in
                                  episodes=steps * slots, seed=args.seed, rank=rank, world_size=args.world_size)
         sampler.set_epoch(epoch)
         batches = sampler.sample()
+        if args.model == "bml" and args.global_batch:
+            shuffled = shuffled_batches(len(labels), args.global_batch, steps * slots, seed=args.seed, epoch=epoch,
+                                        rank=rank, world_size=args.world_size)
+            batches = np.concatenate([batches, shuffled], axis=1)
     return batches.reshape(steps, slots, -1)
 
 
@@ -262,7 +270,8 @@ def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
     settings = {"way": args.n_train_ways, "shot": args.n_train_shots, "query": args.n_train_queries,
                 "epoch": epoch, "max_epoch": args.epochs}
     if args.model == "bml":
-        settings.update(alpha_1=args.alpha_1, alpha_2=args.alpha_2, T=args.T, weights=parse_weights(args.weights))
+        settings.update(alpha_1=args.alpha_1, alpha_2=args.alpha_2, T=args.T, weights=parse_weights(args.weights),
+                        global_batch=args.global_batch)
     return settings
 
 

@@ -1,6 +1,8 @@
-"""Summarise an `experiments/omniglot_cpu.sh` run: the results table (markdown) and training curves (PNG).
+"""Summarise an `experiments/omniglot_cpu.sh` run: the results table (markdown) and training curves (PNG);
+or, with --sweep, the validation table of an `experiments/omniglot_sweep.sh` run.
 
-    python experiments/omniglot_report.py output/omniglot_full     # writes report.md and curves.png there
+    python experiments/omniglot_report.py output/omniglot_full             # writes report.md and curves.png there
+    python experiments/omniglot_report.py --sweep output/omniglot_sweep    # writes report.md there
 """
 
 from __future__ import annotations
@@ -71,8 +73,34 @@ def plot_curves(run: Path, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def sweep_table(sweep: Path) -> str:
+    """One row per sweep run: its settings, final loss terms and last validation accuracies."""
+    times = read_times(sweep / "times.txt")
+    rows = ["| run | episode / batch | loss weights | final losses (global / local / mutual) | val | val global view "
+            "| val local view | minutes |", "|" + "---|" * 8]
+    for name in times:
+        config = json.loads((sweep / name / "config.json").read_text())
+        log = read_log(sweep / name / "log.txt")
+        last = log[-1]
+        validated = [entry for entry in log if "val_acc" in entry][-1]
+        shape = (f"{config['n_train_ways']}w{config['n_train_shots']}s{config['n_train_queries']}q"
+                 if config["model"] != "global" else f"shuffled {config['batch_size']}")
+        losses = " / ".join(f"{last[f'train_{term}']:.2f}" if f"train_{term}" in last else "-"
+                            for term in ("global", "local", "mutual"))
+        views = [f"{validated[key]:.2f}" if key in validated else "-" for key in ("val_acc_global", "val_acc_local")]
+        weights = config.get("weights", "-") if config["model"] == "bml" else "-"
+        rows.append(f"| {name} | {shape} | {weights} | {losses} | {validated['val_acc']:.2f} ± "
+                    f"{validated['val_ci95']:.2f} | {' | '.join(views)} | {times[name] / 60:.1f} |")
+    return "\n".join(rows)
+
+
 def main(args: argparse.Namespace) -> None:
     run = Path(args.run)
+    if args.sweep:
+        report = sweep_table(run) + "\n"
+        (run / "report.md").write_text(report)
+        print(report)
+        return
     times = read_times(run / "times.txt")
     timing = ", ".join(f"{model} {times[model] / 60:.1f} min" for model in MODELS if model in times)
     evaluation_time = sum(seconds for name, seconds in times.items() if name.startswith("eval_"))
@@ -87,4 +115,5 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", help="the output folder of one experiments/omniglot_cpu.sh run")
+    parser.add_argument("--sweep", action="store_true", help="the folder is an experiments/omniglot_sweep.sh run")
     main(parser.parse_args())

@@ -154,6 +154,22 @@ def test_bml_total_is_the_weighted_sum_of_its_terms():
     torch.testing.assert_close(losses["total"], 2 * expected["global"] + expected["local"] + 0.5 * expected["mutual"])
 
 
+def test_global_batch_images_reach_only_the_global_and_mutual_terms():
+    torch.manual_seed(0)
+    way, shot, query, extra = 3, 1, 2, 4
+    model = BML(num_classes=10, width=0.125).eval()
+    images = torch.randn(way * (shot + query) + extra, 3, 32, 32)
+    labels = torch.randint(0, 10, (images.shape[0],))
+    losses = model.losses(images, labels, way=way, shot=shot, query=query, global_batch=extra)
+    global_map, local_map = model(images)
+    episode = way * (shot + query)
+    torch.testing.assert_close(losses["global"], global_position_loss(model.global_w(global_map), labels))
+    torch.testing.assert_close(losses["local"], local_prototype_loss(local_map[:episode], way, shot, 1, 100, 5.5, 0.1))
+    torch.testing.assert_close(losses["mutual"], mutual_kl_loss(global_map.mean((2, 3)), local_map.mean((2, 3)), 4.0))
+    with pytest.raises(ValueError, match="shot-major"):
+        model.losses(images, labels, way=way, shot=shot, query=query, global_batch=extra - 1)
+
+
 def test_losses_reject_a_batch_that_is_not_one_episode():
     model = BML(num_classes=4, width=0.125)
     with pytest.raises(ValueError, match="shot-major"):

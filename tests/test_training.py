@@ -24,7 +24,7 @@ import train_bml
 from bml.checkpoint import read_checkpoint
 from bml.models import BML
 from bml.recipes import apply_recipe, lr_factor
-from bml.training import SettingsError, default_save_folder, parse_weights, resolve_amp
+from bml.training import SettingsError, default_save_folder, parse_weights, resolve_amp, step_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -108,6 +108,22 @@ def test_settings_helpers(tmp_path, capsys):
     assert "fp16 mixed precision needs a CUDA GPU" in capsys.readouterr().err
     args.amp, args.amp_opt_level = None, "O1"
     assert resolve_amp(args, torch.device("cpu")) == "off"
+
+
+def test_global_batch_follows_each_episode_in_the_step_plan(tmp_path, capsys):
+    args = apply_recipe(bml_args(tmp_path, "--global_batch", "6", "--episodes_per_epoch", "4"))
+    args.model, args.world_size, args.save_folder = "bml", 1, None
+    assert default_save_folder(args).name.endswith("_T4_gb6_SGD_lr0.1_e4_s0")
+    labels = np.repeat(np.arange(12), 10)
+    plan = step_plan(args, labels, epoch=1, rank=0)
+    episode = 5 * (2 + 3)
+    assert plan.shape == (4, 1, episode + 6)
+    grid = labels[plan[:, 0, :episode]].reshape(4, 5, 5)                  # shot-major episodes come first
+    assert (grid == grid[:, :1]).all()
+    shuffled = plan[:, 0, episode:].reshape(-1)
+    assert len(set(shuffled.tolist())) == len(shuffled)                   # then one epoch's shuffled images
+    assert train_bml.main(bml_args(tmp_path / "bad", "--global_batch", "-1")) == 1
+    assert "--global_batch must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_loss_decreases_and_checkpoints_are_complete(tmp_path):

@@ -43,17 +43,21 @@ class BML(FewShotModel):
     def losses(self, images: torch.Tensor, base_labels: torch.Tensor, way: int = 15, shot: int = 5,
                query: int = 7, epoch: int = 1, max_epoch: int = 100, alpha_1: float = 5.5,
                alpha_2: float = 0.1, T: float = 4.0, weights: tuple[float, float, float] = LOSS_WEIGHTS,
-               **unused) -> dict[str, torch.Tensor]:
+               global_batch: int = 0, **unused) -> dict[str, torch.Tensor]:
         """The three loss terms of one shot-major episode and their weighted sum 'total'.
 
         ``base_labels`` are the images' base-class labels (for the global view); the local view
         uses the episode labels implied by the shot-major order. Epochs count from 1.
+        ``global_batch`` images may follow the episode (e.g. a shuffled batch, our extension for
+        base-class spaces far larger than an episode; 0 as published): only the global and the
+        mutual terms see them.
         """
-        check_episode_batch(images, way, shot, query)
+        episode_size = images.shape[0] - global_batch
+        check_episode_batch(images[:episode_size], way, shot, query)
         global_map, local_map = self(images)
         terms = {
             "global": global_position_loss(self.global_w(global_map), base_labels),
-            "local": local_prototype_loss(local_map, way, shot, epoch, max_epoch, alpha_1, alpha_2),
+            "local": local_prototype_loss(local_map[:episode_size], way, shot, epoch, max_epoch, alpha_1, alpha_2),
             "mutual": mutual_kl_loss(pooled(global_map), pooled(local_map), T),
         }
         terms["total"] = sum(w * terms[name] for w, name in zip(weights, ("global", "local", "mutual")))
