@@ -67,7 +67,9 @@ def plot_curves(run: Path, path: Path) -> None:
     for model, log in logs.items():
         points = [(entry["epoch"], entry["val_acc"]) for entry in log if "val_acc" in entry]
         validation.plot(*zip(*points), marker="o", markersize=3, label=model)
-    validation.set(title="validation accuracy (5-way 1-shot)", xlabel="epoch", ylabel="%")
+    config = json.loads((run / MODELS[0] / "config.json").read_text())
+    validation.set(title=f"validation accuracy ({config['n_ways']}-way {config['n_shots']}-shot)", xlabel="epoch",
+                   ylabel="%")
     validation.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -85,6 +87,8 @@ def sweep_table(sweep: Path) -> str:
         validated = [entry for entry in log if "val_acc" in entry][-1]
         shape = (f"{config['n_train_ways']}w{config['n_train_shots']}s{config['n_train_queries']}q"
                  if config["model"] != "global" else f"shuffled {config['batch_size']}")
+        if config.get("global_batch"):
+            shape += f" + {config['global_batch']} shuffled"
         losses = " / ".join(f"{last[f'train_{term}']:.2f}" if f"train_{term}" in last else "-"
                             for term in ("global", "local", "mutual"))
         views = [f"{validated[key]:.2f}" if key in validated else "-" for key in ("val_acc_global", "val_acc_local")]

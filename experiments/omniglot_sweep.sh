@@ -28,6 +28,8 @@ mkdir -p "$OUT"
 run bml_20w5s5q python train_bml.py "${COMMON[@]}" --n_train_ways 20 --n_train_shots 5 --n_train_queries 5 --episodes_per_epoch $STEPS
 run bml_50w2s2q python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS
 run bml_100w1s1q python train_bml.py "${COMMON[@]}" --n_train_ways 100 --n_train_shots 1 --n_train_queries 1 --episodes_per_epoch $STEPS
+# A 20-way 2-shot 3-query episode plus 100 shuffled images for the global and mutual terms only.
+run bml_20w2s3q_gb100 python train_bml.py "${COMMON[@]}" --n_train_ways 20 --n_train_shots 2 --n_train_queries 3 --episodes_per_epoch $STEPS --global_batch 100
 # Without the mutual term, and the two baselines under the same budget.
 run bml_50w2s2q_wt2_1_0 python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS --weights 2_1_0
 run local_50w2s2q python train_baseline.py --mode local "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS
