@@ -32,6 +32,9 @@ run bml_100w1s1q python train_bml.py "${COMMON[@]}" --n_train_ways 100 --n_train
 run bml_20w2s3q_gb100 python train_bml.py "${COMMON[@]}" --n_train_ways 20 --n_train_shots 2 --n_train_queries 3 --episodes_per_epoch $STEPS --global_batch 100
 # Without the mutual term, and the two baselines under the same budget.
 run bml_50w2s2q_wt2_1_0 python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS --weights 2_1_0
+# Is it the episodic batch or the other terms? The global term alone on the same episodes; a global weight of 1.
+run bml_50w2s2q_wt2_0_0 python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS --weights 2_0_0
+run bml_50w2s2q_wt1_1_0.5 python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS --weights 1_1_0.5
 run local_50w2s2q python train_baseline.py --mode local "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS
 run global python train_baseline.py --mode global "${COMMON[@]}" --batch_size 200
 python experiments/omniglot_report.py --sweep "$OUT"
