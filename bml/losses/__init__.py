@@ -4,7 +4,6 @@ from bml.losses.distance import class_prototypes, prototype_logits, squared_dist
 from bml.losses.terms import (
     distillation_kl,
     elastic_margin,
-    episode_query_labels,
     global_position_loss,
     local_prototype_loss,
     mutual_kl_loss,
@@ -14,7 +13,6 @@ __all__ = [
     "class_prototypes",
     "distillation_kl",
     "elastic_margin",
-    "episode_query_labels",
     "global_position_loss",
     "local_prototype_loss",
     "mutual_kl_loss",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bml.datasets.sampler import episode_labels
 from bml.losses.distance import class_prototypes, squared_distances
 
 MARGIN_EPS = 1e-8
@@ -17,11 +18,6 @@ def global_position_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     over positions (and images)."""
     batch, _, height, width = logits.shape
     return F.cross_entropy(logits.float(), labels.view(batch, 1, 1).expand(batch, height, width))
-
-
-def episode_query_labels(way: int, count: int, device: torch.device | None = None) -> torch.Tensor:
-    """Episode label of each query in shot-major order: query j belongs to class j mod way."""
-    return torch.arange(count, device=device) % way
 
 
 def elastic_margin(distances: torch.Tensor, labels: torch.Tensor, epoch: int, max_epoch: int,
@@ -59,7 +55,7 @@ def local_prototype_loss(features: torch.Tensor, way: int, shot: int, epoch: int
     prototypes = class_prototypes(support.flatten(2).mean(2), way)
     query_positions = query.flatten(2).transpose(1, 2)
     distances = squared_distances(query_positions, prototypes)
-    labels = episode_query_labels(way, query.shape[0], features.device)
+    labels = episode_labels(way, query.shape[0], features.device)
     labels = labels.unsqueeze(1).expand(distances.shape[:2])
     margin = elastic_margin(distances, labels, epoch, max_epoch, alpha_1, alpha_2)
     logits = -(distances + margin.unsqueeze(-1) * F.one_hot(labels, way))
