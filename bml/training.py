@@ -31,13 +31,13 @@ from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, 
 from bml.datasets import (DatasetError, EpisodeSampler, build_dataset, build_step_loader, canonical_name,
                           dataset_defaults, shuffled_batches)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
+from bml.evaluation import AMP_DTYPES
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, lr_factor
 from bml.utils import distributed
 from bml.utils.logger import RunLogger
 from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
 
-AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
