@@ -60,6 +60,7 @@ class TrainComponents:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
+    clip_grad: float = 0.0    # max norm of all the gradients of a step together; 0: no clipping
 
 
 @dataclass
@@ -131,6 +132,9 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"non-finite loss at {where}: {_format_terms(names, values)}. "
                                      "This step was not applied.")
+        if parts.clip_grad:
+            scaler.unscale_(optimizer)   # clip the unscaled gradients (unscale_ is a no-op without fp16)
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
         scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.step(optimizer)
         scaler.update()

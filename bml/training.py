@@ -110,6 +110,11 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
     optimisation.add_argument("--lr", type=float, default=None,
                               help="initial learning rate (SGD 0.1, Adam 1e-3); decayed x0.06 after 50%% of the "
                                    "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
+    optimisation.add_argument("--clip_grad", type=float, default=None,
+                              help="clip the gradient norm of each step to this value; 0: off (recipe: 0 as "
+                                   "published; Omniglot 10: keeps the local loss's large first gradients from "
+                                   "inflating the BatchNorm-followed conv weights, which stalls learning; see "
+                                   "docs/RESULTS.md)")
     optimisation.add_argument("--seed", type=int, default=0, help="seed of initialisation, episodes and augmentation")
 
     run = parser.add_argument_group("run")
@@ -167,7 +172,10 @@ def default_save_folder(args: argparse.Namespace) -> Path:
         parts.append("spatial")
     if args.episodes_per_step > 1:
         parts.append(f"x{args.episodes_per_step}")
-    parts += [args.optim, f"lr{args.lr:g}", f"e{args.epochs}", f"s{args.seed}"]
+    parts += [args.optim, f"lr{args.lr:g}"]
+    if args.clip_grad:
+        parts.append(f"clip{args.clip_grad:g}")
+    parts += [f"e{args.epochs}", f"s{args.seed}"]
     return Path("output") / "_".join(str(part) for part in parts)
 
 
@@ -202,6 +210,8 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
         parse_weights(args.weights)
         if args.global_batch < 0:
             raise SettingsError(f"--global_batch must be 0 or more, got {args.global_batch}")
+    if args.clip_grad < 0:
+        raise SettingsError(f"--clip_grad must be 0 (off) or a positive gradient norm, got {args.clip_grad}")
     for name in ("epochs", "episodes_per_epoch", "episodes_per_step", "print_freq"):
         if getattr(args, name) < 1:
             raise SettingsError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -480,7 +490,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext) ->
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     loss_module, ddp = wrap_for_training(args, model, context)
     parts = TrainComponents(model=model, loss_module=loss_module, ddp=ddp, optimizer=optimizer, scaler=scaler,
-                            device=device, amp_dtype=AMP_DTYPES[args.amp], channels_last=args.channels_last)
+                            device=device, amp_dtype=AMP_DTYPES[args.amp], channels_last=args.channels_last,
+                            clip_grad=args.clip_grad)
 
     state, saved_rng = TrainingState(), None
     last_path = save_folder / LAST_CHECKPOINT

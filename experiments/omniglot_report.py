@@ -13,6 +13,8 @@ from pathlib import Path
 
 import matplotlib
 
+from bml.checkpoint import read_checkpoint
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
 
@@ -75,11 +77,17 @@ def plot_curves(run: Path, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def first_conv_norm(checkpoint: Path) -> float:
+    """Norm of the first convolution's weight: the BatchNorm after it makes the layer scale-invariant, so a
+    large norm means a small effective learning rate (the local loss's early gradients can inflate it)."""
+    return read_checkpoint(checkpoint)["model"]["encoder.layer1.0.conv1.weight"].norm().item()
+
+
 def sweep_table(sweep: Path) -> str:
     """One row per sweep run: its settings, final loss terms and last validation accuracies."""
     times = read_times(sweep / "times.txt")
-    rows = ["| run | episode / batch | loss weights | final losses (global / local / mutual) | val | val global view "
-            "| val local view | minutes |", "|" + "---|" * 8]
+    rows = ["| run | episode / batch | loss weights | clip | final losses (global / local / mutual) | first-conv "
+            "norm | val | val global view | val local view | minutes |", "|" + "---|" * 10]
     for name in times:
         config = json.loads((sweep / name / "config.json").read_text())
         log = read_log(sweep / name / "log.txt")
@@ -93,8 +101,10 @@ def sweep_table(sweep: Path) -> str:
                             for term in ("global", "local", "mutual"))
         views = [f"{validated[key]:.2f}" if key in validated else "-" for key in ("val_acc_global", "val_acc_local")]
         weights = config.get("weights", "-") if config["model"] == "bml" else "-"
-        rows.append(f"| {name} | {shape} | {weights} | {losses} | {validated['val_acc']:.2f} ± "
-                    f"{validated['val_ci95']:.2f} | {' | '.join(views)} | {times[name] / 60:.1f} |")
+        clip = f"{config['clip_grad']:g}" if config.get("clip_grad") else "-"
+        rows.append(f"| {name} | {shape} | {weights} | {clip} | {losses} | {first_conv_norm(sweep / name / 'last.pth'):.1f} "
+                    f"| {validated['val_acc']:.2f} ± {validated['val_ci95']:.2f} | {' | '.join(views)} "
+                    f"| {times[name] / 60:.1f} |")
     return "\n".join(rows)
 
 

@@ -94,6 +94,10 @@ def test_recipes_fill_only_what_is_not_given():
     adam = apply_recipe(train_bml.get_args_parser().parse_args(["--optim", "adam"]))
     assert adam.lr == 1e-3 and adam.lr_gammas == [0.1, 0.1]
     assert not hasattr(mini, "batch_size")   # baseline-only flags stay out of BML's config
+    assert mini.clip_grad == 0.0
+    omniglot = apply_recipe(train_bml.get_args_parser().parse_args(["--dataset", "omniglot"]))
+    assert (omniglot.n_train_ways, omniglot.n_train_shots, omniglot.n_train_queries, omniglot.clip_grad,
+            omniglot.width, omniglot.image_size) == (100, 1, 1, 10.0, 0.25, 28)
 
 
 def test_settings_helpers(tmp_path, capsys):
@@ -103,6 +107,9 @@ def test_settings_helpers(tmp_path, capsys):
     args = apply_recipe(bml_args(tmp_path))
     args.model, args.save_folder = "bml", None
     assert default_save_folder(args).name == "glyphs_bml_Res12_w0.125_32px_5w2s3q_wt2_1_0.5_a5.5_0.1_T4_SGD_lr0.1_e4_s0"
+    args.clip_grad = 10.0
+    assert default_save_folder(args).name.endswith("_SGD_lr0.1_clip10_e4_s0")
+    args.clip_grad = 0.0
     args.amp = "fp16"
     assert resolve_amp(args, torch.device("cpu")) == "off"
     assert "fp16 mixed precision needs a CUDA GPU" in capsys.readouterr().err
@@ -124,6 +131,24 @@ def test_global_batch_follows_each_episode_in_the_step_plan(tmp_path, capsys):
     assert len(set(shuffled.tolist())) == len(shuffled)                   # then one epoch's shuffled images
     assert train_bml.main(bml_args(tmp_path / "bad", "--global_batch", "-1")) == 1
     assert "--global_batch must be 0 or more, got -1" in capsys.readouterr().err
+
+
+def test_clip_grad_bounds_each_step(tmp_path, capsys):
+    """One SGD step from the same initial weights moves them by at most lr * (clip + wd * |w|)."""
+    def weights_after_one_step(name: str, *extra: str) -> torch.Tensor:
+        assert train_bml.main(bml_args(tmp_path / name, "--epochs", "1", "--episodes_per_epoch", "1",
+                                       "--eval_freq", "0", *extra)) == 0
+        model = read_checkpoint(tmp_path / name / "last.pth")["model"]
+        return torch.cat([value.flatten().float() for key, value in model.items() if key.endswith("weight")])
+
+    initial = weights_after_one_step("initial", "--lr", "0")
+    clip, lr, weight_decay = 1e-3, 0.1, 5e-4
+    clipped = (weights_after_one_step("clipped", "--clip_grad", str(clip)) - initial).norm()
+    unclipped = (weights_after_one_step("unclipped") - initial).norm()
+    bound = lr * (clip + weight_decay * initial.norm())
+    assert clipped <= bound * 1.001 < unclipped / 10
+    assert train_bml.main(bml_args(tmp_path / "bad", "--clip_grad", "-1")) == 1
+    assert "--clip_grad must be 0 (off) or a positive gradient norm, got -1" in capsys.readouterr().err
 
 
 def test_loss_decreases_and_checkpoints_are_complete(tmp_path):
