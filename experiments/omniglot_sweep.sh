@@ -2,7 +2,7 @@
 # The validation sweep behind docs/RESULTS.md: short runs (4 epochs) on the full Omniglot, each
 # validated on the val split (20-way 1-shot, 1,000 episodes, seed 0); never on test.
 #
-#   bash experiments/omniglot_sweep.sh [DATA_ROOT]     # about 6 min a run on 2 CPU cores
+#   bash experiments/omniglot_sweep.sh [DATA_ROOT]     # about 7 min a run on 2 CPU cores, 2.9 h in all
 #
 # Runs go to output/omniglot_sweep/<name>; the table of val accuracies is written by
 #   python experiments/omniglot_report.py --sweep output/omniglot_sweep
@@ -37,4 +37,26 @@ run bml_50w2s2q_wt2_0_0 python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n
 run bml_50w2s2q_wt1_1_0.5 python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS --weights 1_1_0.5
 run local_50w2s2q python train_baseline.py --mode local "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS
 run global python train_baseline.py --mode global "${COMMON[@]}" --batch_size 200
+# Session 3. Is it the episodic batch or the weight? The global term alone at weight 1, on episodes and on
+# (nearly) shuffled batches.
+run bml_50w2s2q_wt1_0_0 python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS --weights 1_0_0
+run bml_1w1s1q_gb198_wt1_0_0 python train_bml.py "${COMMON[@]}" --n_train_ways 1 --n_train_shots 1 --n_train_queries 1 --episodes_per_epoch $STEPS --global_batch 198 --weights 1_0_0
+# Small episodes with mostly shuffled images: the local term (even at weight 0.25) still holds the global view back.
+run bml_10w1s2q_gb170 python train_bml.py "${COMMON[@]}" --n_train_ways 10 --n_train_shots 1 --n_train_queries 2 --episodes_per_epoch $STEPS --global_batch 170
+E10=(--n_train_ways 10 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS --global_batch 160)
+run bml_10w2s2q_gb160_wt2_0.25_0.125 python train_bml.py "${COMMON[@]}" "${E10[@]}" --weights 2_0.25_0.125
+run bml_10w2s2q_gb160_wt1_1_0 python train_bml.py "${COMMON[@]}" "${E10[@]}" --weights 1_1_0
+# The cause: the local loss's first gradients (norm ~700 against ~6 for the global term) inflate the
+# BatchNorm-followed conv weights; clipping the gradient norm keeps them small.
+run bml_10w2s2q_gb160_clip10 python train_bml.py "${COMMON[@]}" "${E10[@]}" --clip_grad 10
+E50=(--n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS)
+run bml_50w2s2q_clip10 python train_bml.py "${COMMON[@]}" "${E50[@]}" --clip_grad 10
+run local_50w2s2q_clip10 python train_baseline.py --mode local "${COMMON[@]}" "${E50[@]}" --clip_grad 10
+E100=(--n_train_ways 100 --n_train_shots 1 --n_train_queries 1 --episodes_per_epoch $STEPS --clip_grad 10)
+run bml_100w1s1q_clip10 python train_bml.py "${COMMON[@]}" "${E100[@]}"
+run global_clip10 python train_baseline.py --mode global "${COMMON[@]}" --batch_size 200 --clip_grad 10
+run local_100w1s1q_clip10 python train_baseline.py --mode local "${COMMON[@]}" "${E100[@]}"
+# Which BML terms matter at the chosen shape: without the mutual term, and with a smaller global weight.
+run bml_100w1s1q_clip10_wt2_1_0 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 2_1_0
+run bml_100w1s1q_clip10_wt0.5_1_0.5 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 0.5_1_0.5
 python experiments/omniglot_report.py --sweep "$OUT"
