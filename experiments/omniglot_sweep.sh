@@ -2,7 +2,7 @@
 # The validation sweep behind docs/RESULTS.md: short runs (4 epochs) on the full Omniglot, each
 # validated on the val split (20-way 1-shot, 1,000 episodes, seed 0); never on test.
 #
-#   bash experiments/omniglot_sweep.sh [DATA_ROOT]     # about 7 min a run on 2 CPU cores, 2.5 h in all
+#   bash experiments/omniglot_sweep.sh [DATA_ROOT]     # about 7 min a run on 2 CPU cores, 2.6 h in all
 #
 # Runs go to output/omniglot_sweep/<name>; the table of val accuracies is written by
 #   python experiments/omniglot_report.py --sweep output/omniglot_sweep
@@ -57,8 +57,9 @@ E100=(--n_train_ways 100 --n_train_shots 1 --n_train_queries 1 --episodes_per_ep
 run bml_100w1s1q_clip10 python train_bml.py "${COMMON[@]}" "${E100[@]}"
 run global_clip10 python train_baseline.py --mode global "${COMMON[@]}" --batch_size 200 --clip_grad 10
 run local_100w1s1q_clip10 python train_baseline.py --mode local "${COMMON[@]}" "${E100[@]}"
-# Which BML terms matter at the chosen shape: without the mutual term, a smaller and a larger global weight.
+# Which BML terms matter at the chosen shape: without the mutual term, smaller and larger global weights.
 run bml_100w1s1q_clip10_wt2_1_0 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 2_1_0
 run bml_100w1s1q_clip10_wt0.5_1_0.5 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 0.5_1_0.5
 run bml_100w1s1q_clip10_wt4_1_0.5 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 4_1_0.5
+run bml_100w1s1q_clip10_wt8_1_0.5 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 8_1_0.5
 python experiments/omniglot_report.py --sweep "$OUT"
