@@ -29,7 +29,8 @@ OUT=output/omniglot_$VARIANT
 # Settings chosen on val (docs/RESULTS.md, validation sweep): every step shows each model PER_STEP images;
 # BML and baseline-local train on 100-way 1-shot 1-query episodes (the best shape on val for each);
 # every model clips its gradient norm to CLIP_GRAD (it never binds for baseline-global).
-PER_STEP=200
+WAYS=100; SHOTS=1; QUERIES=1
+PER_STEP=$((WAYS * (SHOTS + QUERIES)))
 CLIP_GRAD=10
 # One budget for all three: the global baseline sees every training image once an epoch in batches
 # of PER_STEP images; the episodic models take as many steps of PER_STEP images.
@@ -39,7 +40,7 @@ STEPS=$((TRAIN_IMAGES / PER_STEP))
 COMMON=(--dataset "$DATASET" --data_root "$DATA_ROOT" --epochs "$EPOCHS" --seed 0 --num_workers 1
         --width "${WIDTH:-0.25}" --image_size 28 --eval_freq 1 --n_ways 5 --n_shots 1 --val_episodes 500
         --clip_grad "$CLIP_GRAD")
-EPISODIC=(--n_train_ways 100 --n_train_shots 1 --n_train_queries 1 --episodes_per_epoch "$STEPS")
+EPISODIC=(--n_train_ways "$WAYS" --n_train_shots "$SHOTS" --n_train_queries "$QUERIES" --episodes_per_epoch "$STEPS")
 
 timed() {   # timed NAME COMMAND...: run, and record the wall time in $OUT/times.txt
     local name=$1 start=$SECONDS
