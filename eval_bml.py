@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
                 "seconds": round(time.perf_counter() - start, 1)}
     text_path, json_path = write_results(results, label, args.n_shots, args.output_dir, args.json, metadata)
     for name, summary in results.items():
-        print(f"{name:>8}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
+        print(f"{name:>10}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
     print(f"==> Mean ACC on {label}: {results[COMBINED]['acc']:.2f}; wrote {text_path} and {json_path}")
     return 0
 

@@ -9,6 +9,7 @@ optimiser step. Under DDP the gradients are also averaged over processes, so one
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -132,9 +133,12 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"non-finite loss at {where}: {_format_terms(names, values)}. "
                                      "This step was not applied.")
+        logged = dict(zip(names, values))
         if parts.clip_grad:
             scaler.unscale_(optimizer)   # clip the unscaled gradients (unscale_ is a no-op without fp16)
-            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.clip_grad).item()
+            if math.isfinite(grad_norm):   # an fp16 overflow step is skipped by the scaler, not logged
+                logged["grad_norm"] = grad_norm   # before clipping: how often and how hard the clip binds
         scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
         scaler.step(optimizer)
         scaler.update()
@@ -153,7 +157,7 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
         step_images = images.shape[0] * images.shape[1] * world_size
         throughput.update(step_images / step_seconds)
         sums = state.epoch_sums
-        for name, value in zip(names, values):
+        for name, value in logged.items():
             meters.setdefault(name, SmoothedValue()).update(value)
             sums[name] = sums.get(name, 0.0) + value
         sums["steps"] = sums.get("steps", 0) + 1
@@ -178,7 +182,8 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
 
 
 def epoch_stats(state: TrainingState, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Mean of each loss term over the epoch's steps so far, the lr and the images per second."""
+    """Mean of each loss term (and of the gradient norm, when clipping) over the epoch's steps so far, the lr
+    and the images per second."""
     sums = state.epoch_sums
     steps = max(sums.get("steps", 0), 1)
     stats = {f"train_{name}": value / steps for name, value in sums.items()
@@ -191,7 +196,7 @@ def epoch_stats(state: TrainingState, optimizer: torch.optim.Optimizer) -> dict[
 def evaluate(model: nn.Module, dataset, *, way: int, shot: int, query: int, episodes: int, seed: int,
              device: torch.device, amp: str = "off", num_workers: int = 0, progress: bool = False) -> dict[str, float]:
     """Validation accuracy (%) with its 95% interval: 'acc'/'ci95' of the model's prediction (BML: the
-    sum of both views), and 'acc_<view>' of each view alone.
+    sum of both views), 'acc_<view>' of each view alone and, for BML, 'acc_bml_scaled' of the scaled vote.
 
     Uses the fast protocol of `bml.evaluation` (embed the split once, score every episode from the
     cache); the model's training mode is restored afterwards.

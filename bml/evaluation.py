@@ -34,6 +34,9 @@ from bml.utils.io import atomic_write
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 COMBINED = "bml"
+# Our extension, reported beside the published vote: each view's logits divided by its episode's prototype
+# spread before the sum, so that the view with the larger distances does not outvote the other.
+SCALED = "bml_scaled"
 # Working memory of one scoring chunk; on a CPU a chunk near the L3 cache size is several times faster.
 DEFAULT_CHUNK_MB = {"cpu": 48, "cuda": 2048}
 
@@ -156,11 +159,25 @@ def episode_logits(rows: torch.Tensor, query_squared_norms: torch.Tensor, center
     return -(query_squared_norms.unsqueeze(-1) + prototypes.square().sum(-1).unsqueeze(1) - 2 * cross)
 
 
+def prototype_spread(rows: torch.Tensor, way: int, shot: int) -> torch.Tensor:
+    """(E, n, D) shot-major episodes -> (E,) mean squared distance between two of the episode's prototypes.
+
+    It uses the support images only (inductive) and is 1 for a 1-way episode, where it is undefined.
+    """
+    if way < 2:
+        return rows.new_ones(rows.shape[0])
+    prototypes = rows[:, :way * shot].reshape(rows.shape[0], shot, way, -1).mean(1)
+    deviations = (prototypes - prototypes.mean(1, keepdim=True)).square().sum(-1).mean(1)
+    return (2 * way / (way - 1) * deviations).clamp_min(torch.finfo(rows.dtype).tiny)
+
+
 def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way: int, shot: int,
                    device: str | torch.device = "cpu", names: Sequence[str] | None = None,
                    chunk_mb: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
     """Per-episode query accuracy (%) of each view and of the sum of the views' logits (`'bml'`).
 
+    With several views, also of `'bml_scaled'`: the sum of each view's logits divided by its
+    `prototype_spread` (our extension; the views' distances can differ several-fold in scale).
     `episodes` is an (E, way*(shot+query)) index array into the cache, shot-major (SPEC section 2).
     Episodes are scored in chunks using about `chunk_mb` MB of working memory.
     """
@@ -180,13 +197,14 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
     buffers = [(torch.empty((chunk * episode_size, cache.shape[1]), dtype=cache.dtype, device=cache.device),
                 torch.empty((chunk, episode_size, cache.shape[1]), dtype=torch.float32, device=device))
                for cache in embeddings]
-    correct = {name: torch.empty(num_episodes, dtype=torch.long) for name in (*names, COMBINED)}
+    votes = (COMBINED, SCALED) if len(names) > 1 else (COMBINED,)
+    correct = {name: torch.empty(num_episodes, dtype=torch.long) for name in (*names, *votes)}
     with tqdm(total=num_episodes, desc="score", unit="episode", disable=not progress) as bar:
         for start in range(0, num_episodes, chunk):
             indices = torch.from_numpy(np.ascontiguousarray(episodes[start:start + chunk])).long()
             query_indices = indices[:, way * shot:].to(device)
             count = len(indices)
-            combined = 0
+            combined = scaled = 0
             for name, cache, (center, squared_norms), (gathered, rows) in zip(names, embeddings, statistics, buffers):
                 flat_indices = indices.flatten().to(cache.device)
                 torch.index_select(cache, 0, flat_indices, out=gathered[:len(flat_indices)])
@@ -194,7 +212,10 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
                 logits = episode_logits(rows[:count], squared_norms[query_indices], center, way, shot)
                 correct[name][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
                 combined = combined + logits
-            correct[COMBINED][start:start + count] = (combined.argmax(-1) == query_labels).sum(1).cpu()
+                if len(votes) > 1:
+                    scaled = scaled + logits / prototype_spread(rows[:count], way, shot)[:, None, None]
+            for vote, logits in zip(votes, (combined, scaled)):
+                correct[vote][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
             bar.update(count)
     return {name: count.numpy() * 100.0 / len(query_labels) for name, count in correct.items()}
 
@@ -219,8 +240,8 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
                       cache_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
     """The SPEC section 5 protocol on `dataset` (already carrying its test transform).
 
-    Returns, for 'bml' (the argmax of the summed view logits; for a one-view baseline, that view) and
-    for each view name: {'acc', 'ci95', 'per_seed': {seed: {'acc', 'ci95'}}}. The overall 'acc' is the
+    Returns, for 'bml' (the argmax of the summed view logits; for a one-view baseline, that view), for
+    'bml_scaled' (two views only, see `score_episodes`) and for each view name: {'acc', 'ci95', 'per_seed': {seed: {'acc', 'ci95'}}}. The overall 'acc' is the
     mean of the seeds' accuracies, its 'ci95' the interval over all the seeds' episodes together.
     """
     seeds = list(seeds)

@@ -45,9 +45,10 @@ def results_table(run: Path) -> str:
     for model in MODELS:
         evaluations = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text())["results"]
                        for way, shot in TASKS]
-        names = ["bml", "global", "local"] if model == "bml" else ["bml"]
-        for name in names:
+        names = ["bml", "bml_scaled", "global", "local"] if model == "bml" else ["bml"]
+        for name in (name for name in names if name in evaluations[0]):
             label = {"bml": f"**{model}**" if model == "bml" else f"baseline-{model}",
+                     "bml_scaled": "bml, scaled vote (our extension)",
                      "global": "bml, global view alone", "local": "bml, local view alone"}[name]
             rows.append(f"| {label} | " + " | ".join(cell(evaluation[name]) for evaluation in evaluations) + " |")
     return "\n".join(rows)
@@ -59,7 +60,8 @@ def plot_curves(run: Path, path: Path) -> None:
     figure, axes = plt.subplots(1, len(MODELS) + 1, figsize=(4.2 * (len(MODELS) + 1), 3.4))
     for axis, (model, log) in zip(axes, logs.items()):
         epochs = [entry["epoch"] for entry in log]
-        terms = sorted(key for key in log[0] if key.startswith("train_") and key != "train_images_per_s")
+        terms = sorted(key for key in log[0]
+                       if key.startswith("train_") and key not in ("train_images_per_s", "train_grad_norm"))
         for term in terms:
             axis.plot(epochs, [entry[term] for entry in log], marker="o", markersize=3,
                       label=term.removeprefix("train_"))
@@ -87,7 +89,7 @@ def sweep_table(sweep: Path) -> str:
     """One row per sweep run: its settings, final loss terms and last validation accuracies."""
     times = read_times(sweep / "times.txt")
     rows = ["| run | episode / batch | loss weights | clip | final losses (global / local / mutual) | first-conv "
-            "norm | val | val global view | val local view | minutes |", "|" + "---|" * 10]
+            "norm | val | val global view | val local view | val scaled vote | minutes |", "|" + "---|" * 11]
     for name in times:
         config = json.loads((sweep / name / "config.json").read_text())
         log = read_log(sweep / name / "log.txt")
@@ -99,7 +101,8 @@ def sweep_table(sweep: Path) -> str:
             shape += f" + {config['global_batch']} shuffled"
         losses = " / ".join(f"{last[f'train_{term}']:.2f}" if f"train_{term}" in last else "-"
                             for term in ("global", "local", "mutual"))
-        views = [f"{validated[key]:.2f}" if key in validated else "-" for key in ("val_acc_global", "val_acc_local")]
+        views = [f"{validated[key]:.2f}" if key in validated else "-"
+                 for key in ("val_acc_global", "val_acc_local", "val_acc_bml_scaled")]
         weights = config.get("weights", "-") if config["model"] == "bml" else "-"
         clip = f"{config['clip_grad']:g}" if config.get("clip_grad") else "-"
         rows.append(f"| {name} | {shape} | {weights} | {clip} | {losses} | {first_conv_norm(sweep / name / 'last.pth'):.1f} "

@@ -2,8 +2,10 @@
 # The validation sweep behind docs/RESULTS.md: short runs (4 epochs) on the full Omniglot, each
 # validated on the val split (20-way 1-shot, 1,000 episodes, seed 0); never on test.
 #
-#   bash experiments/omniglot_sweep.sh [DATA_ROOT]     # about 7 min a run on 2 CPU cores, 2.6 h in all
+#   bash experiments/omniglot_sweep.sh [DATA_ROOT]     # about 7 min a run on 2 CPU cores, 3.6 h in all
 #
+# A run whose output says it finished is skipped, so an interrupted sweep (or one with new rows
+# added) resumes where it stopped; delete output/omniglot_sweep/<name>.out to run one again.
 # Runs go to output/omniglot_sweep/<name>; the table of val accuracies is written by
 #   python experiments/omniglot_report.py --sweep output/omniglot_sweep
 set -euo pipefail
@@ -19,12 +21,17 @@ COMMON=(--dataset omniglot --data_root "$DATA_ROOT" --epochs 4 --seed 0 --num_wo
 run() {   # run NAME COMMAND...: train into $OUT/NAME, record the wall time in $OUT/times.txt
     local name=$1 start=$SECONDS
     shift
+    if grep -q "^Done:" "$OUT/$name.out" 2>/dev/null; then
+        echo "$name: finished before, skipped"
+        return
+    fi
+    echo "$name: training ($(date +%H:%M))"
     "$@" -s "$OUT/$name" > "$OUT/$name.out" 2>&1
     echo "$name $((SECONDS - start))" >> "$OUT/times.txt"
 }
 
 mkdir -p "$OUT"
-: > "$OUT/times.txt"
+touch "$OUT/times.txt"   # appended to: the report takes each name's latest time
 # Episode shape (all 200 images a step): more classes per step for the global view, fewer shots.
 run bml_20w5s5q python train_bml.py "${COMMON[@]}" --n_train_ways 20 --n_train_shots 5 --n_train_queries 5 --episodes_per_epoch $STEPS
 run bml_50w2s2q python train_bml.py "${COMMON[@]}" --n_train_ways 50 --n_train_shots 2 --n_train_queries 2 --episodes_per_epoch $STEPS
@@ -62,4 +69,17 @@ run bml_100w1s1q_clip10_wt2_1_0 python train_bml.py "${COMMON[@]}" "${E100[@]}" 
 run bml_100w1s1q_clip10_wt0.5_1_0.5 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 0.5_1_0.5
 run bml_100w1s1q_clip10_wt4_1_0.5 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 4_1_0.5
 run bml_100w1s1q_clip10_wt8_1_0.5 python train_bml.py "${COMMON[@]}" "${E100[@]}" --weights 8_1_0.5
+# Third round, from the best BML setting so far (global weight 4): what else separates BML's local view from
+# baseline-local (the elastic margin), the mutual term's temperature, the learning rate, a looser clip.
+W4=("${E100[@]}" --weights 4_1_0.5)
+run bml_100w1s1q_clip10_wt4_alpha0 python train_bml.py "${COMMON[@]}" "${W4[@]}" --alpha_1 0
+run bml_100w1s1q_clip10_wt4_T1 python train_bml.py "${COMMON[@]}" "${W4[@]}" --T 1
+run bml_100w1s1q_clip10_wt4_lr0.05 python train_bml.py "${COMMON[@]}" "${W4[@]}" --lr 0.05
+run bml_100w1s1q_clip20_wt4 python train_bml.py "${COMMON[@]}" "${W4[@]}" --clip_grad 20
+# Fourth round: the margin helps (off: -0.8) and a looser clip hurts (20: -1.3); so a tighter clip, for
+# baseline-local too, a larger margin, and the best setting again with another seed (how much is noise).
+run bml_100w1s1q_clip5_wt4 python train_bml.py "${COMMON[@]}" "${W4[@]}" --clip_grad 5
+run local_100w1s1q_clip5 python train_baseline.py --mode local "${COMMON[@]}" "${E100[@]}" --clip_grad 5
+run bml_100w1s1q_clip10_wt4_alpha11 python train_bml.py "${COMMON[@]}" "${W4[@]}" --alpha_1 11
+run bml_100w1s1q_clip10_wt4_seed1 python train_bml.py "${COMMON[@]}" "${W4[@]}" --seed 1
 python experiments/omniglot_report.py --sweep "$OUT"

@@ -15,7 +15,7 @@ import torch
 import torchvision.transforms as T
 
 from bml.datasets import NORMALIZATION, ArrayDataset, DatasetError, build_transform, episode_labels
-from bml.evaluation import (COMBINED, build_evaluation_dataset, embed_dataset, evaluate_episodes,
+from bml.evaluation import (COMBINED, SCALED, build_evaluation_dataset, embed_dataset, evaluate_episodes,
                             parse_seed_range, sample_episodes, score_episodes, write_results)
 from bml.models import BML, BaselineGlobal
 from fixtures import make_pickle_split_dataset
@@ -52,19 +52,23 @@ def model() -> BML:
 @torch.no_grad()
 def per_episode_accuracies(model, dataset, episodes: np.ndarray, shot: int) -> dict[str, np.ndarray]:
     """The original protocol, written independently: run the model on each episode's images, average
-    each class's supports, predict the nearest prototype by explicit squared differences."""
-    accuracies = {name: [] for name in (*model.view_names, COMBINED)}
+    each class's supports, predict the nearest prototype by explicit squared differences; for the
+    scaled vote, divide each view's logits by the mean squared distance over all pairs of prototypes."""
+    accuracies = {name: [] for name in (*model.view_names, COMBINED, SCALED)}
     for episode in episodes:
         images = torch.stack([dataset[int(i)][0] for i in episode])
         labels = episode_labels(WAY, len(episode) - WAY * shot)
-        summed = 0
+        summed = scaled = 0
         for name, embedding in zip(model.view_names, model.embed(images)):
             support, query = embedding[:WAY * shot], embedding[WAY * shot:]
             prototypes = torch.stack([support[c::WAY].mean(0) for c in range(WAY)])
             logits = -((query[:, None, :] - prototypes[None]) ** 2).sum(-1)
             accuracies[name].append((logits.argmax(1) == labels).double().mean().item() * 100)
             summed = summed + logits
+            pairs = ((prototypes[:, None, :] - prototypes[None]) ** 2).sum(-1)
+            scaled = scaled + logits / (pairs.sum() / (WAY * (WAY - 1)))
         accuracies[COMBINED].append((summed.argmax(1) == labels).double().mean().item() * 100)
+        accuracies[SCALED].append((scaled.argmax(1) == labels).double().mean().item() * 100)
     return {name: np.array(values) for name, values in accuracies.items()}
 
 
@@ -79,10 +83,21 @@ def test_cached_scoring_equals_per_episode_protocol(model, dataset, shot):
     cache = embed_dataset(model, dataset, batch_size=64, storage_dtype=torch.float32, progress=False)
     cached = score_episodes(cache, episodes, WAY, shot, names=model.view_names, progress=False)
     reference = per_episode_accuracies(model, dataset, episodes, shot)
-    assert set(cached) == {"global", "local", COMBINED}
+    assert set(cached) == {"global", "local", COMBINED, SCALED}
     assert 30 < reference[COMBINED].mean() < 100, "the fixture should be neither chance nor trivial"
     for name in reference:
         np.testing.assert_array_equal(correct_queries(cached[name]), correct_queries(reference[name]), err_msg=name)
+
+
+def test_scaled_vote_ignores_the_scale_of_a_view(model, dataset):
+    """Multiplying one view's embeddings by 100 makes its distances 10,000 times larger: the published sum
+    then follows that view alone, the scaled vote does not change."""
+    episodes = sample_episodes(dataset.labels, WAY, 1, QUERY, episodes=40, seeds=[0])
+    cache = embed_dataset(model, dataset, storage_dtype=torch.float32, progress=False)
+    plain = score_episodes(cache, episodes, WAY, 1, names=model.view_names, progress=False)
+    louder = score_episodes([cache[0] * 100, cache[1]], episodes, WAY, 1, names=model.view_names, progress=False)
+    np.testing.assert_array_equal(correct_queries(louder[SCALED]), correct_queries(plain[SCALED]))
+    assert (plain[COMBINED] != plain["global"]).any() and (louder[COMBINED] == louder["global"]).all()
 
 
 def test_float16_storage_agrees_closely(model, dataset):
@@ -117,7 +132,7 @@ def test_evaluate_episodes_summarises_seeds_and_restores_training_mode(model, da
     results = evaluate_episodes(model, dataset, WAY, 1, QUERY, episodes=40, seeds=[0, 1], progress=False)
     assert model.training
     model.eval()
-    assert list(results) == ["global", "local", COMBINED]
+    assert list(results) == ["global", "local", COMBINED, SCALED]
     for summary in results.values():
         assert list(summary["per_seed"]) == [0, 1]
         assert summary["acc"] == pytest.approx(np.mean([s["acc"] for s in summary["per_seed"].values()]))
@@ -193,7 +208,7 @@ def test_eval_bml_sh_writes_results_and_json(tmp_path, data_root):
     assert lines[2].startswith("==> Mean ACC on CIFAR-FS: ")
     saved = json.loads((tmp_path / "out" / "CIFAR-FS_bml_eval_results_1shot.json").read_text())
     assert saved["seeds"] == [0, 1] and saved["episodes"] == 20 and saved["image_size"] == 32
-    assert set(saved["results"]) == {"global", "local", COMBINED}
+    assert set(saved["results"]) == {"global", "local", COMBINED, SCALED}
     assert float(lines[2].split()[-1]) == pytest.approx(saved["results"][COMBINED]["acc"], abs=1e-4)
 
 

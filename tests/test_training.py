@@ -147,6 +147,8 @@ def test_clip_grad_bounds_each_step(tmp_path, capsys):
     unclipped = (weights_after_one_step("unclipped") - initial).norm()
     bound = lr * (clip + weight_decay * initial.norm())
     assert clipped <= bound * 1.001 < unclipped / 10
+    assert epoch_log(tmp_path / "clipped")[-1]["train_grad_norm"] > 10 * clip   # the norm before clipping
+    assert "train_grad_norm" not in epoch_log(tmp_path / "unclipped")[-1]
     assert train_bml.main(bml_args(tmp_path / "bad", "--clip_grad", "-1")) == 1
     assert "--clip_grad must be 0 (off) or a positive gradient norm, got -1" in capsys.readouterr().err
 
@@ -318,4 +320,4 @@ def test_resnet18_trains_one_epoch_and_evaluates(tmp_path):
          "--json", str(results), "--no_progress"])
     assert eval_bml.main(args) == 0
     saved = json.loads(results.read_text())
-    assert saved["model"] == "bml" and set(saved["results"]) == {"global", "local", "bml"}
+    assert saved["model"] == "bml" and set(saved["results"]) == {"global", "local", "bml", "bml_scaled"}
