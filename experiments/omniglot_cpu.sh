@@ -6,6 +6,8 @@
 #   bash experiments/omniglot_cpu.sh full  [DATA_ROOT]   # Vinyals split of the full Omniglot
 #   bash experiments/omniglot_cpu.sh quick [DATA_ROOT]   # omniglot-small (8 alphabets), a few minutes
 #   MODELS=bml bash experiments/omniglot_cpu.sh full      # retrain and re-evaluate some models only
+#   EVAL_ONLY=1 bash experiments/omniglot_cpu.sh full     # re-evaluate the trained models, no training
+#   SEED=1 bash experiments/omniglot_cpu.sh full          # another training seed, in output/omniglot_full_seed1
 #
 # DATA_ROOT holds omniglot/ and omniglot-small/ (default: ../shared/data). Runs go to
 # output/omniglot_<variant>/{bml,global,local}, evaluations to output/omniglot_<variant>/eval/, and
@@ -25,7 +27,8 @@ case $VARIANT in
     quick) DATASET=omniglot-small; EPOCHS=${EPOCHS:-20}; SEEDS=0-2; EPISODES=500 ;;
     *) echo "usage: bash $0 {full|quick} [DATA_ROOT]" >&2; exit 2 ;;
 esac
-OUT=output/omniglot_$VARIANT
+SEED=${SEED:-0}
+OUT=output/omniglot_$VARIANT$([ "$SEED" = 0 ] || echo "_seed$SEED")
 # Settings chosen on val (docs/RESULTS.md, validation sweep): every step shows each model PER_STEP images;
 # BML and baseline-local train on 100-way 1-shot 1-query episodes (the best shape on val for each);
 # every model clips its gradient norm to CLIP_GRAD (it never binds for baseline-global).
@@ -37,7 +40,7 @@ CLIP_GRAD=10
 TRAIN_IMAGES=$(python -m bml.datasets summary --dataset "$DATASET" --data_root "$DATA_ROOT" --json |
                python -c "import json, sys; print(json.load(sys.stdin)['train']['images'])")
 STEPS=$((TRAIN_IMAGES / PER_STEP))
-COMMON=(--dataset "$DATASET" --data_root "$DATA_ROOT" --epochs "$EPOCHS" --seed 0 --num_workers 1
+COMMON=(--dataset "$DATASET" --data_root "$DATA_ROOT" --epochs "$EPOCHS" --seed "$SEED" --num_workers 1
         --width "${WIDTH:-0.25}" --image_size 28 --eval_freq 1 --n_ways 5 --n_shots 1 --val_episodes 500
         --clip_grad "$CLIP_GRAD")
 EPISODIC=(--n_train_ways "$WAYS" --n_train_shots "$SHOTS" --n_train_queries "$QUERIES" --episodes_per_epoch "$STEPS")
@@ -53,6 +56,10 @@ mkdir -p "$OUT/eval"
 touch "$OUT/times.txt"   # appended to: the report takes each name's latest time
 echo "== $DATASET: $EPOCHS epochs of $STEPS steps x $PER_STEP images for every model ($MODELS)"
 for MODEL in $MODELS; do
+    if [ -n "${EVAL_ONLY:-}" ]; then
+        [ -f "$OUT/$MODEL/best.pth" ] || { echo "EVAL_ONLY: no $OUT/$MODEL/best.pth, train it first" >&2; exit 2; }
+        continue
+    fi
     case $MODEL in
         bml) timed bml python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" -s "$OUT/bml" ;;
         local) timed local python train_baseline.py --mode local "${COMMON[@]}" "${EPISODIC[@]}" -s "$OUT/local" ;;

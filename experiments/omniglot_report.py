@@ -2,7 +2,10 @@
 or, with --sweep, the validation table of an `experiments/omniglot_sweep.sh` run.
 
     python experiments/omniglot_report.py output/omniglot_full             # writes report.md and curves.png there
+    python experiments/omniglot_report.py output/omniglot_full output/omniglot_full_seed1   # + mean over seeds
     python experiments/omniglot_report.py --sweep output/omniglot_sweep    # writes report.md there
+
+A run trained with some of the models only (MODELS=...) is reported for those.
 """
 
 from __future__ import annotations
@@ -36,28 +39,58 @@ def cell(result: dict) -> str:
     return f"{result['acc']:.2f} ± {result['ci95']:.2f}"
 
 
+def trained_models(run: Path) -> list[str]:
+    """The models of `run` that were trained and evaluated on every task."""
+    return [model for model in MODELS if (run / model / "log.txt").is_file()
+            and all((run / "eval" / f"{model}_{way}w{shot}s.json").is_file() for way, shot in TASKS)]
+
+
+def row_label(model: str, name: str) -> str:
+    return {"bml": f"**{model}**" if model == "bml" else f"baseline-{model}",
+            "bml_scaled": "bml, scaled vote (our extension)",
+            "global": "bml, global view alone", "local": "bml, local view alone"}[name]
+
+
+def evaluations(run: Path, model: str) -> dict[str, list[dict]]:
+    """For each prediction of `model` (BML: the votes and each view), its results on every task."""
+    per_task = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text())["results"]
+                for way, shot in TASKS]
+    names = ["bml", "bml_scaled", "global", "local"] if model == "bml" else ["bml"]
+    return {name: [results[name] for results in per_task] for name in names if name in per_task[0]}
+
+
 def results_table(run: Path) -> str:
     """One row per model (BML also per view), one column per task, plus Prototypical Networks."""
     header = "| model | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS) + " |"
     rows = [header, "|" + "---|" * (len(TASKS) + 1)]
     rows.append("| Prototypical Networks (published, Conv-4) | "
                 + " | ".join(f"{PROTONETS[task]:.1f}" for task in TASKS) + " |")
-    for model in MODELS:
-        evaluations = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text())["results"]
-                       for way, shot in TASKS]
-        names = ["bml", "bml_scaled", "global", "local"] if model == "bml" else ["bml"]
-        for name in (name for name in names if name in evaluations[0]):
-            label = {"bml": f"**{model}**" if model == "bml" else f"baseline-{model}",
-                     "bml_scaled": "bml, scaled vote (our extension)",
-                     "global": "bml, global view alone", "local": "bml, local view alone"}[name]
-            rows.append(f"| {label} | " + " | ".join(cell(evaluation[name]) for evaluation in evaluations) + " |")
+    for model in trained_models(run):
+        for name, results in evaluations(run, model).items():
+            rows.append(f"| {row_label(model, name)} | " + " | ".join(cell(result) for result in results) + " |")
+    return "\n".join(rows)
+
+
+def seeds_table(runs: list[Path]) -> str:
+    """Mean test accuracy over runs that differ only in their training seed, each run's value in brackets."""
+    header = "| model | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS) + " |"
+    rows = [header, "|" + "---|" * (len(TASKS) + 1)]
+    models = [model for model in MODELS if all(model in trained_models(run) for run in runs)]
+    for model in models:
+        per_run = [evaluations(run, model) for run in runs]
+        for name in (name for name in per_run[0] if all(name in results for results in per_run)):
+            cells = []
+            for task in range(len(TASKS)):
+                values = [results[name][task]["acc"] for results in per_run]
+                cells.append(f"{sum(values) / len(values):.2f} ({', '.join(f'{value:.2f}' for value in values)})")
+            rows.append(f"| {row_label(model, name)} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
 def plot_curves(run: Path, path: Path) -> None:
     """Loss terms per epoch for each model, and validation accuracy of all three on one axis."""
-    logs = {model: read_log(run / model / "log.txt") for model in MODELS}
-    figure, axes = plt.subplots(1, len(MODELS) + 1, figsize=(4.2 * (len(MODELS) + 1), 3.4))
+    logs = {model: read_log(run / model / "log.txt") for model in trained_models(run)}
+    figure, axes = plt.subplots(1, len(logs) + 1, figsize=(4.2 * (len(logs) + 1), 3.4))
     for axis, (model, log) in zip(axes, logs.items()):
         epochs = [entry["epoch"] for entry in log]
         terms = sorted(key for key in log[0]
@@ -71,7 +104,7 @@ def plot_curves(run: Path, path: Path) -> None:
     for model, log in logs.items():
         points = [(entry["epoch"], entry["val_acc"]) for entry in log if "val_acc" in entry]
         validation.plot(*zip(*points), marker="o", markersize=3, label=model)
-    config = json.loads((run / MODELS[0] / "config.json").read_text())
+    config = json.loads((run / next(iter(logs)) / "config.json").read_text())
     validation.set(title=f"validation accuracy ({config['n_ways']}-way {config['n_shots']}-shot)", xlabel="epoch",
                    ylabel="%")
     validation.legend(fontsize=7)
@@ -112,7 +145,12 @@ def sweep_table(sweep: Path) -> str:
 
 
 def main(args: argparse.Namespace) -> None:
-    run = Path(args.run)
+    run = Path(args.runs[0])
+    if len(args.runs) > 1:
+        path = run.parent / f"{run.name}_seeds.md"
+        path.write_text(seeds_table([Path(folder) for folder in args.runs]) + "\n")
+        print(path.read_text() + f"wrote {path}")
+        return
     if args.sweep:
         report = sweep_table(run) + "\n"
         (run / "report.md").write_text(report)
@@ -131,6 +169,8 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", help="the output folder of one experiments/omniglot_cpu.sh run")
+    parser.add_argument("runs", nargs="+", metavar="run",
+                        help="the output folder of an experiments/omniglot_cpu.sh run; several folders (runs that "
+                             "differ in --seed only): a table of the mean over them")
     parser.add_argument("--sweep", action="store_true", help="the folder is an experiments/omniglot_sweep.sh run")
     main(parser.parse_args())
