@@ -241,8 +241,9 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
     """The SPEC section 5 protocol on `dataset` (already carrying its test transform).
 
     Returns, for 'bml' (the argmax of the summed view logits; for a one-view baseline, that view), for
-    'bml_scaled' (two views only, see `score_episodes`) and for each view name: {'acc', 'ci95', 'per_seed': {seed: {'acc', 'ci95'}}}. The overall 'acc' is the
-    mean of the seeds' accuracies, its 'ci95' the interval over all the seeds' episodes together.
+    'bml_scaled' (two views only, see `score_episodes`) and for each view name:
+    {'acc', 'ci95', 'per_seed': {seed: {'acc', 'ci95'}}}. The overall 'acc' is the mean of the seeds'
+    accuracies, its 'ci95' the interval over all the seeds' episodes together.
     """
     seeds = list(seeds)
     indices = sample_episodes(dataset.labels, way, shot, query, episodes, seeds)
