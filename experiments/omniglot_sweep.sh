@@ -76,7 +76,7 @@ run bml_100w1s1q_clip10_wt4_alpha0 python train_bml.py "${COMMON[@]}" "${W4[@]}"
 run bml_100w1s1q_clip10_wt4_T1 python train_bml.py "${COMMON[@]}" "${W4[@]}" --T 1
 run bml_100w1s1q_clip10_wt4_lr0.05 python train_bml.py "${COMMON[@]}" "${W4[@]}" --lr 0.05
 run bml_100w1s1q_clip20_wt4 python train_bml.py "${COMMON[@]}" "${W4[@]}" --clip_grad 20
-# Fourth round: the margin helps (off: -0.8) and a looser clip hurts (20: -1.3); so a tighter clip, for
+# Fourth round: margin off scored -0.8 and a looser clip (20) -1.3; so a tighter clip, for
 # baseline-local too, a larger margin, and the best setting again with another seed (how much is noise).
 run bml_100w1s1q_clip5_wt4 python train_bml.py "${COMMON[@]}" "${W4[@]}" --clip_grad 5
 run local_100w1s1q_clip5 python train_baseline.py --mode local "${COMMON[@]}" "${E100[@]}" --clip_grad 5
