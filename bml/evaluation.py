@@ -145,30 +145,34 @@ def centered_statistics(cache: torch.Tensor, device: torch.device,
     return center, squared_norms
 
 
-def episode_logits(rows: torch.Tensor, query_squared_norms: torch.Tensor, center: torch.Tensor, way: int,
-                   shot: int) -> torch.Tensor:
-    """(E, n, D) shot-major episodes -> (E, Q, way) minus squared distances query -> class mean.
+def episode_prototypes(rows: torch.Tensor, way: int, shot: int) -> torch.Tensor:
+    """(E, n, D) shot-major episodes -> (E, way, D) mean support embedding of each class."""
+    return rows[:, :way * shot].reshape(rows.shape[0], shot, way, -1).mean(1)
+
+
+def episode_logits(queries: torch.Tensor, query_squared_norms: torch.Tensor, center: torch.Tensor,
+                   prototypes: torch.Tensor) -> torch.Tensor:
+    """(E, Q, D) queries, (E, way, D) prototypes -> (E, Q, way) minus squared distances query -> prototype.
 
     With c the split's mean embedding, ||q - p||^2 = ||q - c||^2 + ||p - c||^2 - 2 (q.(p - c) - c.(p - c)):
     one batched matrix product, the query terms precomputed once per image (`query_squared_norms`,
     (E, Q)), and float32 cancellation at the scale of the distances, not of the non-negative embeddings.
     """
-    episodes, _, dim = rows.shape
-    prototypes = rows[:, :way * shot].reshape(episodes, shot, way, dim).mean(1) - center
-    cross = torch.bmm(rows[:, way * shot:], prototypes.transpose(1, 2)) - (prototypes @ center).unsqueeze(1)
+    prototypes = prototypes - center
+    cross = torch.bmm(queries, prototypes.transpose(1, 2)) - (prototypes @ center).unsqueeze(1)
     return -(query_squared_norms.unsqueeze(-1) + prototypes.square().sum(-1).unsqueeze(1) - 2 * cross)
 
 
-def prototype_spread(rows: torch.Tensor, way: int, shot: int) -> torch.Tensor:
-    """(E, n, D) shot-major episodes -> (E,) mean squared distance between two of the episode's prototypes.
+def prototype_spread(prototypes: torch.Tensor) -> torch.Tensor:
+    """(E, way, D) prototypes -> (E,) mean squared distance between two of an episode's prototypes.
 
     It uses the support images only (inductive) and is 1 for a 1-way episode, where it is undefined.
     """
+    way = prototypes.shape[1]
     if way < 2:
-        return rows.new_ones(rows.shape[0])
-    prototypes = rows[:, :way * shot].reshape(rows.shape[0], shot, way, -1).mean(1)
+        return prototypes.new_ones(prototypes.shape[0])
     deviations = (prototypes - prototypes.mean(1, keepdim=True)).square().sum(-1).mean(1)
-    return (2 * way / (way - 1) * deviations).clamp_min(torch.finfo(rows.dtype).tiny)
+    return (2 * way / (way - 1) * deviations).clamp_min(torch.finfo(prototypes.dtype).tiny)
 
 
 def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way: int, shot: int,
@@ -209,11 +213,12 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
                 flat_indices = indices.flatten().to(cache.device)
                 torch.index_select(cache, 0, flat_indices, out=gathered[:len(flat_indices)])
                 rows[:count].view(len(flat_indices), -1).copy_(gathered[:len(flat_indices)], non_blocking=True)
-                logits = episode_logits(rows[:count], squared_norms[query_indices], center, way, shot)
+                prototypes = episode_prototypes(rows[:count], way, shot)
+                logits = episode_logits(rows[:count, way * shot:], squared_norms[query_indices], center, prototypes)
                 correct[name][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
                 combined = combined + logits
                 if len(votes) > 1:
-                    scaled = scaled + logits / prototype_spread(rows[:count], way, shot)[:, None, None]
+                    scaled = scaled + logits / prototype_spread(prototypes)[:, None, None]
             for vote, logits in zip(votes, (combined, scaled)):
                 correct[vote][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
             bar.update(count)
