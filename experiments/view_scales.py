@@ -13,13 +13,14 @@ import argparse
 import numpy as np
 import torch
 
-from bml.checkpoint import load_model, model_config, read_checkpoint
+from bml.checkpoint import model_config, model_from_state, read_checkpoint
 from bml.evaluation import build_evaluation_dataset, embed_dataset
 
 
 def main(args: argparse.Namespace) -> None:
-    config = model_config(read_checkpoint(args.ckp_path))
-    model = load_model(args.ckp_path)
+    checkpoint = read_checkpoint(args.ckp_path)
+    config = model_config(checkpoint)
+    model = model_from_state(checkpoint, source=args.ckp_path)
     dataset = build_evaluation_dataset(config["dataset"], args.split, args.data_root, config.get("image_size"),
                                        config.get("transform"))
     chosen = np.random.default_rng(args.seed).choice(len(dataset), min(args.images, len(dataset)), replace=False)
