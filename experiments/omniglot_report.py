@@ -75,7 +75,8 @@ def seeds_table(runs: list[Path]) -> str:
     """Mean test accuracy over runs that differ only in their training seed, each run's value in brackets."""
     header = "| model | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS) + " |"
     rows = [header, "|" + "---|" * (len(TASKS) + 1)]
-    models = [model for model in MODELS if all(model in trained_models(run) for run in runs)]
+    trained = [set(trained_models(run)) for run in runs]
+    models = [model for model in MODELS if all(model in models_of_run for models_of_run in trained)]
     for model in models:
         per_run = [evaluations(run, model) for run in runs]
         for name in (name for name in per_run[0] if all(name in results for results in per_run)):
