@@ -20,6 +20,7 @@ from bml.checkpoint import CheckpointError, model_config, model_from_state, read
 from bml.datasets import DatasetError, TRANSFORM_IDS
 from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
                             parse_seed_range, write_results)
+from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -38,25 +39,25 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="transform id (default: the checkpoint's, else the data set's)")
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--data_root", default=None, help="data root (default: $BML_DATA_ROOT, else data/)")
-    parser.add_argument("--image_size", type=int, default=None,
+    parser.add_argument("--image_size", type=argtypes.image_size, default=None,
                         help="input size (default: the checkpoint's, else the data set's, 84 for the benchmarks)")
 
     episodes = parser.add_argument_group("episodes")
-    episodes.add_argument("--n_ways", type=int, default=5)
-    episodes.add_argument("--n_shots", type=int, default=5)
-    episodes.add_argument("--n_queries", type=int, default=15)
-    episodes.add_argument("--episodes", type=int, default=2000, help="episodes per seed")
+    episodes.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=5)
+    episodes.add_argument("--n_shots", type=argtypes.positive_int, default=5)
+    episodes.add_argument("--n_queries", type=argtypes.positive_int, default=15)
+    episodes.add_argument("--episodes", type=argtypes.positive_int, default=2000, help="episodes per seed")
     episodes.add_argument("--seeds", type=parse_seed_range, nargs="+", default=[list(range(10))],
                           metavar="SEED", help="seeds, e.g. '0 1 2' or '0-9' (default 0-9)")
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
-    compute.add_argument("--batch_size", type=int, default=128, help="images per forward pass when embedding")
-    compute.add_argument("--num_workers", type=int, default=4, help="data loading processes")
+    compute.add_argument("--batch_size", type=argtypes.positive_int, default=128, help="images per forward pass when embedding")
+    compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=4, help="data loading processes")
     compute.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast while embedding")
     compute.add_argument("--storage", choices=tuple(STORAGE_DTYPES), default="float16",
                          help="dtype of the cached embeddings (scores are always float32)")
-    compute.add_argument("--max_memory_gb", type=float, default=None,
+    compute.add_argument("--max_memory_gb", type=argtypes.number(0, above_minimum=True), default=None,
                          help="larger caches are memory-mapped (default: half of the available RAM)")
     compute.add_argument("--cache_dir", default=None, help="folder of a memory-mapped cache (default: temp)")
 

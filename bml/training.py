@@ -34,7 +34,7 @@ from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evalu
 from bml.evaluation import AMP_DTYPES
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, lr_factor
-from bml.utils import distributed
+from bml.utils import argtypes, distributed
 from bml.utils.logger import RunLogger
 from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
 
@@ -72,50 +72,50 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                       help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
     data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
                       help="augmentation id (SPEC 1); default: the dataset's published transform")
-    data.add_argument("--image_size", type=int, default=None,
+    data.add_argument("--image_size", type=argtypes.image_size, default=None,
                       help="input size in pixels; default: the recipe's (84; glyphs 32, omniglot 28)")
-    data.add_argument("--num_workers", type=int, default=4, help="data-loading processes per training process")
+    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=4, help="data-loading processes per training process")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
-    model.add_argument("--width", type=float, default=None,
+    model.add_argument("--width", type=argtypes.number(0, above_minimum=True), default=None,
                        help="channel-width multiplier (1.0 = the published model); default: the recipe's")
-    model.add_argument("--drop_rate", type=float, default=None,
+    model.add_argument("--drop_rate", type=argtypes.number(0, 1, below_maximum=True), default=None,
                        help="dropout / DropBlock rate of the ResNet-12 blocks (recipe: 0.1)")
 
     episodes = parser.add_argument_group("training episodes")
-    episodes.add_argument("--n_train_ways", type=int, default=None, help="classes per training episode (recipe: 15)")
-    episodes.add_argument("--n_train_shots", type=int, default=None, help="support images per class (recipe: 5)")
-    episodes.add_argument("--n_train_queries", type=int, default=None, help="query images per class (recipe: 7)")
-    episodes.add_argument("--episodes_per_epoch", type=int, default=None,
+    episodes.add_argument("--n_train_ways", type=argtypes.integer(minimum=2), default=None, help="classes per training episode (recipe: 15)")
+    episodes.add_argument("--n_train_shots", type=argtypes.positive_int, default=None, help="support images per class (recipe: 5)")
+    episodes.add_argument("--n_train_queries", type=argtypes.positive_int, default=None, help="query images per class (recipe: 7)")
+    episodes.add_argument("--episodes_per_epoch", type=argtypes.positive_int, default=None,
                           help="optimiser steps per epoch (recipe: 500); each process draws --episodes_per_step "
                                "episodes per step")
-    episodes.add_argument("--episodes_per_step", type=int, default=1,
+    episodes.add_argument("--episodes_per_step", type=argtypes.positive_int, default=1,
                           help="episodes (separate forward/backward passes, BatchNorm statistics per episode) whose "
                                "gradients are averaged into one optimiser step, per process. The published recipe "
                                "averaged 2 episodes (one per GPU): on one device use 2 to reproduce it")
 
     validation = parser.add_argument_group("validation (on the val split)")
-    validation.add_argument("--n_ways", type=int, default=None, help="classes per validation episode (recipe: 5)")
-    validation.add_argument("--n_shots", type=int, default=None, help="support images per class (recipe: 1)")
-    validation.add_argument("--n_queries", type=int, default=None, help="query images per class (recipe: 15)")
-    validation.add_argument("--val_episodes", type=int, default=None, help="validation episodes (recipe: 2000)")
-    validation.add_argument("--eval_freq", type=int, default=None,
+    validation.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None, help="classes per validation episode (recipe: 5)")
+    validation.add_argument("--n_shots", type=argtypes.positive_int, default=None, help="support images per class (recipe: 1)")
+    validation.add_argument("--n_queries", type=argtypes.positive_int, default=None, help="query images per class (recipe: 15)")
+    validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None, help="validation episodes (recipe: 2000)")
+    validation.add_argument("--eval_freq", type=argtypes.non_negative_int, default=None,
                             help="validate every this many epochs and after the last one; 0: never (recipe: 20)")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--epochs", type=int, default=None, help="training epochs (recipe: 100; tiered 200)")
+    optimisation.add_argument("--epochs", type=argtypes.positive_int, default=None, help="training epochs (recipe: 100; tiered 200)")
     optimisation.add_argument("--optim", default=None, choices=tuple(LR_BY_OPTIMIZER),
                               help=f"SGD (momentum {MOMENTUM}) or Adam, weight decay {WEIGHT_DECAY} (recipe: SGD)")
-    optimisation.add_argument("--lr", type=float, default=None,
+    optimisation.add_argument("--lr", type=argtypes.number(minimum=0), default=None,
                               help="initial learning rate (SGD 0.1, Adam 1e-3); decayed x0.06 after 50%% of the "
                                    "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
-    optimisation.add_argument("--clip_grad", type=float, default=None,
+    optimisation.add_argument("--clip_grad", type=argtypes.number(minimum=0), default=None,
                               help="clip the gradient norm of each step to this value; 0: off (recipe: 0 as "
                                    "published; Omniglot 10: keeps the local loss's large first gradients from "
                                    "inflating the BatchNorm-followed conv weights, which stalls learning; see "
                                    "docs/RESULTS.md)")
-    optimisation.add_argument("--seed", type=int, default=0, help="seed of initialisation, episodes and augmentation")
+    optimisation.add_argument("--seed", type=argtypes.non_negative_int, default=0, help="seed of initialisation, episodes and augmentation")
 
     run = parser.add_argument_group("run")
     run.add_argument("-s", "--save_folder", default=None,
@@ -123,9 +123,9 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
     run.add_argument("--is_continue", action="store_true",
                      help="resume from last.pth in the save folder (exactly: same lr, counters, RNG); starts "
                           "afresh when there is none")
-    run.add_argument("--save_freq", type=int, default=None,
+    run.add_argument("--save_freq", type=argtypes.non_negative_int, default=None,
                      help="also keep epoch_<N>.pth every this many epochs; 0: only best.pth and last.pth")
-    run.add_argument("--print_freq", type=int, default=50,
+    run.add_argument("--print_freq", type=argtypes.positive_int, default=50,
                      help="steps between log lines and TensorBoard points")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
@@ -208,13 +208,6 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     args.image_size = args.image_size or defaults.image_size
     if args.model == "bml":
         parse_weights(args.weights)
-        if args.global_batch < 0:
-            raise SettingsError(f"--global_batch must be 0 or more, got {args.global_batch}")
-    if args.clip_grad < 0:
-        raise SettingsError(f"--clip_grad must be 0 (off) or a positive gradient norm, got {args.clip_grad}")
-    for name in ("epochs", "episodes_per_epoch", "episodes_per_step", "print_freq"):
-        if getattr(args, name) < 1:
-            raise SettingsError(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.world_size = context.world_size
     args.device = str(context.device)
     args.amp = resolve_amp(args, context.device)
