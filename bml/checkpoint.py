@@ -9,6 +9,8 @@ Loading never unpickles arbitrary objects: tensors, containers, scalars and
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import os
 import pickle
 from collections.abc import Mapping
@@ -19,7 +21,7 @@ import torch
 
 from bml.models import MODEL_KINDS, FewShotModel, build_model
 from bml.models.backbones import BACKBONE_CHANNELS, canonical_backbone
-from bml.utils.io import atomic_write
+from bml.utils.io import OutputError, atomic_write, disk_full_error
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
@@ -36,11 +38,34 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely or does not match the model it describes."""
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that only counts: the size of a checkpoint without writing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.count += len(data)
+        return len(data)
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash mid-save never leaves a truncated checkpoint behind."""
-    with atomic_write(path) as handle:
-        torch.save(dict(state), handle)
+    a crash mid-save never leaves a truncated checkpoint behind. A full disk raises OutputError
+    naming the folder and the checkpoint's size; the previous ``path`` is kept."""
+    try:
+        with atomic_write(path) as handle:
+            torch.save(dict(state), handle)
+    except OutputError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        counter = _ByteCounter()
+        torch.save(dict(state), counter)
+        raise disk_full_error(Path(path), counter.count) from error
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
