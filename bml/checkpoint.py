@@ -32,6 +32,8 @@ LAST_STAGE_KEYS = (
     "encoder.layer4.0.conv1.weight",
 )
 """First convolution of the fourth stage, whose output channels give the width multiplier."""
+MISMATCH_KEYS_SHOWN = 5
+"""Keys named per kind of mismatch (missing, unexpected, mis-shaped); the rest are counted."""
 
 
 class CheckpointError(ValueError):
@@ -161,7 +163,7 @@ def infer_model_config(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def check_state_dict(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    """Raise CheckpointError counting the missing, unexpected and mis-shaped keys, naming the first few of each."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -174,7 +176,8 @@ def check_state_dict(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]
         lines = [f"checkpoint does not match {type(model).__name__}:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+                more = f", ... and {len(keys) - MISMATCH_KEYS_SHOWN} more" if len(keys) > MISMATCH_KEYS_SHOWN else ""
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:MISMATCH_KEYS_SHOWN]) + more)
         raise CheckpointError("\n".join(lines))
 
 

@@ -334,6 +334,13 @@ def parse_seed_range(token: str) -> list[int]:
     return seeds
 
 
+def results_paths(label: str, shot: int, output_dir: str | Path = "eval_results",
+                  json_path: str | Path | None = None) -> tuple[Path, Path]:
+    """`<output_dir>/<label>_bml_eval_results_<shot>shot.txt` and the JSON path (default: beside it)."""
+    text_path = Path(output_dir) / f"{label}_bml_eval_results_{shot}shot.txt"
+    return text_path, Path(json_path) if json_path else text_path.with_suffix(".json")
+
+
 def write_results(results: dict[str, dict], label: str, shot: int, output_dir: str | Path = "eval_results",
                   json_path: str | Path | None = None, metadata: dict | None = None) -> tuple[Path, Path]:
     """Write `<label>_bml_eval_results_<shot>shot.txt` (the published format) and its JSON beside it.
@@ -341,11 +348,7 @@ def write_results(results: dict[str, dict], label: str, shot: int, output_dir: s
     The text file has one `seed: acc` line per seed of the combined prediction, then
     `==> Mean ACC on <label>: acc`; the JSON has `metadata` and every view's results.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    text_path = output_dir / f"{label}_bml_eval_results_{shot}shot.txt"
-    json_path = Path(json_path) if json_path else text_path.with_suffix(".json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    text_path, json_path = results_paths(label, shot, output_dir, json_path)
     combined = results[COMBINED]
     lines = [f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()]
     lines.append(f"==> Mean ACC on {label}: {combined['acc']:.4f}")
