@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
-    compute.add_argument("--batch_size", type=argtypes.positive_int, default=128, help="images per forward pass when embedding")
+    compute.add_argument("--batch_size", type=argtypes.positive_int, default=128,
+                         help="images per forward pass when embedding")
     compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=4, help="data loading processes")
     compute.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast while embedding")
     compute.add_argument("--storage", choices=tuple(STORAGE_DTYPES), default="float16",

@@ -25,7 +25,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="scale of the elastic margin of the local loss (0 disables the margin)")
     losses.add_argument("--alpha_2", type=argtypes.number(), default=0.1,
                         help="slope of the sigmoid of the distance gap in the elastic margin")
-    losses.add_argument("--T", type=argtypes.number(0, above_minimum=True), default=4.0, help="temperature of the mutual (cross-view) KL loss")
+    losses.add_argument("--T", type=argtypes.number(0, above_minimum=True), default=4.0,
+                        help="temperature of the mutual (cross-view) KL loss")
     losses.add_argument("--global_batch", type=argtypes.non_negative_int, default=0,
                         help="shuffled images added to each episode that only the global and mutual terms see "
                              "(our extension for thousands of base classes, e.g. Omniglot; 0 = as published)")

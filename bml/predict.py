@@ -26,6 +26,7 @@ from bml.contact_sheet import SheetQuery, draw_contact_sheet
 from bml.datasets import TRANSFORM_IDS, DatasetError
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
+from bml.utils.io import OutputError, check_output_file
 
 CSV_COLUMNS = ("path", "prediction", "confidence", "runner_up")
 
@@ -155,6 +156,9 @@ def predict(args: argparse.Namespace) -> None:
     args.device = resolve_device(args.device)
     query_root = Path(args.query)
     support = find_support(Path(args.support))
+    check_output_file(args.out, "--out")
+    if args.sheet:
+        check_output_file(args.sheet, "--sheet")
     outputs = {Path(path).resolve() for path in (args.out, args.sheet) if path}
     query_paths = find_queries(query_root, outputs)
     classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.batch_size,
@@ -183,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
     with plain_warnings():
         try:
             predict(args)
-        except (CheckpointError, DatasetError, DeviceError, FewShotInputError, FileNotFoundError) as error:
+        except (CheckpointError, DatasetError, DeviceError, FewShotInputError, FileNotFoundError, OutputError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
     return 0

@@ -85,7 +85,8 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                       help="augmentation id (SPEC 1); default: the dataset's published transform")
     data.add_argument("--image_size", type=argtypes.image_size, default=None,
                       help="input size in pixels; default: the recipe's (84; glyphs 32, omniglot 28)")
-    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=4, help="data-loading processes per training process")
+    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=4,
+                      help="data-loading processes per training process")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
@@ -95,9 +96,12 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                        help="dropout / DropBlock rate of the ResNet-12 blocks (recipe: 0.1)")
 
     episodes = parser.add_argument_group("training episodes")
-    episodes.add_argument("--n_train_ways", type=argtypes.integer(minimum=2), default=None, help="classes per training episode (recipe: 15)")
-    episodes.add_argument("--n_train_shots", type=argtypes.positive_int, default=None, help="support images per class (recipe: 5)")
-    episodes.add_argument("--n_train_queries", type=argtypes.positive_int, default=None, help="query images per class (recipe: 7)")
+    episodes.add_argument("--n_train_ways", type=argtypes.integer(minimum=2), default=None,
+                          help="classes per training episode (recipe: 15)")
+    episodes.add_argument("--n_train_shots", type=argtypes.positive_int, default=None,
+                          help="support images per class (recipe: 5)")
+    episodes.add_argument("--n_train_queries", type=argtypes.positive_int, default=None,
+                          help="query images per class (recipe: 7)")
     episodes.add_argument("--episodes_per_epoch", type=argtypes.positive_int, default=None,
                           help="optimiser steps per epoch (recipe: 500); each process draws --episodes_per_step "
                                "episodes per step")
@@ -107,15 +111,20 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                                "averaged 2 episodes (one per GPU): on one device use 2 to reproduce it")
 
     validation = parser.add_argument_group("validation (on the val split)")
-    validation.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None, help="classes per validation episode (recipe: 5)")
-    validation.add_argument("--n_shots", type=argtypes.positive_int, default=None, help="support images per class (recipe: 1)")
-    validation.add_argument("--n_queries", type=argtypes.positive_int, default=None, help="query images per class (recipe: 15)")
-    validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None, help="validation episodes (recipe: 2000)")
+    validation.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None,
+                            help="classes per validation episode (recipe: 5)")
+    validation.add_argument("--n_shots", type=argtypes.positive_int, default=None,
+                            help="support images per class (recipe: 1)")
+    validation.add_argument("--n_queries", type=argtypes.positive_int, default=None,
+                            help="query images per class (recipe: 15)")
+    validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None,
+                            help="validation episodes (recipe: 2000)")
     validation.add_argument("--eval_freq", type=argtypes.non_negative_int, default=None,
                             help="validate every this many epochs and after the last one; 0: never (recipe: 20)")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--epochs", type=argtypes.positive_int, default=None, help="training epochs (recipe: 100; tiered 200)")
+    optimisation.add_argument("--epochs", type=argtypes.positive_int, default=None,
+                              help="training epochs (recipe: 100; tiered 200)")
     optimisation.add_argument("--optim", default=None, choices=tuple(LR_BY_OPTIMIZER),
                               help=f"SGD (momentum {MOMENTUM}) or Adam, weight decay {WEIGHT_DECAY} (recipe: SGD)")
     optimisation.add_argument("--lr", type=argtypes.number(minimum=0), default=None,
@@ -126,11 +135,14 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                                    "published; Omniglot 10: keeps the local loss's large first gradients from "
                                    "inflating the BatchNorm-followed conv weights, which stalls learning; see "
                                    "docs/RESULTS.md)")
-    optimisation.add_argument("--seed", type=argtypes.non_negative_int, default=0, help="seed of initialisation, episodes and augmentation")
+    optimisation.add_argument("--seed", type=argtypes.non_negative_int, default=0,
+                              help="seed of initialisation, episodes and augmentation")
 
     run = parser.add_argument_group("run")
     run.add_argument("-s", "--save_folder", default=None,
-                     help="where checkpoints and logs go; default: output/<a name recording the main settings>")
+                     help="where checkpoints and logs go; default: output/<a name recording the main settings>. "
+                          "A fresh run refuses a folder given here that holds another run's checkpoints or log; "
+                          "in the default folder it takes the next free <name>-2, <name>-3, ...")
     run.add_argument("--is_continue", action="store_true",
                      help="resume from last.pth in the save folder (exactly: same lr, counters, RNG); starts "
                           "afresh when there is none")
@@ -501,9 +513,9 @@ def check_weights_bounded(model: nn.Module, state: TrainingState, epoch: int) ->
     times their norm at the start (before this epoch is saved)."""
     norm = weight_norm(model)
     if not np.isfinite(norm) or norm > WEIGHT_GROWTH_LIMIT * state.initial_weight_norm:
-        raise NonFiniteLossError(f"after epoch {epoch} the weights' norm is {norm:.4g}, more than {WEIGHT_GROWTH_LIMIT:g} "
-                                 f"times its value at the start ({state.initial_weight_norm:.4g}): training has "
-                                 "diverged. This epoch was not saved.")
+        raise NonFiniteLossError(f"after epoch {epoch} the weights' norm is {norm:.4g}, more than "
+                                 f"{WEIGHT_GROWTH_LIMIT:g} times its value at the start ({state.initial_weight_norm:.4g}): "
+                                 "training has diverged. This epoch was not saved.")
 
 
 def resume_command(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> str:

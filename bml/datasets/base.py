@@ -73,8 +73,8 @@ def image_to_rgb(image: Image.Image) -> Image.Image:
         pixels = np.asarray(image, dtype=np.float64)
         top = 1.0 if image.mode == "F" else 65535.0
         if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= top):
-            raise DatasetError(f"a {image.mode} image with values {pixels.min():g}..{pixels.max():g}, outside 0..{top:g}: "
-                               "convert it to an 8-bit image")
+            raise DatasetError(f"a {image.mode} image with values {pixels.min():g}..{pixels.max():g}, outside "
+                               f"0..{top:g}: convert it to an 8-bit image")
         image = Image.fromarray(np.rint(pixels * (255 / top)).astype(np.uint8))
     return image.convert("RGB")
 

@@ -146,7 +146,8 @@ def read_image_folder(dataset_dir: Path, split: str) -> SplitData:
         if class_dir.resolve() in seen:   # a link to another class folder is that class, not a second one
             continue
         seen.add(class_dir.resolve())
-        files = sorted(str(p) for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files = sorted(str(p) for p in class_dir.iterdir()   # a dangling link is listed, to be reported
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink()))
         if files:
             paths += files
             names += [class_dir.name] * len(files)
