@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -366,13 +367,18 @@ def test_checkpoints_and_results_get_the_mode_of_other_new_files(tmp_path):
 # 9. Resume errors are messages
 
 
-@pytest.fixture
-def trained_run(tmp_path) -> Path:
-    """A run folder after one epoch of one step."""
-    folder = tmp_path / "run"
-    assert train(folder, "--epochs", "2", "--save_freq", "1") == 0
-    (folder / "epoch_2.pth").unlink()
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A run folder after two epochs of one step."""
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    assert train(folder, "--epochs", "2") == 0
     return folder
+
+
+@pytest.fixture
+def trained_run(tmp_path, finished_run) -> Path:
+    """A copy of `finished_run` to edit."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 
 def edit_checkpoint(path: Path, edit) -> None:
