@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import errno
 import io
-import json
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ from bml.evaluation import COMBINED, EvaluationError, evaluate_episodes
 from bml.models import BML
 from bml.utils.io import OutputError, folder_lock
 from fixtures import make_image_folder, make_tiered
+from test_training import epoch_log, one_thread  # noqa: F401  (one_thread: an autouse fixture, used here too)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,18 +178,6 @@ def train(folder: Path | None, *extra: str) -> int:
     return train_bml.main(train_bml.get_args_parser().parse_args([*TINY, *save, *extra]))
 
 
-def log_lines(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "log.txt").read_text().splitlines()]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def no_training(monkeypatch):
     """Training steps fail the test: what must be checked before them is."""
@@ -227,7 +215,7 @@ def test_failing_validation_saves_the_epoch_first(tmp_path, capsys, monkeypatch)
     error = capsys.readouterr().err
     assert "validation after epoch 1 failed" in error and "--is_continue" in error and "Traceback" not in error
     assert read_checkpoint(tmp_path / "run" / "last.pth")["epoch"] == 1
-    assert [line["epoch"] for line in log_lines(tmp_path / "run")] == [1]
+    assert [line["epoch"] for line in epoch_log(tmp_path / "run")] == [1]
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +266,7 @@ def test_fresh_run_never_takes_a_folder_that_holds_a_run(tmp_path, capsys, monke
     monkeypatch.chdir(tmp_path)   # the default folder output/<name>: the next free <name>-2
     assert train(None) == 0 and train(None) == 0
     first, second = sorted((tmp_path / "output").iterdir())
-    assert second.name == f"{first.name}-2" and len(log_lines(first)) == len(log_lines(second)) == 1
+    assert second.name == f"{first.name}-2" and len(epoch_log(first)) == len(epoch_log(second)) == 1
     assert "this run goes to" in capsys.readouterr().out
 
 
@@ -332,7 +320,7 @@ def test_full_disk_is_said_and_the_previous_checkpoint_stays(tmp_path, capsys, m
     error = capsys.readouterr().err
     assert "no space left on device" in error and str(folder) in error and "bytes" in error
     assert read_checkpoint(folder / "last.pth")["epoch"] == 1
-    assert [line["epoch"] for line in log_lines(folder)] == [1]   # no line for the epoch that was not saved
+    assert [line["epoch"] for line in epoch_log(folder)] == [1]   # no line for the epoch that was not saved
     assert not list(folder.glob(".*.tmp"))
 
 
