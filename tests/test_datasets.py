@@ -136,7 +136,8 @@ def test_missing_file(tmp_path, name, expected):
 
 
 def test_missing_dataset_folder_and_unknown_names(tmp_path):
-    with pytest.raises(DatasetError, match="expected the folder .*FC100, holding train.pickle, val.pickle, test.pickle"):
+    with pytest.raises(DatasetError, match="expected the folder .*FC100, holding train.pickle, val.pickle, "
+                                           "test.pickle"):
         build_dataset("FC100", "train", data_root=tmp_path)
     with pytest.raises(DatasetError, match="miniImageNet_category_split_val.pickle"):
         build_dataset("miniImageNet", "val", data_root=tmp_path)

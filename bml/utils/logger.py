@@ -35,6 +35,9 @@ class RunLogger:
 
     - `config.json`: the resolved settings of the run;
     - `log.txt`: one JSON object per epoch with all its statistics (DeiT style);
+    - `log_steps.txt`: the same training keys averaged over a few steps at a time (about ten points
+      an epoch, 'epoch' fractional), so that a short run draws a curve (`bml.plot`); kept apart from
+      `log.txt`, whose readers expect one line per epoch;
     - `tensorboard/`: scalars (loss terms, learning rate, images/s, validation accuracy).
     """
 
@@ -63,6 +66,11 @@ class RunLogger:
             with open(self.save_folder / "log.txt", "a") as log_file:
                 log_file.write(json.dumps(stats, sort_keys=True) + "\n")
             self.writer.flush()
+
+    def steps(self, stats: dict) -> None:
+        if self.enabled:
+            with open(self.save_folder / "log_steps.txt", "a") as log_file:
+                log_file.write(json.dumps(stats, sort_keys=True) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
