@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 EPOCH_LOG = "log.txt"
 STEP_LOG = "log_steps.txt"
@@ -82,6 +83,8 @@ def _log_scale_if_wide(axis, values: list[float]) -> None:
     positive = [value for value in values if math.isfinite(value)]
     if positive and min(positive) > 0 and max(positive) / min(positive) > 3:
         axis.set_yscale("log")
+        axis.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))   # 20, 30 rather than 2 x 10^1
+        axis.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _draw_validation(axis, runs: Sequence[RunLog], colours: list) -> None:
@@ -143,7 +146,7 @@ def plot_runs(folders: Sequence[str | Path], path: str | Path, labels: Sequence[
         axis.set_title(title, fontsize=9)
         axis.set_xlabel("epoch", fontsize=8)
         axis.set_xlim(0, last_epoch)
-        axis.tick_params(labelsize=7)
+        axis.tick_params(which="both", labelsize=7)
         axis.grid(alpha=0.3)
     for axis in axes[len(panels):]:
         axis.set_visible(False)

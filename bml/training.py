@@ -65,9 +65,10 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
     """Flags shared by BML and the baselines. Recipe flags default to None: `apply_recipe` fills them."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="miniImageNet",
-                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download), "
-                           "omniglot, or the name of an image folder <data_root>/<name>/<split>/<class>/<image>")
+    data.add_argument("--dataset", default="glyphs",
+                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download; the "
+                           "default, as in train_bml.sh), omniglot, or the name of an image folder "
+                           "<data_root>/<name>/<split>/<class>/<image>")
     data.add_argument("--data_root", default=None,
                       help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
     data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
