@@ -68,7 +68,8 @@ def _loss_terms(runs: Sequence[RunLog]) -> list[str]:
 
 
 def _draw_training_series(axis, runs: Sequence[RunLog], key: str, colours: list) -> list[float]:
-    """The step points as a line; a run without them (logged before log_steps.txt) draws its epoch means."""
+    """The step points as a line; a run without them (logged before log_steps.txt) draws its epoch means;
+    points as sparse as epochs get a marker each."""
     values = []
     for run, colour in zip(runs, colours):
         x, y = _series(run.steps, key)
@@ -80,8 +81,8 @@ def _draw_training_series(axis, runs: Sequence[RunLog], key: str, colours: list)
 
 
 def _log_scale_if_wide(axis, values: list[float]) -> None:
-    positive = [value for value in values if math.isfinite(value)]
-    if positive and min(positive) > 0 and max(positive) / min(positive) > 3:
+    finite = [value for value in values if math.isfinite(value)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 3:
         axis.set_yscale("log")
         axis.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))   # 20, 30 rather than 2 x 10^1
         axis.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
@@ -109,7 +110,7 @@ def _draw_validation(axis, runs: Sequence[RunLog], colours: list) -> None:
 
 
 def validation_title(folder: Path) -> str:
-    """'validation accuracy (5-way 1-shot), %' from the run's config.json when there is one."""
+    """The validation panel's title, with the episode shape from the run's config.json when there is one."""
     config_path = Path(folder) / "config.json"
     if config_path.is_file():
         config = json.loads(config_path.read_text())
