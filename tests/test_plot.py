@@ -16,11 +16,11 @@ from test_training import bml_args
 
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory):
-    """A 2-epoch run of 4 steps an epoch, validated after each epoch."""
+    """A 2-epoch run of 2 steps an epoch, validated after the last."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("runs") / "tiny"
-    assert train_bml.main(bml_args(folder, "--epochs", "2", "--episodes_per_epoch", "4", "--eval_freq", "1")) == 0
+    assert train_bml.main(bml_args(folder, "--epochs", "2", "--episodes_per_epoch", "2", "--eval_freq", "2")) == 0
     torch.set_num_threads(threads)
     return folder
 
@@ -33,13 +33,13 @@ def drawn_pixels(path) -> np.ndarray:
 def test_training_writes_step_points_and_curves(run_folder):
     run = read_run(run_folder)
     assert [entry["epoch"] for entry in run.epochs] == [1, 2]   # log.txt keeps one line per epoch
-    assert [entry["epoch"] for entry in run.steps] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    assert [entry["epoch"] for entry in run.steps] == [0.5, 1.0, 1.5, 2.0]
     assert {"train_total", "train_global", "train_local", "train_mutual", "lr", "train_images_per_s"} <= set(
         run.steps[0])
-    # A step point is the mean over its steps: the epoch's mean is the mean of its four points.
-    first_epoch = [entry["train_total"] for entry in run.steps[:4]]
+    # A step point is the mean over its steps: the epoch's mean is the mean of its points.
+    first_epoch = [entry["train_total"] for entry in run.steps[:2]]
     assert np.mean(first_epoch) == pytest.approx(run.epochs[0]["train_total"], rel=1e-6)
-    assert all("val_acc" in entry for entry in run.epochs)
+    assert "val_acc" in run.epochs[-1] and "val_acc_local" in run.epochs[-1]
     curves = run_folder / CURVES
     assert curves.is_file() and Image.open(curves).size[0] > 800 and drawn_pixels(curves).size > 10_000
 
