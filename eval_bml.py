@@ -66,7 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="eval_results")
     output.add_argument("--json", default=None, help="JSON results path (default: beside the results file)")
-    output.add_argument("--no_progress", action="store_true", help="no progress bars")
+    output.add_argument("--no_progress", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
     return parser
 
 
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
                                     batch_size=args.batch_size, device=args.device, amp=args.amp,
                                     num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
                                     max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress, report=storage)
+                                    progress=not args.no_progress and sys.stderr.isatty(), report=storage)
     except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError,
             OutputError) as error:
         print(f"error: {error}", file=sys.stderr)

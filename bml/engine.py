@@ -23,6 +23,8 @@ from bml.evaluation import COMBINED, evaluate_episodes
 from bml.utils.distributed import all_reduce_sum, get_world_size
 from bml.utils.logger import RunLogger, SmoothedValue
 
+STEP_LOG_POINTS_PER_EPOCH = 10
+"""Points of `log_steps.txt` per epoch (each the mean over its steps): enough for a curve of a short run."""
 MAX_CONSECUTIVE_SKIPPED_STEPS = 20
 """With fp16 the gradient scaler skips steps whose gradients overflow; this many in a row means
 the loss itself has diverged."""
@@ -119,6 +121,8 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
     throughput = SmoothedValue()
     skipped_in_a_row = 0
     show_bar = is_main and sys.stderr.isatty()
+    step_log_every = max(1, steps_per_epoch // STEP_LOG_POINTS_PER_EPOCH)
+    since_step_log: dict[str, float] = {}
     progress = tqdm(total=steps_per_epoch, initial=state.epoch_step, desc=f"Epoch {epoch}/{epochs}",
                     disable=not show_bar, dynamic_ncols=True, file=sys.stderr)
     optimizer.zero_grad(set_to_none=True)
@@ -157,17 +161,18 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
         step_seconds, step_start = max(now - step_start, 1e-9), now
         step_images = images.shape[0] * images.shape[1] * world_size
         throughput.update(step_images / step_seconds)
-        sums = state.epoch_sums
         for name, value in logged.items():
             meters.setdefault(name, SmoothedValue()).update(value)
-            sums[name] = sums.get(name, 0.0) + value
-        sums["steps"] = sums.get("steps", 0) + 1
-        sums["images"] = sums.get("images", 0) + step_images
-        sums["seconds"] = sums.get("seconds", 0.0) + step_seconds
+        for sums in (state.epoch_sums, since_step_log):
+            accumulate(sums, logged, step_images, step_seconds)
         lr = optimizer.param_groups[0]["lr"]
         progress.set_postfix({**{name: f"{m.median:.3f}" for name, m in meters.items()},
                               "lr": f"{lr:.2g}", "img/s": f"{throughput.median:.0f}"}, refresh=False)
         progress.update(1)
+        if is_main and (state.epoch_step % step_log_every == 0 or state.epoch_step == steps_per_epoch):
+            logger.steps({"epoch": epoch - 1 + state.epoch_step / steps_per_epoch, "step": state.step,
+                          **mean_stats(since_step_log), "lr": lr})
+            since_step_log.clear()
         if is_main and (state.epoch_step % print_freq == 0 or state.epoch_step == steps_per_epoch):
             logger.scalars({**{f"train/{name}": m.median for name, m in meters.items()},
                             "train/lr": lr, "train/images_per_s": throughput.median}, state.step)
@@ -182,16 +187,28 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
     return EpochResult(epoch_stats(state, optimizer), interrupted=False)
 
 
-def epoch_stats(state: TrainingState, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """Mean of each loss term (and of the gradient norm, when clipping) over the epoch's steps so far, the lr
-    and the images per second."""
-    sums = state.epoch_sums
+def accumulate(sums: dict[str, float], logged: dict[str, float], images: int, seconds: float) -> None:
+    """Add one step's metrics to running sums (also counting its steps, images and seconds)."""
+    for name, value in logged.items():
+        sums[name] = sums.get(name, 0.0) + value
+    sums["steps"] = sums.get("steps", 0) + 1
+    sums["images"] = sums.get("images", 0) + images
+    sums["seconds"] = sums.get("seconds", 0.0) + seconds
+
+
+def mean_stats(sums: dict[str, float]) -> dict[str, float]:
+    """Per-step mean of each loss term (and of the gradient norm, when clipping) and the images per second,
+    from running sums (`accumulate`)."""
     steps = max(sums.get("steps", 0), 1)
     stats = {f"train_{name}": value / steps for name, value in sums.items()
              if name not in ("steps", "images", "seconds")}
-    stats["lr"] = optimizer.param_groups[0]["lr"]
     stats["train_images_per_s"] = sums.get("images", 0) / max(sums.get("seconds", 0.0), 1e-9)
     return stats
+
+
+def epoch_stats(state: TrainingState, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The means over the epoch's steps so far (`mean_stats`) and the lr."""
+    return {**mean_stats(state.epoch_sums), "lr": optimizer.param_groups[0]["lr"]}
 
 
 def evaluate(model: nn.Module, dataset, *, way: int, shot: int, query: int, episodes: int, seed: int,

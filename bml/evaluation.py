@@ -25,7 +25,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms as T
 from tqdm import tqdm
 
 from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, dataset_defaults
@@ -312,6 +311,8 @@ def build_evaluation_dataset(name: str, split: str = "test", data_root: str | Pa
     """
     if test_dataset is None:
         return build_dataset(name, split, data_root, image_size, train=False, transform=transform)
+    import torchvision.transforms as T  # here, not at import time: torchvision imports torch._dynamo (~1 s)
+
     dataset = build_dataset(test_dataset, split, data_root, image_size or dataset_defaults(name).image_size,
                             train=False)
     mean, std = NORMALIZATION[check_transform_id(transform or dataset_defaults(name).transform)]

@@ -76,9 +76,10 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
     """Flags shared by BML and the baselines. Recipe flags default to None: `apply_recipe` fills them."""
     parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="miniImageNet",
-                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download), "
-                           "omniglot, or the name of an image folder <data_root>/<name>/<split>/<class>/<image>")
+    data.add_argument("--dataset", default="glyphs",
+                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download; the "
+                           "default, as in train_bml.sh), omniglot, or the name of an image folder "
+                           "<data_root>/<name>/<split>/<class>/<image>")
     data.add_argument("--data_root", default=None,
                       help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
     data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
@@ -707,7 +708,20 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
              f"split): last {last_validation['acc']:.2f} +- {last_validation['ci95']:.2f}%, best "
              f"{state.max_accuracy:.2f}% at epoch {state.best_epoch}: {save_folder / BEST_CHECKPOINT}")
     info(f"Log: {save_folder / 'log.txt'}, TensorBoard: {save_folder / 'tensorboard'}")
+    if is_main:
+        write_curves(save_folder)
     return TrainingOutcome(0, model, state, save_folder)
+
+
+def write_curves(save_folder: Path) -> None:
+    """curves.png in the run folder (`bml.plot`); a plotting failure only warns: the run itself is done."""
+    try:
+        from bml.plot import CURVES, plot_runs   # imported here: matplotlib would slow down every `--help`
+
+        info(f"Curves: {plot_runs([save_folder], save_folder / CURVES)}")
+    except Exception as error:  # noqa: BLE001 (whatever goes wrong in drawing, the trained model stands)
+        warn(f"could not draw the training curves ({type(error).__name__}: {error}); "
+             f"draw them later with: python -m bml.plot {save_folder}")
 
 
 def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingState, epoch: int,

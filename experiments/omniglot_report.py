@@ -14,21 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
-
 from bml.checkpoint import read_checkpoint
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the non-interactive backend)
+from bml.plot import CURVES, plot_runs, read_log
 
 MODELS = ("bml", "global", "local")
 TASKS = ((5, 1), (5, 5), (20, 1), (20, 5))
 # Snell et al. 2017, Table 1 (Prototypical Networks, Omniglot, Vinyals split).
 PROTONETS = {(5, 1): 98.8, (5, 5): 99.7, (20, 1): 96.0, (20, 5): 98.9}
-
-
-def read_log(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_times(path: Path) -> dict[str, int]:
@@ -89,28 +81,10 @@ def seeds_table(runs: list[Path]) -> str:
 
 
 def plot_curves(run: Path, path: Path) -> None:
-    """Loss terms per epoch for each model, and validation accuracy of all three on one axis."""
-    logs = {model: read_log(run / model / "log.txt") for model in trained_models(run)}
-    figure, axes = plt.subplots(1, len(logs) + 1, figsize=(4.2 * (len(logs) + 1), 3.4))
-    for axis, (model, log) in zip(axes, logs.items()):
-        epochs = [entry["epoch"] for entry in log]
-        terms = sorted(key for key in log[0]
-                       if key.startswith("train_") and key not in ("train_images_per_s", "train_grad_norm"))
-        for term in terms:
-            axis.plot(epochs, [entry[term] for entry in log], marker="o", markersize=3,
-                      label=term.removeprefix("train_"))
-        axis.set(title=f"{model}: training losses", xlabel="epoch", yscale="log")
-        axis.legend(fontsize=7)
-    validation = axes[-1]
-    for model, log in logs.items():
-        points = [(entry["epoch"], entry["val_acc"]) for entry in log if "val_acc" in entry]
-        validation.plot(*zip(*points), marker="o", markersize=3, label=model)
-    config = json.loads((run / next(iter(logs)) / "config.json").read_text())
-    validation.set(title=f"validation accuracy ({config['n_ways']}-way {config['n_shots']}-shot)", xlabel="epoch",
-                   ylabel="%")
-    validation.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    """The three models' curves overlaid (bml.plot): one panel per loss term, lr, images/s, val accuracy."""
+    models = trained_models(run)
+    plot_runs([run / model for model in models], path,
+              labels=[model if model == "bml" else f"baseline-{model}" for model in models])
 
 
 def first_conv_norm(checkpoint: Path) -> float:
@@ -163,9 +137,9 @@ def main(args: argparse.Namespace) -> None:
     report = (f"{results_table(run)}\n\nTraining wall time: {timing}; all evaluations: "
               f"{evaluation_time / 60:.1f} min.\n")
     (run / "report.md").write_text(report)
-    plot_curves(run, run / "curves.png")
+    plot_curves(run, run / CURVES)
     print(report)
-    print(f"wrote {run / 'report.md'} and {run / 'curves.png'}")
+    print(f"wrote {run / 'report.md'} and {run / CURVES}")
 
 
 if __name__ == "__main__":

@@ -136,8 +136,13 @@ def test_missing_file(tmp_path, name, expected):
 
 
 def test_missing_dataset_folder_and_unknown_names(tmp_path):
-    with pytest.raises(DatasetError, match="expected the folder .*FC100"):
+    with pytest.raises(DatasetError, match="expected the folder .*FC100, holding train.pickle, val.pickle, "
+                                           "test.pickle"):
         build_dataset("FC100", "train", data_root=tmp_path)
+    with pytest.raises(DatasetError, match="miniImageNet_category_split_val.pickle"):
+        build_dataset("miniImageNet", "val", data_root=tmp_path)
+    with pytest.raises(DatasetError, match="test_images.npz.*train_labels.pkl"):
+        build_dataset("tieredImageNet", "test", data_root=tmp_path)
     with pytest.raises(DatasetError, match="unknown dataset 'nope'.*no image folder"):
         build_dataset("nope", "train", data_root=tmp_path)
     make_pickle_split_dataset(tmp_path, "FC100")
@@ -225,6 +230,21 @@ def test_glyphs_split_counts_and_cache(bml_cache_dir):
     assert not list(bml_cache_dir.glob("*.tmp"))   # written atomically: no temp file left behind
     ds = build_dataset("glyphs", "test", train=True)
     assert (ds.transform_id, ds.image_size, ds[0][0].shape) == ("O", 32, (3, 32, 32))
+
+
+def test_glyphs_cache_key_follows_the_rendering_versions(monkeypatch):
+    """Another matplotlib, FreeType, Pillow or numpy renders into its own cache file."""
+    import matplotlib.ft2font
+
+    versions = glyphs.renderer_versions()
+    assert versions["matplotlib_freetype"] == matplotlib.ft2font.__freetype_version__
+    assert versions["numpy"] == np.__version__
+    current = glyphs.cache_path()
+    for name in versions:
+        monkeypatch.setattr(glyphs, "renderer_versions", lambda name=name: {**versions, name: "0.0.other"})
+        assert glyphs.cache_path() != current, name
+    monkeypatch.setattr(glyphs, "renderer_versions", lambda: dict(versions))
+    assert glyphs.cache_path() == current
 
 
 def test_glyphs_deterministic_and_distinct_characters():

@@ -59,6 +59,28 @@ def test_block_size_is_clamped_to_small_maps(size, block_size):
     assert 0.3 < (out == 0).float().mean() < 0.7
 
 
+def test_dropblock_stays_out_of_compiled_graphs():
+    """A changing counter must not recompile the graph each step: DropBlock runs eagerly between graphs."""
+    from torch._dynamo.testing import CompileCounter
+
+    class ConvDropBlock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.drop = torch.nn.Conv2d(3, 4, 3), DropBlock(drop_rate=0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.drop(self.conv(x) * 2)) + 1
+
+    counter = CompileCounter()
+    model = ConvDropBlock().train()
+    model.drop.step = 10**6
+    compiled = torch.compile(model, backend=counter)
+    for _ in range(4):
+        out = compiled(torch.ones(2, 3, 12, 12))
+    assert model.drop.step == 10**6 + 4 and (out == 1).any()   # it counted and dropped
+    assert counter.frame_count == 2   # the graphs before and after DropBlock, each compiled once
+
+
 def test_eval_is_identity_and_does_not_count():
     drop = DropBlock(drop_rate=0.1).eval()
     drop.step = 50000

@@ -87,11 +87,12 @@ def test_recipes_fill_only_what_is_not_given():
     apply_recipe(args)
     assert (args.epochs, args.transform, args.width, args.lr, args.n_train_ways) == (200, "B", 0.5, 0.1, 15)
     assert args.lr_milestones == [40, 80, 120, 160] and args.lr_gammas == [0.1] * 4
-    mini = apply_recipe(train_bml.get_args_parser().parse_args([]))
+    assert train_bml.get_args_parser().parse_args([]).dataset == "glyphs"   # as train_bml.sh without arguments
+    mini = apply_recipe(train_bml.get_args_parser().parse_args(["--dataset", "miniImageNet"]))
     assert (mini.dataset, mini.epochs, mini.episodes_per_epoch, mini.eval_freq) == ("miniImageNet", 100, 500, 20)
     assert [round(0.1 * lr_factor(done, mini.lr_milestones, mini.lr_gammas), 6) for done in (49, 50, 69, 70)] \
         == [0.1, 0.006, 0.006, 0.0012]
-    adam = apply_recipe(train_bml.get_args_parser().parse_args(["--optim", "adam"]))
+    adam = apply_recipe(train_bml.get_args_parser().parse_args(["--dataset", "miniImageNet", "--optim", "adam"]))
     assert adam.lr == 1e-3 and adam.lr_gammas == [0.1, 0.1]
     assert not hasattr(mini, "batch_size")   # baseline-only flags stay out of BML's config
     assert mini.clip_grad == 0.0

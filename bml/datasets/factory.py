@@ -10,7 +10,8 @@ from typing import Callable
 from .base import DATA_HELP, ArrayDataset, DatasetError, FewShotDataset, FileDataset, SplitData, common_image_shape
 from .glyphs import read_glyphs
 from .omniglot import OMNIGLOT_SPLITS, read_omniglot
-from .readers import CIFAR_FILES, MINI_IMAGENET_FILES, read_cub, read_image_folder, read_pickle_split, read_tiered
+from .readers import (CIFAR_FILES, EXPECTED_FILES, MINI_IMAGENET_FILES, read_cub, read_image_folder, read_pickle_split,
+                      read_tiered)
 from .transforms import NORMALIZATION, build_transform, check_transform_id
 
 SPLITS = ("train", "val", "test")
@@ -88,7 +89,8 @@ def read_split(name: str, split: str, data_root: str | Path | None = None, image
         return read_omniglot(root, split, image_size)
     folder = root / name
     if name in _LAYOUT_READERS and not folder.is_dir():
-        raise DatasetError(f"expected the folder {folder} for {name}: {DATA_HELP}")
+        raise DatasetError(f"expected the folder {folder} for {name}, holding {', '.join(EXPECTED_FILES[name])}: "
+                           f"{DATA_HELP}")
     if not folder.is_dir():
         raise DatasetError(
             f"unknown dataset '{name}': not one of {', '.join(DATASET_NAMES)}, and no image folder "

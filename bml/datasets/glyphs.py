@@ -7,18 +7,19 @@ Cyrillic A, O/0, l/I/1, c/C, ...) are left out so that no two classes are the sa
 
 Built on first use in a few seconds, deterministically (fixed seed), and cached as an .npz under
 `$BML_CACHE_DIR` (default `~/.cache/bml`); the file name carries a version that changes whenever the
-rendering does.
+rendering does, and a digest of the versions of what renders it (`renderer_versions`), so that
+another matplotlib, Pillow, FreeType or numpy builds its own file instead of reusing images it
+would not draw the same way.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import zipfile
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
 
 from bml.utils.io import atomic_write
@@ -62,16 +63,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BML_CACHE_DIR") or Path.home() / ".cache" / "bml")
 
 
+def renderer_versions() -> dict[str, str]:
+    """The versions that decide the rendered pixels: matplotlib ships the fonts and, with its FreeType, says
+    which font has which character; Pillow draws and resamples them with its FreeType; numpy draws the
+    random distortions."""
+    import matplotlib
+    import PIL
+    from matplotlib.ft2font import __freetype_version__ as matplotlib_freetype
+    from PIL import features
+
+    return {"matplotlib": matplotlib.__version__, "matplotlib_freetype": matplotlib_freetype,
+            "pillow": PIL.__version__, "pillow_freetype": str(features.version("freetype2")),
+            "numpy": np.__version__}
+
+
 def cache_path() -> Path:
-    return cache_dir() / f"glyphs_v{GLYPHS_VERSION}_{IMAGE_SIZE}px.npz"
+    versions = ",".join(f"{name}={version}" for name, version in sorted(renderer_versions().items()))
+    digest = hashlib.sha256(versions.encode()).hexdigest()[:10]
+    return cache_dir() / f"glyphs_v{GLYPHS_VERSION}_{IMAGE_SIZE}px_{digest}.npz"
 
 
 def _font_dir() -> Path:
+    import matplotlib  # here, not at import time: `--help` of the entry scripts stays fast
+
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
 
 
 def _fonts_with(characters: str) -> list[list[ImageFont.FreeTypeFont]]:
     """For every character, the fonts whose character map actually has a glyph for it."""
+    from matplotlib.ft2font import FT2Font
+
     fonts = []
     for file in FONT_FILES:
         path = _font_dir() / file

@@ -22,6 +22,15 @@ MINI_IMAGENET_FILES = {
     "test": "miniImageNet_category_split_test.pickle",
 }
 CIFAR_FILES = {split: f"{split}.pickle" for split in ("train", "val", "test")}
+# What each layout's folder holds, for the message when the folder itself is missing.
+EXPECTED_FILES = {
+    "miniImageNet": tuple(MINI_IMAGENET_FILES.values()),
+    "tieredImageNet": tuple(f"{split}_{kind}" for kind in ("images.npz", "labels.pkl") for split in CIFAR_FILES),
+    "CIFAR-FS": tuple(CIFAR_FILES.values()),
+    "FC100": tuple(CIFAR_FILES.values()),
+    "CUB": ("CUB_200_2011/images/<class>/<image>.jpg", "CUB_200_2011/split/{train,val,test}.csv",
+            "optionally CUB_test/ (the bounding-box crops) with CUB_test/split/{val,test}.csv"),
+}
 
 
 def require_file(path: Path) -> Path:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torchvision.transforms as T
-
 from .base import DatasetError
 
 _MINI = ((120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255),
@@ -34,6 +32,8 @@ def check_transform_id(transform_id: str) -> str:
 
 def build_transform(transform_id: str, image_size: int = 84, train: bool = False) -> Callable:
     """The training (`train=True`) or test transform `transform_id` at `image_size` pixels."""
+    import torchvision.transforms as T  # here, not at import time: torchvision imports torch._dynamo (~1 s)
+
     check_transform_id(transform_id)
     size = int(image_size)
     mean, std = NORMALIZATION[transform_id]

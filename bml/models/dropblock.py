@@ -62,10 +62,11 @@ class DropBlock(nn.Module):
         valid = (height - block_size + 1) * (width - block_size + 1)
         return min(1.0, (1.0 - keep) / block_size**2 * height * width / valid)
 
-    @torch.compiler.disable
+    # Left out of torch.compile graphs: the Python counter changes every step and would force a
+    # recompilation each time. torch.compiler.disable as a decorator imports torch._dynamo (about a
+    # second) when this module is imported; torch's own lazy form imports it on the first call.
+    @torch._disable_dynamo
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Left out of torch.compile graphs: the Python counter changes every step and would
-        # force a recompilation each time.
         if not self.training:
             return x
         height, width = x.shape[-2:]

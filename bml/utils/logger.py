@@ -37,6 +37,9 @@ class RunLogger:
 
     - `config.json`: the resolved settings of the run;
     - `log.txt`: one JSON object per epoch with all its statistics (DeiT style);
+    - `log_steps.txt`: the same training keys averaged over a few steps at a time (about ten points
+      an epoch, 'epoch' fractional), so that a short run draws a curve (`bml.plot`); kept apart from
+      `log.txt`, whose readers expect one line per epoch;
     - `tensorboard/`: scalars (loss terms, learning rate, images/s, validation accuracy).
     """
 
@@ -69,6 +72,11 @@ class RunLogger:
             with explain_disk_full(path, len(line)), open(path, "a") as log_file:
                 log_file.write(line)
             self.writer.flush()
+
+    def steps(self, stats: dict) -> None:
+        if self.enabled:
+            with open(self.save_folder / "log_steps.txt", "a") as log_file:
+                log_file.write(json.dumps(stats, sort_keys=True) + "\n")
 
     def close(self) -> None:
         if self.writer is not None:
