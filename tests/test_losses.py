@@ -6,15 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bml.losses import (
-    class_prototypes,
-    global_position_loss,
-    local_prototype_loss,
-    mutual_kl_loss,
-    prototype_logits,
-    squared_distances,
-)
+from bml.losses import global_position_loss, local_prototype_loss, mutual_kl_loss
 from bml.models import BML
+from bml.scoring import class_prototypes, prototype_logits, squared_distances
 
 
 def reference_local_loss(features, way, shot, epoch, max_epoch, alpha_1, alpha_2):

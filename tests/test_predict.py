@@ -19,8 +19,8 @@ from PIL import Image
 
 from bml import FewShotClassifier
 from bml.checkpoint import save_checkpoint
-from bml.classifier import FewShotInputError, input_transform_settings
-from bml.datasets import build_transform
+from bml.classifier import FewShotInputError
+from bml.datasets import build_transform, input_transform_settings
 from bml.models import BML
 from bml.predict import get_args_parser, main
 

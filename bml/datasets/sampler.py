@@ -22,11 +22,6 @@ from .base import DatasetError
 _MAX_KEYS = 1 << 22   # random keys drawn at once when choosing images (32 MiB of float64)
 
 
-def episode_labels(way: int, count: int, device: torch.device | None = None) -> torch.Tensor:
-    """Episode labels of `count` shot-major positions: position j -> j % way."""
-    return torch.arange(count, dtype=torch.long, device=device) % way
-
-
 class EpisodeSampler(Sampler[list[int]]):
     """Yields `episodes` episodes per epoch; usable as a DataLoader `batch_sampler`.
 

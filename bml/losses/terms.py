@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bml.datasets.sampler import episode_labels
-from bml.losses.distance import class_prototypes, squared_distances
+from bml.scoring import class_prototypes, episode_labels, squared_distances
 
 MARGIN_EPS = 1e-8
 
