@@ -1,4 +1,5 @@
-"""Few-shot evaluation (SPEC section 5): embed a split once, score many episodes from the cache.
+"""Few-shot evaluation (the published protocol, README "Evaluation"): embed a split once, score many episodes
+from the cache.
 
 The published protocol ran the network on the 100 images of every episode, 20,000 episodes for ten
 seeds. In eval mode with a deterministic transform an image's embedding does not depend on the
@@ -207,7 +208,7 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
                       device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
                       storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
                       cache_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
-    """The SPEC section 5 protocol on `dataset` (already carrying its test transform).
+    """The published protocol (README "Evaluation") on `dataset` (already carrying its test transform).
 
     Returns, for every vote of `score_episodes` (each view name, 'bml': the argmax of the summed view
     logits, for a one-view baseline that view; 'bml_scaled' with two views):

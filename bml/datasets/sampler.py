@@ -1,4 +1,4 @@
-"""The one episodic batch sampler (SPEC section 2), shuffled batches, and the one training loader.
+"""The one episodic batch sampler, shuffled batches, and the one training loader.
 
 An N-way K-shot Q-query episode is a list of N*(K+Q) dataset indices in shot-major order: position
 i*N + c holds the i-th image of the c-th drawn class, so the first N*K are the support set and query j

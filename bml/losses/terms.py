@@ -1,6 +1,6 @@
-"""The BML training losses (SPEC 4): global per-position cross-entropy, local prototype loss with
-the elastic margin, and the cross-view mutual KL. All are vectorised over queries, positions and
-classes, with no host synchronisation."""
+"""The BML training losses (the paper; docs/ARCHITECTURE.md "Models"): global per-position
+cross-entropy, local prototype loss with the elastic margin, and the cross-view mutual KL. All are
+vectorised over queries, positions and classes, with no host synchronisation."""
 
 from __future__ import annotations
 
