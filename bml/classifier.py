@@ -214,7 +214,7 @@ class FewShotClassifier:
         return Scores(all_logits, kept, named_failures, list(self.classes_))
 
     def decision_function(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
-        """(n, classes) logits of the vote (`'bml'`: the sum over views of minus squared distances to the prototypes)."""
+        """(n, classes) logits of the vote (`'bml'`: the views' summed minus squared distances to the prototypes)."""
         return self.score(images).logits.numpy()
 
     def predict_proba(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
