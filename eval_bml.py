@@ -19,8 +19,10 @@ import torch
 from bml.checkpoint import CheckpointError, model_config, model_from_state, read_checkpoint
 from bml.datasets import DatasetError, TRANSFORM_IDS, input_transform_settings
 from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
-                            parse_seed_range, write_results)
+                            parse_seed_range, results_paths, write_results)
+from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
+from bml.utils.io import OutputError, check_output_file
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -38,25 +40,26 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="transform id (default: the checkpoint's, else the data set's)")
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--data_root", default=None, help="data root (default: $BML_DATA_ROOT, else data/)")
-    parser.add_argument("--image_size", type=int, default=None,
+    parser.add_argument("--image_size", type=argtypes.image_size, default=None,
                         help="input size (default: the checkpoint's, else the data set's, 84 for the benchmarks)")
 
     episodes = parser.add_argument_group("episodes")
-    episodes.add_argument("--n_ways", type=int, default=5)
-    episodes.add_argument("--n_shots", type=int, default=5)
-    episodes.add_argument("--n_queries", type=int, default=15)
-    episodes.add_argument("--episodes", type=int, default=2000, help="episodes per seed")
+    episodes.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=5)
+    episodes.add_argument("--n_shots", type=argtypes.positive_int, default=5)
+    episodes.add_argument("--n_queries", type=argtypes.positive_int, default=15)
+    episodes.add_argument("--episodes", type=argtypes.positive_int, default=2000, help="episodes per seed")
     episodes.add_argument("--seeds", type=parse_seed_range, nargs="+", default=[list(range(10))],
                           metavar="SEED", help="seeds, e.g. '0 1 2' or '0-9' (default 0-9)")
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
-    compute.add_argument("--batch_size", type=int, default=128, help="images per forward pass when embedding")
-    compute.add_argument("--num_workers", type=int, default=4, help="data loading processes")
+    compute.add_argument("--batch_size", type=argtypes.positive_int, default=128,
+                         help="images per forward pass when embedding")
+    compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=4, help="data loading processes")
     compute.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast while embedding")
     compute.add_argument("--storage", choices=tuple(STORAGE_DTYPES), default="float16",
                          help="dtype of the cached embeddings (scores are always float32)")
-    compute.add_argument("--max_memory_gb", type=float, default=None,
+    compute.add_argument("--max_memory_gb", type=argtypes.number(0, above_minimum=True), default=None,
                          help="larger caches are memory-mapped (default: half of the available RAM)")
     compute.add_argument("--cache_dir", default=None, help="folder of a memory-mapped cache (default: temp)")
 
@@ -68,7 +71,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Evaluate, write the results files and return the exit code (1: a data or checkpoint problem)."""
+    """Evaluate, print and then write the results, and return the exit code (1: a data, checkpoint or output
+    problem). The output paths are checked before anything is embedded."""
     seeds = list(dict.fromkeys(seed for group in args.seeds for seed in group))
     try:
         args.device = resolve_device(args.device)
@@ -81,30 +85,40 @@ def main(args: argparse.Namespace) -> int:
                                                          args.transform)
         dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root, image_size, transform,
                                            args.test_dataset)
+        label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
+        label += "" if args.split == "test" else f"_{args.split}"
+        text_path, json_path = results_paths(label, args.n_shots, args.output_dir, args.json)
+        check_output_file(text_path, "--output_dir")
+        check_output_file(json_path, "--json")
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         print(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
               f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
               f"{args.n_queries}-query episodes", flush=True)
         start = time.perf_counter()
+        storage: dict = {}
         results = evaluate_episodes(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes, seeds,
                                     batch_size=args.batch_size, device=args.device, amp=args.amp,
                                     num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
                                     max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress)
-    except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError) as error:
+                                    progress=not args.no_progress, report=storage)
+    except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError,
+            OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
-    label += "" if args.split == "test" else f"_{args.split}"
     metadata = {"checkpoint": str(args.ckp_path), "model": config["model"], "dataset": dataset_name,
                 "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
                 "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
-                "seeds": seeds, "storage": args.storage, "amp": args.amp, "device": str(args.device),
+                "seeds": seeds, "storage": args.storage, **storage, "amp": args.amp, "device": str(args.device),
                 "seconds": round(time.perf_counter() - start, 1)}
-    text_path, json_path = write_results(results, label, args.n_shots, args.output_dir, args.json, metadata)
     for name, summary in results.items():
         print(f"{name:>10}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
-    print(f"==> Mean ACC on {label}: {results[COMBINED]['acc']:.2f}; wrote {text_path} and {json_path}")
+    print(f"==> Mean ACC on {label}: {results[COMBINED]['acc']:.2f}", flush=True)
+    try:
+        write_results(results, label, args.n_shots, args.output_dir, args.json, metadata)
+    except OSError as error:
+        print(f"error: the results above could not be written: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {text_path} and {json_path}")
     return 0
 
 

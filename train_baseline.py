@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from bml.training import get_common_parser, train
+from bml.utils import argtypes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -20,7 +21,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     baseline = parser.add_argument_group("baseline")
     baseline.add_argument("--mode", default="global", choices=("global", "local"),
                           help="global: classifier over base classes; local: episodic prototype loss")
-    baseline.add_argument("--batch_size", type=int, default=None,
+    baseline.add_argument("--batch_size", type=argtypes.positive_int, default=None,
                           help="images per step and process for --mode global (recipe: 128)")
     baseline.add_argument("--spatial", action="store_true",
                           help="classify (global) or compare to prototypes (local) at every feature-map position "

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from bml.training import get_common_parser, train
+from bml.utils import argtypes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -18,14 +19,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "and a local view (episodic prototypes with an elastic margin) that learn "
                                "from each other. Flags left out follow the dataset's published recipe.")
     losses = parser.add_argument_group("BML losses")
-    losses.add_argument("--weights", default="2_1_0.5",
+    losses.add_argument("--weights", type=argtypes.loss_weights, default="2_1_0.5",
                         help="weights of the global, local and mutual losses, joined by '_'")
-    losses.add_argument("--alpha_1", type=float, default=5.5,
+    losses.add_argument("--alpha_1", type=argtypes.number(minimum=0), default=5.5,
                         help="scale of the elastic margin of the local loss (0 disables the margin)")
-    losses.add_argument("--alpha_2", type=float, default=0.1,
+    losses.add_argument("--alpha_2", type=argtypes.number(), default=0.1,
                         help="slope of the sigmoid of the distance gap in the elastic margin")
-    losses.add_argument("--T", type=float, default=4.0, help="temperature of the mutual (cross-view) KL loss")
-    losses.add_argument("--global_batch", type=int, default=0,
+    losses.add_argument("--T", type=argtypes.number(0, above_minimum=True), default=4.0,
+                        help="temperature of the mutual (cross-view) KL loss")
+    losses.add_argument("--global_batch", type=argtypes.non_negative_int, default=0,
                         help="shuffled images added to each episode that only the global and mutual terms see "
                              "(our extension for thousands of base classes, e.g. Omniglot; 0 = as published)")
     return parser

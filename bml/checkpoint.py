@@ -9,6 +9,8 @@ Loading never unpickles arbitrary objects: tensors, containers, scalars and
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import os
 import pickle
 from collections.abc import Mapping
@@ -19,7 +21,7 @@ import torch
 
 from bml.models import MODEL_KINDS, FewShotModel, build_model
 from bml.models.backbones import BACKBONE_CHANNELS, canonical_backbone
-from bml.utils.io import atomic_write
+from bml.utils.io import OutputError, atomic_write, disk_full_error
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
@@ -30,17 +32,42 @@ LAST_STAGE_KEYS = (
     "encoder.layer4.0.conv1.weight",
 )
 """First convolution of the fourth stage, whose output channels give the width multiplier."""
+MISMATCH_KEYS_SHOWN = 5
+"""Keys named per kind of mismatch (missing, unexpected, mis-shaped); the rest are counted."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read safely or does not match the model it describes."""
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only sink that only counts: the size of a checkpoint without writing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.count += len(data)
+        return len(data)
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
-    a crash mid-save never leaves a truncated checkpoint behind."""
-    with atomic_write(path) as handle:
-        torch.save(dict(state), handle)
+    a crash mid-save never leaves a truncated checkpoint behind. A full disk raises OutputError
+    naming the folder and the checkpoint's size; the previous ``path`` is kept."""
+    try:
+        with atomic_write(path) as handle:
+            torch.save(dict(state), handle)
+    except OutputError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        counter = _ByteCounter()
+        torch.save(dict(state), counter)
+        raise disk_full_error(Path(path), counter.count) from error
 
 
 def _unreadable(path: Path, error: Exception) -> CheckpointError:
@@ -136,7 +163,7 @@ def infer_model_config(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def check_state_dict(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
-    """Raise CheckpointError naming every missing, unexpected and mis-shaped key."""
+    """Raise CheckpointError counting the missing, unexpected and mis-shaped keys, naming the first few of each."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -149,7 +176,8 @@ def check_state_dict(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]
         lines = [f"checkpoint does not match {type(model).__name__}:"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+                more = f", ... and {len(keys) - MISMATCH_KEYS_SHOWN} more" if len(keys) > MISMATCH_KEYS_SHOWN else ""
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:MISMATCH_KEYS_SHOWN]) + more)
         raise CheckpointError("\n".join(lines))
 
 

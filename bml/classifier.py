@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from bml.checkpoint import model_config, model_from_state, read_checkpoint
 from bml.datasets import build_transform, input_transform_settings
+from bml.datasets.base import image_problem, image_to_rgb
 from bml.scoring import COMBINED, ViewScores, prototype_logits, votes_for
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
@@ -42,8 +43,11 @@ class FewShotInputError(ValueError):
 def load_rgb(path: str | os.PathLike) -> Image.Image:
     """Decode an image file fully (so truncated files fail here, not later) and convert it to RGB,
     as the data layer reads image folders."""
+    problem = image_problem(path)
+    if problem:
+        raise ValueError(problem)
     with Image.open(path) as image:
-        return image.convert("RGB")
+        return image_to_rgb(image)
 
 
 def class_order(labels: Sequence[Hashable]) -> list[Hashable]:

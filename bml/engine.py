@@ -42,6 +42,7 @@ class TrainingState:
     max_accuracy: float = 0.0
     best_epoch: int = 0
     epoch_sums: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch
+    initial_weight_norm: float = 0.0   # norm of the weights at the start: the reference for divergence
 
 
 @dataclass

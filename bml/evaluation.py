@@ -39,6 +39,9 @@ AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_CHUNK_MB = {"cpu": 48, "cuda": 2048}
 
 
+STORAGE_FALLBACK_NOTE = "the embeddings exceed the float16 range (65504)"
+
+
 class EvaluationError(ValueError):
     """A model that cannot be evaluated; the message says why and what to try."""
 
@@ -93,7 +96,9 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
     """Embed every image of `dataset` once: one (N, D) CPU tensor per view, in dataset order.
 
     The model runs in eval mode (its previous mode is restored). float16 storage halves the cache;
-    near-ties between two prototypes may then rarely resolve differently than in float32.
+    near-ties between two prototypes may then rarely resolve differently than in float32. Values
+    float16 cannot hold (above 65504) are never stored as inf: the cache then switches to float32
+    (the dtype of the returned tensors says which was used).
     """
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
@@ -110,16 +115,31 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
                 cache = allocate_cache(len(dataset), [e.shape[1] for e in embeddings], storage_dtype,
                                        max_memory_gb, cache_dir)
             end = start + len(images)
-            for stored, embedding in zip(cache, embeddings):
-                if not torch.isfinite(embedding).all():
-                    raise EvaluationError(
-                        f"the model produced non-finite embeddings for images {start}..{end - 1}: the "
-                        f"checkpoint diverged, or --amp fp16 overflowed (try --amp off or bf16)")
-                stored[start:end] = embedding.to("cpu", storage_dtype)
+            if not all(torch.isfinite(embedding).all() for embedding in embeddings):
+                raise EvaluationError(
+                    f"the model produced non-finite embeddings for images {start}..{end - 1}: the "
+                    f"checkpoint diverged, or --amp fp16 overflowed (try --amp off or bf16)")
+            stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
+            if not all(torch.isfinite(part).all() for part in stored):
+                cache = widen_cache(cache, start, max_memory_gb, cache_dir)
+                storage_dtype = torch.float32
+                stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
+            for target, part in zip(cache, stored):
+                target[start:end] = part
             start = end
     finally:
         model.train(was_training)
     return cache
+
+
+def widen_cache(cache: Sequence[torch.Tensor], filled: int, max_memory_gb: float | None,
+                cache_dir: str | None) -> tuple[torch.Tensor, ...]:
+    """A float32 copy of a cache whose first `filled` rows are done: for embeddings float16 cannot hold."""
+    print(f"{STORAGE_FALLBACK_NOTE}: storing the embeddings in float32", flush=True)
+    wider = allocate_cache(len(cache[0]), [part.shape[1] for part in cache], torch.float32, max_memory_gb, cache_dir)
+    for target, part in zip(wider, cache):
+        target[:filled] = part[:filled]
+    return wider
 
 
 def _fits_on_device(cache: Sequence[torch.Tensor], device: torch.device) -> bool:
@@ -170,6 +190,7 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
                for cache in embeddings]
     votes = votes_for(names)
     correct = {name: torch.empty(num_episodes, dtype=torch.long) for name in votes}
+    finite = torch.ones((), dtype=torch.bool, device=device)
     with tqdm(total=num_episodes, desc="score", unit="episode", disable=not progress) as bar:
         for start in range(0, num_episodes, chunk):
             indices = torch.from_numpy(np.ascontiguousarray(episodes[start:start + chunk])).long()
@@ -185,8 +206,13 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
                                                    prototypes)
                 views[name] = ViewScores(logits, prototypes)
             for name, vote in votes.items():
-                correct[name][start:start + count] = (vote(views).argmax(-1) == query_labels).sum(1).cpu()
+                logits = vote(views)
+                correct[name][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
+                finite &= torch.isfinite(logits).all()
             bar.update(count)
+    if not finite:
+        raise EvaluationError("the distances between embeddings overflowed (non-finite scores): the checkpoint "
+                              "has diverged or its features are too large to compare; no accuracy is reported")
     return {name: count.numpy() * 100.0 / len(query_labels) for name, count in correct.items()}
 
 
@@ -207,8 +233,12 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
                       query: int, episodes: int, seeds: Sequence[int], batch_size: int = 128,
                       device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
                       storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
-                      cache_dir: str | None = None, progress: bool = True) -> dict[str, dict]:
+                      cache_dir: str | None = None, progress: bool = True,
+                      report: dict | None = None) -> dict[str, dict]:
     """The published protocol (README "Evaluation") on `dataset` (already carrying its test transform).
+
+    `report`, when given, receives 'storage' (the dtype the embeddings were cached in) and, when
+    float16 could not hold them, 'storage_note'.
 
     Returns, for every vote of `score_episodes` (each view name, 'bml': the argmax of the summed view
     logits, for a one-view baseline that view; 'bml_scaled' with two views):
@@ -220,6 +250,10 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
     cache = embed_dataset(model, dataset, batch_size=batch_size, device=device, amp=amp,
                           num_workers=num_workers, storage_dtype=storage_dtype,
                           max_memory_gb=max_memory_gb, cache_dir=cache_dir, progress=progress)
+    if report is not None:
+        report["storage"] = str(cache[0].dtype).removeprefix("torch.")
+        if cache[0].dtype != storage_dtype:
+            report["storage_note"] = f"{STORAGE_FALLBACK_NOTE}: cached in {report['storage']} instead"
     accuracies = score_episodes(cache, indices, way, shot, device=device, names=model.view_names,
                                 progress=progress)
     results = {}
@@ -266,6 +300,13 @@ def parse_seed_range(token: str) -> list[int]:
     return seeds
 
 
+def results_paths(label: str, shot: int, output_dir: str | Path = "eval_results",
+                  json_path: str | Path | None = None) -> tuple[Path, Path]:
+    """`<output_dir>/<label>_bml_eval_results_<shot>shot.txt` and the JSON path (default: beside it)."""
+    text_path = Path(output_dir) / f"{label}_bml_eval_results_{shot}shot.txt"
+    return text_path, Path(json_path) if json_path else text_path.with_suffix(".json")
+
+
 def write_results(results: dict[str, dict], label: str, shot: int, output_dir: str | Path = "eval_results",
                   json_path: str | Path | None = None, metadata: dict | None = None) -> tuple[Path, Path]:
     """Write `<label>_bml_eval_results_<shot>shot.txt` (the published format) and its JSON beside it.
@@ -273,11 +314,7 @@ def write_results(results: dict[str, dict], label: str, shot: int, output_dir: s
     The text file has one `seed: acc` line per seed of the combined prediction, then
     `==> Mean ACC on <label>: acc`; the JSON has `metadata` and every view's results.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    text_path = output_dir / f"{label}_bml_eval_results_{shot}shot.txt"
-    json_path = Path(json_path) if json_path else text_path.with_suffix(".json")
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    text_path, json_path = results_paths(label, shot, output_dir, json_path)
     combined = results[COMBINED]
     lines = [f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()]
     lines.append(f"==> Mean ACC on {label}: {combined['acc']:.4f}")

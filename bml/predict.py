@@ -26,17 +26,11 @@ from bml.classifier import FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import SheetQuery, draw_contact_sheet
 from bml.datasets import TRANSFORM_IDS, DatasetError
 from bml.scoring import COMBINED, VOTES
+from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
+from bml.utils.io import OutputError, check_output_file
 
 CSV_COLUMNS = ("path", "prediction", "confidence", "runner_up")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,11 +40,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--query", required=True, help="an image, or a folder searched recursively")
     parser.add_argument("--out", default="predictions.csv", help="CSV of path,prediction,confidence,runner_up")
     parser.add_argument("--sheet", default=None, help="also draw a contact sheet to this image file (e.g. sheet.png)")
-    parser.add_argument("--sheet_max", type=positive_int, default=100,
+    parser.add_argument("--sheet_max", type=argtypes.positive_int, default=100,
                         help="most queries drawn on the sheet (evenly spaced over the queries when more)")
 
     inputs = parser.add_argument_group("model input (default: what the checkpoint records)")
-    inputs.add_argument("--image_size", type=int, default=None, help="input size in pixels")
+    inputs.add_argument("--image_size", type=argtypes.image_size, default=None, help="input size in pixels")
     inputs.add_argument("--transform", choices=TRANSFORM_IDS, default=None,
                         help="test transform id (docs/ARCHITECTURE.md, Transforms)")
     inputs.add_argument("--vote", default=COMBINED,
@@ -60,8 +54,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
-    compute.add_argument("--batch_size", type=positive_int, default=64, help="images per forward pass")
-    compute.add_argument("--num_workers", type=int, default=2, help="image decoding processes")
+    compute.add_argument("--batch_size", type=argtypes.positive_int, default=64, help="images per forward pass")
+    compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=2, help="image decoding processes")
     compute.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 
@@ -169,6 +163,9 @@ def predict(args: argparse.Namespace) -> None:
     args.device = resolve_device(args.device)
     query_root = Path(args.query)
     support = find_support(Path(args.support))
+    check_output_file(args.out, "--out")
+    if args.sheet:
+        check_output_file(args.sheet, "--sheet")
     outputs = {Path(path).resolve() for path in (args.out, args.sheet) if path}
     query_paths = find_queries(query_root, outputs)
     classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.batch_size,
@@ -199,7 +196,7 @@ def main(args: argparse.Namespace) -> int:
     with plain_warnings():
         try:
             predict(args)
-        except (CheckpointError, DatasetError, DeviceError, FewShotInputError, FileNotFoundError) as error:
+        except (CheckpointError, DatasetError, DeviceError, FewShotInputError, FileNotFoundError, OutputError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
     return 0

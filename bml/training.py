@@ -15,12 +15,15 @@ resumes bit-exactly on the same device and world size, also from the middle of a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import shlex
 import signal
 import sys
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -31,17 +34,25 @@ from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, 
 from bml.datasets import (DatasetError, EpisodeSampler, build_dataset, build_step_loader, canonical_name,
                           shuffled_batches)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
-from bml.evaluation import AMP_DTYPES
+from bml.evaluation import AMP_DTYPES, EvaluationError
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, lr_factor
-from bml.utils import distributed
+from bml.utils import argtypes, distributed
+from bml.utils.io import OutputError, check_output_folder, folder_lock, remove_orphan_temporaries
 from bml.utils.logger import RunLogger
 from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
 
 BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
+RUN_RECORDS = (LAST_CHECKPOINT, BEST_CHECKPOINT, "epoch_*.pth", "log.txt")
+"""Files that make a folder another run's: a fresh run never overwrites or appends to them."""
 EXIT_FAILURE = 1
+WEIGHT_GROWTH_LIMIT = 1e6
+"""Weights whose norm grows past this many times their norm at the start have diverged."""
+STOP_CAUSING_FLAGS = ("--lr", "--amp", "--amp_opt_level")
+"""Flags the advice after a diverged run asks to change, so its resume command leaves them out."""
+Result = TypeVar("Result")
 
 
 class SettingsError(ValueError):
@@ -72,60 +83,72 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                       help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
     data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
                       help="transform id (docs/ARCHITECTURE.md, Transforms); default: the data set's published one")
-    data.add_argument("--image_size", type=int, default=None,
+    data.add_argument("--image_size", type=argtypes.image_size, default=None,
                       help="input size in pixels; default: the data set's (84; glyphs 32, omniglot 28)")
-    data.add_argument("--num_workers", type=int, default=4, help="data-loading processes per training process")
+    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=4,
+                      help="data-loading processes per training process")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
-    model.add_argument("--width", type=float, default=None,
+    model.add_argument("--width", type=argtypes.number(0, above_minimum=True), default=None,
                        help="channel-width multiplier (1.0 = the published model); default: the recipe's")
-    model.add_argument("--drop_rate", type=float, default=None,
+    model.add_argument("--drop_rate", type=argtypes.number(0, 1, below_maximum=True), default=None,
                        help="dropout / DropBlock rate of the ResNet-12 blocks (recipe: 0.1)")
 
     episodes = parser.add_argument_group("training episodes")
-    episodes.add_argument("--n_train_ways", type=int, default=None, help="classes per training episode (recipe: 15)")
-    episodes.add_argument("--n_train_shots", type=int, default=None, help="support images per class (recipe: 5)")
-    episodes.add_argument("--n_train_queries", type=int, default=None, help="query images per class (recipe: 7)")
-    episodes.add_argument("--episodes_per_epoch", type=int, default=None,
+    episodes.add_argument("--n_train_ways", type=argtypes.integer(minimum=2), default=None,
+                          help="classes per training episode (recipe: 15)")
+    episodes.add_argument("--n_train_shots", type=argtypes.positive_int, default=None,
+                          help="support images per class (recipe: 5)")
+    episodes.add_argument("--n_train_queries", type=argtypes.positive_int, default=None,
+                          help="query images per class (recipe: 7)")
+    episodes.add_argument("--episodes_per_epoch", type=argtypes.positive_int, default=None,
                           help="optimiser steps per epoch (recipe: 500); each process draws --episodes_per_step "
                                "episodes per step")
-    episodes.add_argument("--episodes_per_step", type=int, default=1,
+    episodes.add_argument("--episodes_per_step", type=argtypes.positive_int, default=1,
                           help="episodes (separate forward/backward passes, BatchNorm statistics per episode) whose "
                                "gradients are averaged into one optimiser step, per process. The published recipe "
                                "averaged 2 episodes (one per GPU): on one device use 2 to reproduce it")
 
     validation = parser.add_argument_group("validation (on the val split)")
-    validation.add_argument("--n_ways", type=int, default=None, help="classes per validation episode (recipe: 5)")
-    validation.add_argument("--n_shots", type=int, default=None, help="support images per class (recipe: 1)")
-    validation.add_argument("--n_queries", type=int, default=None, help="query images per class (recipe: 15)")
-    validation.add_argument("--val_episodes", type=int, default=None, help="validation episodes (recipe: 2000)")
-    validation.add_argument("--eval_freq", type=int, default=None,
+    validation.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None,
+                            help="classes per validation episode (recipe: 5)")
+    validation.add_argument("--n_shots", type=argtypes.positive_int, default=None,
+                            help="support images per class (recipe: 1)")
+    validation.add_argument("--n_queries", type=argtypes.positive_int, default=None,
+                            help="query images per class (recipe: 15)")
+    validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None,
+                            help="validation episodes (recipe: 2000)")
+    validation.add_argument("--eval_freq", type=argtypes.non_negative_int, default=None,
                             help="validate every this many epochs and after the last one; 0: never (recipe: 20)")
 
     optimisation = parser.add_argument_group("optimisation")
-    optimisation.add_argument("--epochs", type=int, default=None, help="training epochs (recipe: 100; tiered 200)")
+    optimisation.add_argument("--epochs", type=argtypes.positive_int, default=None,
+                              help="training epochs (recipe: 100; tiered 200)")
     optimisation.add_argument("--optim", default=None, choices=tuple(LR_BY_OPTIMIZER),
                               help=f"SGD (momentum {MOMENTUM}) or Adam, weight decay {WEIGHT_DECAY} (recipe: SGD)")
-    optimisation.add_argument("--lr", type=float, default=None,
+    optimisation.add_argument("--lr", type=argtypes.number(minimum=0), default=None,
                               help="initial learning rate (SGD 0.1, Adam 1e-3); decayed x0.06 after 50%% of the "
                                    "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
-    optimisation.add_argument("--clip_grad", type=float, default=None,
+    optimisation.add_argument("--clip_grad", type=argtypes.number(minimum=0), default=None,
                               help="clip the gradient norm of each step to this value; 0: off (recipe: 0 as "
                                    "published; Omniglot 10: keeps the local loss's large first gradients from "
                                    "inflating the BatchNorm-followed conv weights, which stalls learning; see "
                                    "docs/RESULTS.md)")
-    optimisation.add_argument("--seed", type=int, default=0, help="seed of initialisation, episodes and augmentation")
+    optimisation.add_argument("--seed", type=argtypes.non_negative_int, default=0,
+                              help="seed of initialisation, episodes and augmentation")
 
     run = parser.add_argument_group("run")
     run.add_argument("-s", "--save_folder", default=None,
-                     help="where checkpoints and logs go; default: output/<a name recording the main settings>")
+                     help="where checkpoints and logs go; default: output/<a name recording the main settings>. "
+                          "A fresh run refuses a folder given here that holds another run's checkpoints or log; "
+                          "in the default folder it takes the next free <name>-2, <name>-3, ...")
     run.add_argument("--is_continue", action="store_true",
                      help="resume from last.pth in the save folder (exactly: same lr, counters, RNG); starts "
                           "afresh when there is none")
-    run.add_argument("--save_freq", type=int, default=None,
+    run.add_argument("--save_freq", type=argtypes.non_negative_int, default=None,
                      help="also keep epoch_<N>.pth every this many epochs; 0: only best.pth and last.pth")
-    run.add_argument("--print_freq", type=int, default=50,
+    run.add_argument("--print_freq", type=argtypes.positive_int, default=50,
                      help="steps between log lines and TensorBoard points")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
@@ -205,18 +228,68 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     apply_recipe(args)
     if args.model == "bml":
         parse_weights(args.weights)
-        if args.global_batch < 0:
-            raise SettingsError(f"--global_batch must be 0 or more, got {args.global_batch}")
-    if args.clip_grad < 0:
-        raise SettingsError(f"--clip_grad must be 0 (off) or a positive gradient norm, got {args.clip_grad}")
-    for name in ("epochs", "episodes_per_epoch", "episodes_per_step", "print_freq"):
-        if getattr(args, name) < 1:
-            raise SettingsError(f"--{name} must be at least 1, got {getattr(args, name)}")
     args.world_size = context.world_size
     args.device = str(context.device)
     args.amp = resolve_amp(args, context.device)
     args.save_folder = str(args.save_folder or default_save_folder(args))
     return args
+
+
+def run_records(folder: Path) -> list[str]:
+    """The files of another run in `folder` (checkpoints, log), by name."""
+    return sorted({path.name for pattern in RUN_RECORDS for path in folder.glob(pattern)})
+
+
+def claim_run_folder(args: argparse.Namespace, explicit: bool, resources: contextlib.ExitStack) -> Path:
+    """The folder this run writes to, checked writable and locked for the run (`resources` releases it).
+
+    A fresh run never takes a folder that holds another run's checkpoints or log: a folder given with
+    -s is refused, a default folder is replaced by the next free `<name>-2`, `<name>-3`, ... Orphan
+    temporary files of a killed save are removed once the lock is held.
+    """
+    folder = Path(args.save_folder)
+    if not args.is_continue and folder.is_dir() and run_records(folder):
+        if explicit:
+            raise SettingsError(f"{folder} already holds a run ({', '.join(run_records(folder))}): add "
+                                "--is_continue to continue it, or delete that folder (or pass another -s) to start "
+                                "afresh")
+        taken = folder
+        folder = next(candidate for candidate in (folder.with_name(f"{folder.name}-{n}") for n in range(2, 10**6))
+                      if not (candidate.is_dir() and run_records(candidate)))
+        info(f"{taken} already holds a run (continue it with --is_continue); this run goes to {folder}")
+    check_output_folder(folder, "--save_folder")
+    resources.enter_context(folder_lock(folder))
+    for orphan in remove_orphan_temporaries(folder):
+        info(f"removed {orphan}, left by a save that was killed")
+    return folder
+
+
+def on_main_process(check: Callable[[], Result]) -> Result:
+    """`check()` run on the main process only; every process returns its result, or raises its error.
+
+    Keeps the processes of a distributed run together when a check fails on rank 0 alone."""
+    outcome = None
+    if distributed.is_main_process():
+        try:
+            outcome = (True, check())
+        except (SettingsError, DatasetError, OutputError) as error:
+            outcome = (False, str(error))
+    succeeded, value = distributed.all_gather_objects(outcome)[0]
+    if not succeeded:
+        raise SettingsError(value)
+    return value
+
+
+def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None) -> None:
+    """Validation episodes must fit the val split: checked before training, not after the first epoch."""
+    if val_set is None:
+        return
+    try:
+        EpisodeSampler(val_set.labels, args.n_ways, args.n_shots, args.n_queries, episodes=args.val_episodes)
+    except DatasetError as error:
+        raise SettingsError(f"validation episodes ({args.n_ways}-way {args.n_shots}-shot {args.n_queries}-query) do "
+                            f"not fit the val split of {args.dataset}: {error}. Change --n_ways, --n_shots or "
+                            "--n_queries (or --eval_freq 0: no validation)") from None
 
 
 def warn(message: str) -> None:
@@ -358,15 +431,28 @@ def checkpoint_state(args: argparse.Namespace, parts: TrainComponents, state: Tr
 
 
 def resume(args: argparse.Namespace, parts: TrainComponents, path: Path) -> tuple[TrainingState, list | None]:
-    """Load `path` into the model, optimiser and scaler; return the counters and the saved RNG states."""
+    """Load `path` into the model, optimiser and scaler; return the counters and the saved RNG states.
+
+    Raises CheckpointError, saying what to do, for anything that cannot be resumed exactly.
+    """
     checkpoint = read_checkpoint(path)
+    missing = [key for key in ("optimizer", "training_state") if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}), like a "
+                              "released checkpoint. --is_continue continues a run this project's training wrote; "
+                              "move the file away (or choose another -s) to start afresh")
     weights = model_state_dict(checkpoint)
     check_state_dict(parts.model, weights)
+    non_finite = [key for key, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
+    if non_finite:
+        raise CheckpointError(f"{path} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
+                              "it cannot be resumed. Copy an earlier epoch_<N>.pth over it, or delete the folder to "
+                              "start afresh")
     parts.model.load_state_dict(weights, strict=True)
-    parts.optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(parts.optimizer, checkpoint["optimizer"], path)
     if checkpoint.get("scaler"):
         parts.scaler.load_state_dict(checkpoint["scaler"])
-    state = TrainingState(**checkpoint["training_state"])
+    state = restore_training_state(checkpoint["training_state"], path)
     parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
     saved = vars(checkpoint["config"])
     changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
@@ -378,9 +464,68 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path) -> tupl
     return state, checkpoint.get("rng")
 
 
-def resume_command(args: argparse.Namespace) -> str:
-    """The command that continues this run (the current one plus --is_continue and its save folder)."""
-    argv = [arg for arg in sys.argv[1:] if arg != "--is_continue"]
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Path) -> None:
+    """`optimizer.load_state_dict`, refusing a state saved for other parameters (torch does not compare
+    the buffers' shapes, and a mismatch would only fail at the first step)."""
+    mismatch = "it was saved for another model or optimiser (see --optim)"
+    try:
+        optimizer.load_state_dict(saved)
+    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+        raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({error})") from None
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for name, value in optimizer.state.get(parameter, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
+                    raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({name} "
+                                          f"{tuple(value.shape)} for a parameter {tuple(parameter.shape)})")
+
+
+def restore_training_state(saved: object, path: Path) -> TrainingState:
+    """The counters of a checkpoint, checked field by field (an edited or foreign state is an error)."""
+    defaults = asdict(TrainingState())
+    problem = None
+    if not isinstance(saved, dict) or set(saved) - set(defaults):
+        problem = f"unexpected fields {sorted(set(saved) - set(defaults)) if isinstance(saved, dict) else saved!r}"
+    else:
+        for name, value in saved.items():
+            allowed = (int, float) if isinstance(defaults[name], float) else type(defaults[name])
+            if isinstance(value, bool) or not isinstance(value, allowed) \
+                    or (allowed is not dict and not (np.isfinite(value) and value >= 0)):
+                problem = f"{name} = {value!r}"
+                break
+    if problem:
+        raise CheckpointError(f"the training_state of {path} is not one a training run writes ({problem}): restore "
+                              "the file, or delete the folder to start afresh")
+    return TrainingState(**saved)
+
+
+def weight_norm(model: nn.Module) -> float:
+    """The norm of all floating-point parameters together."""
+    norms = torch._foreach_norm([p.detach().float() for p in model.parameters()])
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def check_weights_bounded(model: nn.Module, state: TrainingState, epoch: int) -> None:
+    """Stop like a non-finite loss when the weights are non-finite or have grown past WEIGHT_GROWTH_LIMIT
+    times their norm at the start (before this epoch is saved)."""
+    norm = weight_norm(model)
+    if not np.isfinite(norm) or norm > WEIGHT_GROWTH_LIMIT * state.initial_weight_norm:
+        raise NonFiniteLossError(f"after epoch {epoch} the weights' norm is {norm:.4g}, more than "
+                                 f"{WEIGHT_GROWTH_LIMIT:g} times its value at the start ({state.initial_weight_norm:.4g}): "
+                                 "training has diverged. This epoch was not saved.")
+
+
+def resume_command(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> str:
+    """The command that continues this run (the current one plus --is_continue and its save folder),
+    without the flags in `leave_out` (and their values)."""
+    argv, drop_value = [], False
+    for arg in sys.argv[1:]:
+        if drop_value:
+            drop_value = False
+        elif arg.split("=", 1)[0] in leave_out:
+            drop_value = "=" not in arg
+        elif arg != "--is_continue":
+            argv.append(arg)
     if "-s" not in argv and "--save_folder" not in argv:
         argv += ["-s", args.save_folder]
     launcher = ["torchrun", "--standalone", f"--nproc_per_node={args.world_size}"] if args.world_size > 1 else ["python"]
@@ -405,8 +550,10 @@ class StopOnSignal:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.previous: dict[int, object] = {}
+        self.pid = os.getpid()
 
     def __enter__(self) -> StopOnSignal:
+        self.pid = os.getpid()
         if threading.current_thread() is threading.main_thread():   # Python delivers signals there only
             for signum in self.SIGNALS:
                 self.previous[signum] = signal.signal(signum, self.handle)
@@ -419,7 +566,8 @@ class StopOnSignal:
     def handle(self, signum: int, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            info(f"\n{signal.Signals(signum).name} received: saving a checkpoint after the current step")
+            if os.getpid() == self.pid:   # forked loader workers inherit this handler: they stay quiet
+                info(f"\n{signal.Signals(signum).name} received: saving a checkpoint after the current step")
 
     def requested(self) -> bool:
         return self.signum is not None
@@ -454,8 +602,10 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
     context = None
     try:
         context = distributed.init_distributed_mode(args.device)
-        return _train(args, context)
-    except (SettingsError, DatasetError, CheckpointError, NonFiniteLossError, distributed.DeviceError) as error:
+        with contextlib.ExitStack() as resources:
+            return _train(args, context, resources)
+    except (SettingsError, DatasetError, CheckpointError, NonFiniteLossError, EvaluationError, OutputError,
+            distributed.DeviceError) as error:
         where = f" (rank {context.rank})" if context is not None and context.distributed else ""
         print(f"ERROR{where}: {error}", file=sys.stderr, flush=True)
         return TrainingOutcome(EXIT_FAILURE)
@@ -463,8 +613,11 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
         distributed.cleanup()
 
 
-def _train(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainingOutcome:
+def _train(args: argparse.Namespace, context: distributed.DistributedContext,
+           resources: contextlib.ExitStack) -> TrainingOutcome:
+    explicit_folder = args.save_folder is not None
     finish_settings(args, context)
+    args.save_folder = str(on_main_process(lambda: claim_run_folder(args, explicit_folder, resources)))
     save_folder = Path(args.save_folder)
     device, is_main = context.device, context.is_main_process
     seed_everything(args.seed + context.rank)
@@ -477,6 +630,7 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext) ->
     if args.eval_freq > 0 and is_main:
         val_set = build_dataset(args.dataset, "val", args.data_root, args.image_size, train=False,
                                 transform=args.transform)
+    on_main_process(lambda: check_validation_episodes(args, val_set))
     args.num_classes = train_set.num_classes
     steps = steps_per_epoch(args, len(train_set))
 
@@ -497,6 +651,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext) ->
         info(f"Resuming {last_path}: epoch {state.epoch + 1}, {state.epoch_step} of {steps} steps done")
     elif args.is_continue:
         info(f"--is_continue: no {last_path} yet, starting afresh")
+    if not state.initial_weight_norm:   # a fresh run (or a checkpoint from before this was recorded)
+        state.initial_weight_norm = weight_norm(model)
 
     logger = RunLogger(save_folder, enabled=is_main)
     logger.write_config(args)
@@ -521,9 +677,14 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext) ->
                                          logger=logger, print_freq=args.print_freq, is_main=is_main)
                 if result.interrupted:
                     checkpoint = checkpoint_state(args, parts, state)
+                    saved = True
                     if is_main:
-                        save_checkpoint(last_path, checkpoint)
-                    return _stopped(args, agreed_stop(stop, device), last_path, model, state)
+                        try:
+                            save_checkpoint(last_path, checkpoint)
+                        except OutputError as error:   # still stop as the signal asks, with its exit code
+                            warn(str(error))
+                            saved = False
+                    return _stopped(args, agreed_stop(stop, device), last_path, model, state, saved)
                 last_validation = end_epoch(args, parts, state, epoch, result.stats, val_set, logger) or last_validation
                 exit_code = agreed_stop(stop, device)
                 if exit_code and epoch < args.epochs:
@@ -531,8 +692,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext) ->
         except NonFiniteLossError as error:
             kept = (f"the last good checkpoint is {last_path}" if last_path.is_file()
                     else "no checkpoint was written yet")
-            raise NonFiniteLossError(f"{error}\nTraining stopped; {kept}. Lower --lr, try --amp off, or check the "
-                                     "data; then resume with:\n  " + resume_command(args)) from error
+            raise NonFiniteLossError(f"{error}\nTraining stopped; {kept}. Lower --lr (this run: {args.lr:g}), try "
+                                     "--amp off, or check the data; then resume with this command, adding the --lr "
+                                     "or --amp you choose:\n  " + resume_command(args, STOP_CAUSING_FLAGS)) from error
         finally:
             logger.close()
 
@@ -554,25 +716,36 @@ def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingS
     state.epoch, state.epoch_step, state.epoch_sums = epoch, 0, {}
     stats = {"epoch": epoch, "step": state.step, **train_stats}
     validation: dict[str, float] = {}
-    if val_set is not None and (epoch % args.eval_freq == 0 or epoch == args.epochs):
-        validation = validate(args, parts.model, val_set, parts.device)
+    due = args.eval_freq > 0 and (epoch % args.eval_freq == 0 or epoch == args.epochs)
+    failure = None
+    if val_set is not None and due:
+        try:
+            validation = validate(args, parts.model, val_set, parts.device)
+        except EvaluationError as error:   # the epoch's training is still saved below
+            failure = f"validation after epoch {epoch} failed: {error}"
+    if validation:
         if validation["acc"] > state.max_accuracy:
             state.max_accuracy, state.best_epoch = validation["acc"], epoch
         stats.update({f"val_{key}": value for key, value in validation.items()})
         logger.scalars({f"val/{key}": value for key, value in validation.items()}, state.step)
         info(f"Epoch {epoch}: validation accuracy {validation['acc']:.2f} +- {validation['ci95']:.2f}% "
              f"(best {state.max_accuracy:.2f}% at epoch {state.best_epoch})")
+    check_weights_bounded(parts.model, state, epoch)
     distributed.barrier()
     stats["max_accuracy"] = state.max_accuracy
-    logger.epoch(stats)
     checkpoint = checkpoint_state(args, parts, state)
+    save_folder = Path(args.save_folder)
     if distributed.is_main_process():
-        save_folder = Path(args.save_folder)
         if state.best_epoch == epoch:
             save_checkpoint(save_folder / BEST_CHECKPOINT, checkpoint)
         if args.save_freq > 0 and epoch % args.save_freq == 0:
             save_checkpoint(save_folder / f"epoch_{epoch}.pth", checkpoint)
         save_checkpoint(save_folder / LAST_CHECKPOINT, checkpoint)
+    logger.epoch(stats)   # after the checkpoint: a resumed run never logs an epoch twice
+    failure = distributed.all_gather_objects(failure)[0] if due else None
+    if failure:
+        raise EvaluationError(f"{failure}\nEpoch {epoch} was saved to {save_folder / LAST_CHECKPOINT}; resume with:\n  "
+                              + resume_command(args))
     return validation
 
 
@@ -585,7 +758,10 @@ def validate(args: argparse.Namespace, model: nn.Module, val_set: Dataset, devic
 
 
 def _stopped(args: argparse.Namespace, exit_code: int, last_path: Path, model: nn.Module,
-             state: TrainingState) -> TrainingOutcome:
-    info(f"Stopped in epoch {state.epoch + 1} after step {state.epoch_step} (global step {state.step}); "
-         f"saved {last_path}. Resume with:\n  {resume_command(args)}")
+             state: TrainingState, saved: bool = True) -> TrainingOutcome:
+    where = f"epoch {state.epoch + 1} after step {state.epoch_step} (global step {state.step})"
+    kept = (f"saved {last_path}" if saved else
+            f"could not save it; {last_path} keeps the previous state" if last_path.is_file() else
+            "could not save a checkpoint")
+    info(f"Stopped in {where}; {kept}. Resume with:\n  {resume_command(args)}")
     return TrainingOutcome(exit_code, model, state, Path(args.save_folder))

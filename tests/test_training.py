@@ -129,8 +129,9 @@ def test_global_batch_follows_each_episode_in_the_step_plan(tmp_path, capsys):
     assert (grid == grid[:, :1]).all()
     shuffled = plan[:, 0, episode:].reshape(-1)
     assert len(set(shuffled.tolist())) == len(shuffled)                   # then one epoch's shuffled images
-    assert train_bml.main(bml_args(tmp_path / "bad", "--global_batch", "-1")) == 1
-    assert "--global_batch must be 0 or more, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bml_args(tmp_path / "bad", "--global_batch", "-1")
+    assert "argument --global_batch: expected an integer >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_clip_grad_bounds_each_step(tmp_path, capsys):
@@ -149,8 +150,9 @@ def test_clip_grad_bounds_each_step(tmp_path, capsys):
     assert clipped <= bound * 1.001 < unclipped / 10
     assert epoch_log(tmp_path / "clipped")[-1]["train_grad_norm"] > 10 * clip   # the norm before clipping
     assert "train_grad_norm" not in epoch_log(tmp_path / "unclipped")[-1]
-    assert train_bml.main(bml_args(tmp_path / "bad", "--clip_grad", "-1")) == 1
-    assert "--clip_grad must be 0 (off) or a positive gradient norm, got -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bml_args(tmp_path / "bad", "--clip_grad", "-1")
+    assert "argument --clip_grad: expected a number >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_loss_decreases_and_checkpoints_are_complete(tmp_path):

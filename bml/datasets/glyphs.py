@@ -12,6 +12,8 @@ rendering does.
 from __future__ import annotations
 
 import os
+import sys
+import zipfile
 from pathlib import Path
 
 import matplotlib
@@ -132,16 +134,33 @@ def build_glyphs() -> dict[str, np.ndarray]:
     }
 
 
+CACHED_ARRAYS = {"images", "labels", "characters", "class_split"}
+
+
+def read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None (with a note that it is rebuilt) when the file is damaged or incomplete."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            arrays = {key: cached[key] for key in cached.files}
+        problem = None if set(arrays) == CACHED_ARRAYS else f"arrays {sorted(arrays)}"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        problem = f"{type(error).__name__}: {error}"
+    if problem is None:
+        return arrays
+    print(f"the glyphs cache {path} is damaged ({problem}): rebuilding it", file=sys.stderr, flush=True)
+    return None
+
+
 def load_glyphs() -> dict[str, np.ndarray]:
-    """The cached arrays, built and written atomically (temp file + rename) on first use."""
+    """The cached arrays, built and written atomically (temp file + rename) on first use, and rebuilt
+    when the cache is damaged."""
     path = cache_path()
-    if not path.exists():
+    arrays = read_cache(path) if path.exists() else None
+    if arrays is None:
         arrays = build_glyphs()
         with atomic_write(path) as handle:
             np.savez_compressed(handle, **arrays)
-        return arrays
-    with np.load(path, allow_pickle=False) as cached:
-        return {key: cached[key] for key in cached.files}
+    return arrays
 
 
 def read_glyphs(split: str) -> SplitData:

@@ -25,10 +25,24 @@ def _open_member(archive: zipfile.ZipFile, key: str, path: Path):
         raise DatasetError(f"{path}: no array '{key}' (found {keys}); {DATA_HELP}") from None
 
 
-def _read_header(stream) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = npy_format.read_magic(stream)
-    read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-    return read(stream)
+def _read_header(stream, path: Path, key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """The member's (shape, fortran_order, dtype), refusing any dtype but plain integers.
+
+    The bytes that follow the header are copied into an array of that dtype, so a dtype that holds
+    Python objects (or one with fields) would turn file bytes into pointers: checked before anything
+    is allocated.
+    """
+    try:
+        version = npy_format.read_magic(stream)
+        read = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran_order, dtype = read(stream)
+    except (ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DatasetError(f"{path}: array '{key}' has a damaged header ({error}); delete the file and "
+                           f"download it again ({DATA_HELP})") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "iu":
+        raise DatasetError(f"{path}: array '{key}' is stored as {dtype}, but only integer arrays (uint8 images, "
+                           f"integer labels) are read; {DATA_HELP}")
+    return shape, fortran_order, dtype
 
 
 def _open_archive(path: Path) -> zipfile.ZipFile:
@@ -37,36 +51,41 @@ def _open_archive(path: Path) -> zipfile.ZipFile:
     except FileNotFoundError:
         raise DatasetError(f"expected {path.name} under {path.parent}: {DATA_HELP}") from None
     except zipfile.BadZipFile as error:
-        raise DatasetError(f"cannot read {path}: not a valid .npz file ({error}); {DATA_HELP}") from None
+        raise DatasetError(f"cannot read {path}: not a valid .npz file ({error}); delete it and download it "
+                           f"again ({DATA_HELP})") from None
 
 
 def npz_array_shape(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of one .npz member, from its header alone."""
     path = Path(path)
     with _open_archive(path) as archive, _open_member(archive, key, path) as stream:
-        shape, _, dtype = _read_header(stream)
+        shape, _, dtype = _read_header(stream, path, key)
     return shape, dtype
 
 
-def read_npz_arrays(members: list[tuple[str | Path, str]]) -> np.ndarray:
+def read_npz_arrays(members: list[tuple[str | Path, str]], dtype: np.dtype = np.dtype(np.uint8)) -> np.ndarray:
     """Concatenate the arrays `(npz path, key)` along axis 0 into one preallocated array.
 
-    Peak memory is the result plus one 16 MiB chunk. Members must agree in dtype and trailing shape.
+    Peak memory is the result plus one 16 MiB chunk. Members must all be `dtype` (uint8 images by
+    default) and agree in trailing shape; anything else is refused before allocating.
     """
     headers = [(Path(path), key, *npz_array_shape(path, key)) for path, key in members]
-    _, _, first_shape, dtype = headers[0]
+    first_shape = headers[0][2]
     for path, key, shape, member_dtype in headers:
-        if member_dtype != dtype or shape[1:] != first_shape[1:]:
+        if member_dtype != dtype:
+            raise DatasetError(f"{path}: array '{key}' is stored as {member_dtype}, expected {np.dtype(dtype)}; "
+                               f"{DATA_HELP}")
+        if shape[1:] != first_shape[1:]:
             raise DatasetError(
                 f"{path}: array '{key}' is {member_dtype} {shape}, but {headers[0][0]} holds "
-                f"{dtype} {first_shape}: images of mixed sizes cannot be joined; {DATA_HELP}"
+                f"{first_shape}: images of mixed sizes cannot be joined; {DATA_HELP}"
             )
     out = np.empty((sum(h[2][0] for h in headers), *first_shape[1:]), dtype=dtype)
     start = 0
     for path, key, shape, _ in headers:
         target = out[start:start + shape[0]]
         with _open_archive(path) as archive, _open_member(archive, key, path) as stream:
-            _, fortran_order, _ = _read_header(stream)
+            _, fortran_order, _ = _read_header(stream, path, key)
             if fortran_order:
                 raise DatasetError(f"{path}: array '{key}' is stored in Fortran order; re-save it with np.savez")
             _read_exactly(stream, memoryview(target).cast("B"), path)
@@ -76,8 +95,11 @@ def read_npz_arrays(members: list[tuple[str | Path, str]]) -> np.ndarray:
 
 def _read_exactly(stream, buffer: memoryview, path: Path) -> None:
     position = 0
-    while position < len(buffer):
-        count = stream.readinto(buffer[position:position + _CHUNK_BYTES])
-        if not count:
-            raise DatasetError(f"{path} is truncated: re-download it ({DATA_HELP})")
-        position += count
+    try:
+        while position < len(buffer):
+            count = stream.readinto(buffer[position:position + _CHUNK_BYTES])
+            if not count:
+                raise DatasetError(f"{path} is truncated: delete it and download it again ({DATA_HELP})")
+            position += count
+    except (zipfile.BadZipFile, EOFError, OSError) as error:   # a CRC mismatch or damaged compressed data
+        raise DatasetError(f"{path} is damaged ({error}): delete it and download it again ({DATA_HELP})") from None

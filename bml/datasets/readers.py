@@ -141,9 +141,13 @@ def read_image_folder(dataset_dir: Path, split: str) -> SplitData:
     split_dir = dataset_dir / split
     if not split_dir.is_dir():
         raise DatasetError(f"expected the folder {split_dir} holding <class>/<image> files: {DATA_HELP}")
-    paths, names = [], []
+    paths, names, seen = [], [], set()
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
-        files = sorted(str(p) for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if class_dir.resolve() in seen:   # a link to another class folder is that class, not a second one
+            continue
+        seen.add(class_dir.resolve())
+        files = sorted(str(p) for p in class_dir.iterdir()   # a dangling link is listed, to be reported
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink()))
         if files:
             paths += files
             names += [class_dir.name] * len(files)

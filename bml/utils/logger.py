@@ -7,6 +7,8 @@ import json
 from collections import deque
 from pathlib import Path
 
+from bml.utils.io import explain_disk_full
+
 
 class SmoothedValue:
     """A metric seen once per step: its recent median (what a progress bar should show) and its mean."""
@@ -51,7 +53,9 @@ class RunLogger:
     def write_config(self, args: argparse.Namespace) -> None:
         if self.enabled:
             text = json.dumps(vars(args), indent=2, sort_keys=True, default=str)
-            (self.save_folder / "config.json").write_text(text + "\n")
+            path = self.save_folder / "config.json"
+            with explain_disk_full(path, len(text) + 1):
+                path.write_text(text + "\n")
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -60,8 +64,10 @@ class RunLogger:
 
     def epoch(self, stats: dict) -> None:
         if self.enabled:
-            with open(self.save_folder / "log.txt", "a") as log_file:
-                log_file.write(json.dumps(stats, sort_keys=True) + "\n")
+            line = json.dumps(stats, sort_keys=True) + "\n"
+            path = self.save_folder / "log.txt"
+            with explain_disk_full(path, len(line)), open(path, "a") as log_file:
+                log_file.write(line)
             self.writer.flush()
 
     def close(self) -> None:
