@@ -1,4 +1,4 @@
-"""Evaluate a BML or baseline checkpoint with the published few-shot protocol (SPEC section 5).
+"""Evaluate a BML or baseline checkpoint with the published few-shot protocol (README, Evaluation).
 
     python eval_bml.py --dataset miniImageNet --ckp_path pretrained_weights/miniImageNet.pth --n_shots 5
     bash eval_bml.sh miniImageNet A pretrained_weights/miniImageNet.pth 5     # the original command
@@ -17,7 +17,7 @@ import time
 import torch
 
 from bml.checkpoint import CheckpointError, model_config, model_from_state, read_checkpoint
-from bml.datasets import DatasetError, TRANSFORM_IDS
+from bml.datasets import DatasetError, TRANSFORM_IDS, input_transform_settings
 from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
                             parse_seed_range, results_paths, write_results)
 from bml.utils import argtypes
@@ -81,9 +81,10 @@ def main(args: argparse.Namespace) -> int:
         dataset_name = args.dataset or config.get("dataset")
         if dataset_name is None:
             raise DatasetError(f"{args.ckp_path} does not record its data set: pass --dataset")
-        dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root,
-                                           args.image_size or config.get("image_size"),
-                                           args.transform or config.get("transform"), args.test_dataset)
+        transform, image_size = input_transform_settings({**config, "dataset": dataset_name}, args.image_size,
+                                                         args.transform)
+        dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root, image_size, transform,
+                                           args.test_dataset)
         label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
         label += "" if args.split == "test" else f"_{args.split}"
         text_path, json_path = results_paths(label, args.n_shots, args.output_dir, args.json)

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from bml.losses import local_prototype_loss
+from bml.losses.reference import looped_local_loss
 from bml.models import BML
 
 WAY, SHOT, QUERY = 15, 5, 7
@@ -72,34 +71,6 @@ def time_train_steps(backbone: str, variant: Variant, device: torch.device, args
     return times
 
 
-def looped_local_loss(features: torch.Tensor, way: int, shot: int, epoch: int, max_epoch: int,
-                      alpha_1: float, alpha_2: float) -> torch.Tensor:
-    """The local loss computed like the original: one query and one position at a time, with
-    the margin decisions taken on the host (``.item()``). Only for the speed comparison."""
-    support, query = features[: way * shot], features[way * shot:]
-    prototypes = support.reshape(shot, way, features.shape[1], -1).mean(dim=(0, 3))
-    total = features.new_zeros(())
-    count = 0
-    for index in range(query.shape[0]):
-        label = index % way
-        for position in query[index].flatten(1).t():
-            distances = ((position.unsqueeze(0) - prototypes) ** 2).sum(1)
-            detached = distances.detach()
-            probs = torch.softmax(-detached, 0)
-            negatives = detached.clone()
-            negatives[label] = float("inf")
-            hardest = int(negatives.argmin().item())
-            margin = 0.0
-            if alpha_1 != 0 and probs[label].item() <= 0.5 and probs[hardest].item() <= 0.5:
-                gap = detached[label].item() - detached[hardest].item()
-                margin = alpha_1 * (epoch / max_epoch + 1e-8) / (1.0 + math.exp(-alpha_2 * gap))
-            logits = -distances
-            logits = logits - margin * F.one_hot(torch.tensor(label, device=features.device), way)
-            total = total + F.cross_entropy(logits.unsqueeze(0), torch.tensor([label], device=features.device))
-            count += 1
-    return total / count
-
-
 def time_loss(loss_fn, features: torch.Tensor, repeats: int) -> tuple[float, float]:
     """(median seconds of forward + backward, loss value) of ``loss_fn`` on ``features``."""
     times, value = [], 0.0
@@ -121,7 +92,7 @@ def compare_local_losses(args: argparse.Namespace, device: torch.device) -> dict
     channels = max(1, round(640 * args.width))
     features = (0.05 * torch.randn(WAY * (SHOT + QUERY), channels, 5, 5, device=device)).requires_grad_()
     vectorised, vectorised_value = time_loss(local_prototype_loss, features, repeats=5)
-    looped, looped_value = time_loss(looped_local_loss, features, repeats=1)
+    looped, looped_value = time_loss(lambda *arguments: looped_local_loss(*arguments)[0], features, repeats=1)
     return {"device": device.type, "vectorised_s": vectorised, "looped_s": looped, "speedup": looped / vectorised,
             "max_abs_difference": abs(vectorised_value - looped_value)}
 

@@ -5,10 +5,11 @@
     clf.predict(query_images)         # -> ["dog", ...]
     clf.predict_proba(query_images)   # -> (n, classes) array, columns in clf.classes_ order
 
-The test-time rule of SPEC section 5, with prototypes from however many shots each class has: per
-view, a prototype is the mean support embedding of a class and the logits are minus the squared
-Euclidean distances to the prototypes; the views' logits are summed (BML: global + local). The
-probabilities are the softmax of that sum.
+The few-shot evaluation's test-time rule (`bml.scoring`), with prototypes from however many shots each
+class has: per view, a prototype is the mean support embedding of a class and the logits are minus the
+squared Euclidean distances to the prototypes; a vote combines the views' logits (`vote='bml'`, the
+default: their sum, BML's global + local; `'bml_scaled'`, or one view alone). The probabilities are the
+softmax of the combined logits.
 
 Images may be PIL images, file paths (str or Path) or numpy uint8 arrays (H x W or H x W x C): these go
 through the checkpoint's test transform (its data set's resize/crop and normalisation, at its input
@@ -21,7 +22,6 @@ import os
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +29,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from bml.checkpoint import model_config, model_from_state, read_checkpoint
-from bml.datasets import build_transform, dataset_defaults
+from bml.datasets import build_transform, input_transform_settings
 from bml.datasets.base import image_problem, image_to_rgb
-from bml.losses import prototype_logits
-
-NATURAL_IMAGES_DATASET = "miniImageNet"
-"""Whose test transform a checkpoint gets when it records neither its data set nor its transform."""
+from bml.scoring import COMBINED, ViewScores, prototype_logits, votes_for
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -51,20 +48,6 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise ValueError(problem)
     with Image.open(path) as image:
         return image_to_rgb(image)
-
-
-def input_transform_settings(config: dict[str, Any], image_size: int | None = None,
-                             transform_id: str | None = None) -> tuple[str, int]:
-    """(transform id, input size) for a checkpoint's `model_config`: the explicit arguments, else the
-    checkpoint's recorded values, else its data set's defaults (84 px for the benchmarks)."""
-    dataset = config.get("dataset")
-    if dataset is None and transform_id is None and config.get("transform") is None:
-        warnings.warn(f"the checkpoint records neither its data set nor its transform: using the "
-                      f"{NATURAL_IMAGES_DATASET} test transform (ImageNet-style normalisation); pass the "
-                      f"transform id ('A'..'E', 'O') if the model was trained on something else", stacklevel=3)
-    defaults = dataset_defaults(dataset or NATURAL_IMAGES_DATASET)
-    return (transform_id or config.get("transform") or defaults.transform,
-            int(image_size or config.get("image_size") or defaults.image_size))
 
 
 def class_order(labels: Sequence[Hashable]) -> list[Hashable]:
@@ -90,7 +73,7 @@ class Scores:
 
     @property
     def probabilities(self) -> np.ndarray:
-        """(n, classes) softmax of the summed view logits, in float64."""
+        """(n, classes) softmax of the vote's logits, in float64."""
         return self.logits.double().softmax(dim=1).numpy()
 
     def ranked(self, rank: int) -> tuple[list[Hashable], np.ndarray]:
@@ -147,7 +130,12 @@ class FewShotClassifier:
 
     def __init__(self, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], image_size: int,
                  device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0,
-                 progress: bool = True) -> None:
+                 progress: bool = True, vote: str = COMBINED) -> None:
+        votes = votes_for(model.view_names)
+        if vote not in votes:
+            raise FewShotInputError(f"unknown vote {vote!r} for a model with views {', '.join(model.view_names)}: "
+                                    f"choose one of {', '.join(votes)}")
+        self.vote, self._combine = vote, votes[vote]
         self.model = model.to(device).eval()
         self.transform, self.image_size = transform, int(image_size)
         self.device = torch.device(device)
@@ -159,19 +147,22 @@ class FewShotClassifier:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         batch_size: int = 64, num_workers: int = 0, image_size: int | None = None,
-                        transform_id: str | None = None, progress: bool = True) -> FewShotClassifier:
+                        transform_id: str | None = None, progress: bool = True,
+                        vote: str = COMBINED) -> FewShotClassifier:
         """A released or own checkpoint with its data set's test transform and input size.
 
         `device` defaults to CUDA when available. `image_size` and `transform_id` ('A'..'E', 'O')
-        override what the checkpoint records. Raises FileNotFoundError for a missing file and
-        `bml.checkpoint.CheckpointError` for a file that is not a matching model checkpoint.
+        override what the checkpoint records (with a warning when they differ from it). `vote`
+        names how the views' logits are combined (`bml.scoring.votes_for`). Raises FileNotFoundError
+        for a missing file and `bml.checkpoint.CheckpointError` for a file that is not a matching
+        model checkpoint.
         """
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         state = read_checkpoint(path)
         transform_id, size = input_transform_settings(model_config(state), image_size, transform_id)
         model = model_from_state(state, device=device, source=str(path))
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
-                   num_workers, progress)
+                   num_workers, progress, vote)
 
     @property
     def view_names(self) -> tuple[str, ...]:
@@ -212,21 +203,22 @@ class FewShotClassifier:
         return self
 
     def score(self, images: Sequence[ImageLike] | torch.Tensor, skip_unreadable: bool = False) -> Scores:
-        """Summed view logits of every readable image (unreadable ones: as in `fit`)."""
+        """The vote's logits of every readable image (unreadable ones: as in `fit`)."""
         if self.prototypes_ is None:
             raise RuntimeError("this FewShotClassifier is not fitted yet: call fit(support_images, labels) first")
         items = self._as_items(images)
         logits, kept, unreadable = [], [], []
-        for indices, views in self._embedded_batches(items, unreadable, "query"):
-            logits.append(sum(prototype_logits(view, prototypes)
-                              for view, prototypes in zip(views, self.prototypes_)).cpu())
+        for indices, embeddings in self._embedded_batches(items, unreadable, "query"):
+            views = {name: ViewScores(prototype_logits(embedding, prototypes), prototypes)
+                     for name, embedding, prototypes in zip(self.view_names, embeddings, self.prototypes_)}
+            logits.append(self._combine(views).cpu())
             kept += indices
         named_failures = self._report_unreadable(items, unreadable, skip_unreadable, "query")
         all_logits = torch.cat(logits) if logits else torch.empty(0, len(self.classes_))
         return Scores(all_logits, kept, named_failures, list(self.classes_))
 
     def decision_function(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
-        """(n, classes) summed view logits: minus squared distances to the prototypes."""
+        """(n, classes) logits of the vote (`'bml'`: the views' summed minus squared distances to the prototypes)."""
         return self.score(images).logits.numpy()
 
     def predict_proba(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
@@ -234,7 +226,7 @@ class FewShotClassifier:
         return self.score(images).probabilities
 
     def predict(self, images: Sequence[ImageLike] | torch.Tensor) -> list[Hashable]:
-        """The class of the nearest prototype (summed over views) of every image."""
+        """The class with the largest vote logit (`'bml'`: the nearest prototype summed over views) of every image."""
         return self.score(images).ranked(0)[0]
 
     def _as_items(self, images: Sequence[ImageLike] | ImageLike) -> list[ImageLike]:

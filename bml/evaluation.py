@@ -1,4 +1,5 @@
-"""Few-shot evaluation (SPEC section 5): embed a split once, score many episodes from the cache.
+"""Few-shot evaluation (the published protocol, README "Evaluation"): embed a split once, score many episodes
+from the cache.
 
 The published protocol ran the network on the 100 images of every episode, 20,000 episodes for ten
 seeds. In eval mode with a deterministic transform an image's embedding does not depend on the
@@ -27,15 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, dataset_defaults
-from bml.datasets.transforms import check_transform_id
+from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, input_transform_settings
+from bml.scoring import (COMBINED, SCALED, ViewScores, centered_prototype_logits, class_prototypes, episode_labels,
+                         votes_for)
 from bml.utils.io import atomic_write
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMBINED = "bml"
-# Our extension, reported beside the published vote: each view's logits divided by its episode's prototype
-# spread before the sum, so that the view with the larger distances does not outvote the other.
-SCALED = "bml_scaled"
 # Working memory of one scoring chunk; on a CPU a chunk near the L3 cache size is several times faster.
 DEFAULT_CHUNK_MB = {"cpu": 48, "cuda": 2048}
 
@@ -164,44 +162,13 @@ def centered_statistics(cache: torch.Tensor, device: torch.device,
     return center, squared_norms
 
 
-def episode_prototypes(rows: torch.Tensor, way: int, shot: int) -> torch.Tensor:
-    """(E, n, D) shot-major episodes -> (E, way, D) mean support embedding of each class."""
-    return rows[:, :way * shot].reshape(rows.shape[0], shot, way, -1).mean(1)
-
-
-def episode_logits(queries: torch.Tensor, query_squared_norms: torch.Tensor, center: torch.Tensor,
-                   prototypes: torch.Tensor) -> torch.Tensor:
-    """(E, Q, D) queries, (E, way, D) prototypes -> (E, Q, way) minus squared distances query -> prototype.
-
-    With c the split's mean embedding, ||q - p||^2 = ||q - c||^2 + ||p - c||^2 - 2 (q.(p - c) - c.(p - c)):
-    one batched matrix product, the query terms precomputed once per image (`query_squared_norms`,
-    (E, Q)), and float32 cancellation at the scale of the distances, not of the non-negative embeddings.
-    """
-    prototypes = prototypes - center
-    cross = torch.bmm(queries, prototypes.transpose(1, 2)) - (prototypes @ center).unsqueeze(1)
-    return -(query_squared_norms.unsqueeze(-1) + prototypes.square().sum(-1).unsqueeze(1) - 2 * cross)
-
-
-def prototype_spread(prototypes: torch.Tensor) -> torch.Tensor:
-    """(E, way, D) prototypes -> (E,) mean squared distance between two of an episode's prototypes.
-
-    It uses the support images only (inductive) and is 1 for a 1-way episode, where it is undefined.
-    """
-    way = prototypes.shape[1]
-    if way < 2:
-        return prototypes.new_ones(prototypes.shape[0])
-    deviations = (prototypes - prototypes.mean(1, keepdim=True)).square().sum(-1).mean(1)
-    return (2 * way / (way - 1) * deviations).clamp_min(torch.finfo(prototypes.dtype).tiny)
-
-
 def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way: int, shot: int,
                    device: str | torch.device = "cpu", names: Sequence[str] | None = None,
                    chunk_mb: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per-episode query accuracy (%) of each view and of the sum of the views' logits (`'bml'`).
+    """Per-episode query accuracy (%) of every vote of `bml.scoring.votes_for(names)`: each view alone, the
+    sum of the views' logits (`'bml'`) and, with several views, `'bml_scaled'` (our extension).
 
-    With several views, also of `'bml_scaled'`: the sum of each view's logits divided by its
-    `prototype_spread` (our extension; the views' distances can differ several-fold in scale).
-    `episodes` is an (E, way*(shot+query)) index array into the cache, shot-major (SPEC section 2).
+    `episodes` is an (E, way*(shot+query)) index array into the cache, shot-major (see `bml.scoring`).
     Episodes are scored in chunks using about `chunk_mb` MB of working memory.
     """
     device = torch.device(device)
@@ -211,7 +178,7 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
     if _fits_on_device(embeddings, device):
         embeddings = [e.to(device) for e in embeddings]
     num_episodes, episode_size = episodes.shape
-    query_labels = torch.arange(episode_size - way * shot, device=device) % way
+    query_labels = episode_labels(way, episode_size - way * shot, device)
     chunk_bytes = (chunk_mb or DEFAULT_CHUNK_MB.get(device.type, 256)) * 2**20
     row_bytes = sum(cache.shape[1] * (cache.element_size() + 4) for cache in embeddings)   # stored + float32
     chunk = max(1, min(num_episodes, chunk_bytes // (episode_size * row_bytes)))
@@ -220,27 +187,26 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
     buffers = [(torch.empty((chunk * episode_size, cache.shape[1]), dtype=cache.dtype, device=cache.device),
                 torch.empty((chunk, episode_size, cache.shape[1]), dtype=torch.float32, device=device))
                for cache in embeddings]
-    votes = (COMBINED, SCALED) if len(names) > 1 else (COMBINED,)
-    correct = {name: torch.empty(num_episodes, dtype=torch.long) for name in (*names, *votes)}
+    votes = votes_for(names)
+    correct = {name: torch.empty(num_episodes, dtype=torch.long) for name in votes}
     finite = torch.ones((), dtype=torch.bool, device=device)
     with tqdm(total=num_episodes, desc="score", unit="episode", disable=not progress) as bar:
         for start in range(0, num_episodes, chunk):
             indices = torch.from_numpy(np.ascontiguousarray(episodes[start:start + chunk])).long()
             query_indices = indices[:, way * shot:].to(device)
             count = len(indices)
-            combined = scaled = 0
+            views = {}
             for name, cache, (center, squared_norms), (gathered, rows) in zip(names, embeddings, statistics, buffers):
                 flat_indices = indices.flatten().to(cache.device)
                 torch.index_select(cache, 0, flat_indices, out=gathered[:len(flat_indices)])
                 rows[:count].view(len(flat_indices), -1).copy_(gathered[:len(flat_indices)], non_blocking=True)
-                prototypes = episode_prototypes(rows[:count], way, shot)
-                logits = episode_logits(rows[:count, way * shot:], squared_norms[query_indices], center, prototypes)
+                prototypes = class_prototypes(rows[:count, :way * shot], way)
+                logits = centered_prototype_logits(rows[:count, way * shot:], squared_norms[query_indices], center,
+                                                   prototypes)
+                views[name] = ViewScores(logits, prototypes)
+            for name, vote in votes.items():
+                logits = vote(views)
                 correct[name][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
-                combined = combined + logits
-                if len(votes) > 1:
-                    scaled = scaled + logits / prototype_spread(prototypes)[:, None, None]
-            for vote, logits in zip(votes, (combined, scaled)):
-                correct[vote][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
                 finite &= torch.isfinite(logits).all()
             bar.update(count)
     if not finite:
@@ -268,13 +234,13 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
                       storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
                       cache_dir: str | None = None, progress: bool = True,
                       report: dict | None = None) -> dict[str, dict]:
-    """The SPEC section 5 protocol on `dataset` (already carrying its test transform).
+    """The published protocol (README "Evaluation") on `dataset` (already carrying its test transform).
 
     `report`, when given, receives 'storage' (the dtype the embeddings were cached in) and, when
     float16 could not hold them, 'storage_note'.
 
-    Returns, for 'bml' (the argmax of the summed view logits; for a one-view baseline, that view), for
-    'bml_scaled' (two views only, see `score_episodes`) and for each view name:
+    Returns, for every vote of `score_episodes` (each view name, 'bml': the argmax of the summed view
+    logits, for a one-view baseline that view; 'bml_scaled' with two views):
     {'acc', 'ci95', 'per_seed': {seed: {'acc', 'ci95'}}}. The overall 'acc' is the mean of the seeds'
     accuracies, its 'ci95' the interval over all the seeds' episodes together.
     """
@@ -309,13 +275,13 @@ def build_evaluation_dataset(name: str, split: str = "test", data_root: str | Pa
     transform (`transform`, else `name`'s default): the input statistics its BatchNorm layers were
     fitted to. `image_size` defaults to the input size of `name`.
     """
+    transform, image_size = input_transform_settings({"dataset": name}, image_size, transform)
     if test_dataset is None:
         return build_dataset(name, split, data_root, image_size, train=False, transform=transform)
     import torchvision.transforms as T  # here, not at import time: torchvision imports torch._dynamo (~1 s)
 
-    dataset = build_dataset(test_dataset, split, data_root, image_size or dataset_defaults(name).image_size,
-                            train=False)
-    mean, std = NORMALIZATION[check_transform_id(transform or dataset_defaults(name).transform)]
+    dataset = build_dataset(test_dataset, split, data_root, image_size, train=False)
+    mean, std = NORMALIZATION[transform]
     steps = list(dataset.transform.transforms)
     if not isinstance(steps[-1], T.Normalize):
         raise TypeError(f"expected the test transform of {test_dataset} to end with Normalize, got {steps[-1]}")

@@ -5,8 +5,9 @@
 
 `support/` holds one sub-folder per class with one or more images each (shots may differ between
 classes); `--query` is an image or a folder, searched recursively. Every query gets the class of the
-nearest prototype under the model's test-time rule (`bml.classifier`), its confidence (softmax of the
-summed view logits) and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
+nearest prototype under the model's test-time rule (`bml.classifier`; `--vote` chooses how the views'
+logits are combined, as in the evaluation's results), its confidence (softmax of the combined logits)
+and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
 When the query folder is laid out by class (sub-folders named like support classes), the accuracy is
 reported and wrong predictions are marked on the contact sheet.
 """
@@ -24,6 +25,7 @@ from bml.checkpoint import CheckpointError
 from bml.classifier import FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import SheetQuery, draw_contact_sheet
 from bml.datasets import TRANSFORM_IDS, DatasetError
+from bml.scoring import COMBINED, VOTES
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
@@ -43,7 +45,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     inputs = parser.add_argument_group("model input (default: what the checkpoint records)")
     inputs.add_argument("--image_size", type=argtypes.image_size, default=None, help="input size in pixels")
-    inputs.add_argument("--transform", choices=TRANSFORM_IDS, default=None, help="test transform id (SPEC 1)")
+    inputs.add_argument("--transform", choices=TRANSFORM_IDS, default=None,
+                        help="test transform id (docs/ARCHITECTURE.md, Transforms)")
+    inputs.add_argument("--vote", default=COMBINED,
+                        help="how the views' logits are combined: "
+                             + "; ".join(f"{name}: {vote.description}" for name, vote in VOTES.items())
+                             + "; or a view's name (global, local): that view alone. Default: %(default)s")
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
@@ -163,8 +170,10 @@ def predict(args: argparse.Namespace) -> None:
     query_paths = find_queries(query_root, outputs)
     classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.batch_size,
                                                    num_workers=args.num_workers, image_size=args.image_size,
-                                                   transform_id=args.transform, progress=not args.no_progress)
-    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)}, {classifier.image_size} px input, "
+                                                   transform_id=args.transform, progress=not args.no_progress,
+                                                   vote=args.vote)
+    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}), "
+          f"{classifier.image_size} px input, "
           f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files",
           flush=True)
     classifier.fit([path for paths in support.values() for path in paths],

@@ -1,8 +1,10 @@
-"""Per-dataset training recipes: the published settings (SPEC 4), and CPU-sized ones for the small sets.
+"""Per-dataset training recipes: the published settings (the paper's, see docs/ARCHITECTURE.md), and CPU-sized
+ones for the small sets.
 
 The entry scripts leave every recipe flag at None; `apply_recipe` fills what the user did not
 give, so `python train_bml.py --dataset CUB` trains exactly as published while any flag given
-on the command line still wins.
+on the command line still wins. A data set's transform and input size are not a recipe's: they
+come from its one table, `bml.datasets.dataset_defaults`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+
+from bml.datasets import input_transform_settings
 
 LR_BY_OPTIMIZER = {"SGD": 0.1, "adam": 1e-3}
 MOMENTUM = 0.9
@@ -41,8 +45,6 @@ TIERED_SCHEDULE = LRSchedule(fractions=(0.2, 0.4, 0.6, 0.8), gammas={"SGD": (0.1
 class Recipe:
     """Defaults for the flags a dataset's published (or CPU-sized) recipe decides."""
 
-    transform: str | None = None          # None: the data set's default (bml.datasets.dataset_defaults)
-    image_size: int | None = None         # None: the data set's default (84 for natural images)
     width: float = 1.0
     drop_rate: float = 0.1
     epochs: int = 100
@@ -64,25 +66,25 @@ class Recipe:
 
 PUBLISHED = Recipe()
 # CPU-sized: a narrow network on small images, short epochs, one validation at the end.
-GLYPHS = Recipe(image_size=32, width=0.25, epochs=4, episodes_per_epoch=50, n_train_ways=10, n_train_queries=5,
+GLYPHS = Recipe(width=0.25, epochs=4, episodes_per_epoch=50, n_train_ways=10, n_train_queries=5,
                 val_episodes=300, eval_freq=4, save_freq=0, batch_size=64)
 # Omniglot's episodes and clipping were chosen on val (docs/RESULTS.md): wide episodes, and a clipped gradient
 # norm so that the local loss's first gradients do not stall the trunk.
-OMNIGLOT = Recipe(image_size=28, width=0.25, epochs=20, episodes_per_epoch=100, n_train_ways=100, n_train_shots=1,
+OMNIGLOT = Recipe(width=0.25, epochs=20, episodes_per_epoch=100, n_train_ways=100, n_train_shots=1,
                   n_train_queries=1, val_episodes=600, eval_freq=5, save_freq=0, batch_size=64, clip_grad=10.0)
 
 RECIPES: dict[str, Recipe] = {
-    "miniImageNet": dataclasses.replace(PUBLISHED, transform="A"),
-    "tieredImageNet": dataclasses.replace(PUBLISHED, transform="B", epochs=200, eval_freq=40, save_freq=40,
+    "miniImageNet": PUBLISHED,
+    "tieredImageNet": dataclasses.replace(PUBLISHED, epochs=200, eval_freq=40, save_freq=40,
                                           schedule=TIERED_SCHEDULE),
-    "FC100": dataclasses.replace(PUBLISHED, transform="C"),
-    "CIFAR-FS": dataclasses.replace(PUBLISHED, transform="D"),
-    "CUB": dataclasses.replace(PUBLISHED, transform="E"),
+    "FC100": PUBLISHED,
+    "CIFAR-FS": PUBLISHED,
+    "CUB": PUBLISHED,
     "glyphs": GLYPHS,
     "omniglot": OMNIGLOT,
     "omniglot-small": OMNIGLOT,
 }
-"""Any other name is an image-folder data set and gets the published recipe with its own transform."""
+"""Any other name is an image-folder data set and gets the published recipe."""
 
 
 def get_recipe(dataset: str) -> Recipe:
@@ -93,12 +95,15 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every recipe flag that `args` has and left at None from `args.dataset`'s recipe (in place, also
     returned).
 
+    `args.transform` and `args.image_size` are filled from the data set's input settings;
     `args.lr_milestones` and `args.lr_gammas` are added: the decay points of this run.
     """
     recipe = get_recipe(args.dataset)
     for name in (f.name for f in dataclasses.fields(Recipe)):
         if name != "schedule" and hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, getattr(recipe, name))
+    args.transform, args.image_size = input_transform_settings(
+        {"dataset": args.dataset}, getattr(args, "image_size", None), getattr(args, "transform", None))
     if getattr(args, "lr", None) is None:
         args.lr = LR_BY_OPTIMIZER[args.optim]
     args.lr_milestones = list(recipe.schedule.milestones(args.epochs))

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
 from bml.datasets import (DatasetError, EpisodeSampler, build_dataset, build_step_loader, canonical_name,
-                          dataset_defaults, shuffled_batches)
+                          shuffled_batches)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
 from bml.evaluation import AMP_DTYPES, EvaluationError
 from bml.models import build_model
@@ -83,9 +83,9 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
     data.add_argument("--data_root", default=None,
                       help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
     data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
-                      help="augmentation id (SPEC 1); default: the dataset's published transform")
+                      help="transform id (docs/ARCHITECTURE.md, Transforms); default: the data set's published one")
     data.add_argument("--image_size", type=argtypes.image_size, default=None,
-                      help="input size in pixels; default: the recipe's (84; glyphs 32, omniglot 28)")
+                      help="input size in pixels; default: the data set's (84; glyphs 32, omniglot 28)")
     data.add_argument("--num_workers", type=argtypes.non_negative_int, default=4,
                       help="data-loading processes per training process")
 
@@ -227,9 +227,6 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     (it is stored as the checkpoint's `config`)."""
     args.dataset = canonical_name(args.dataset)
     apply_recipe(args)
-    defaults = dataset_defaults(args.dataset)
-    args.transform = args.transform or defaults.transform
-    args.image_size = args.image_size or defaults.image_size
     if args.model == "bml":
         parse_weights(args.weights)
     args.world_size = context.world_size

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from bml.checkpoint import model_config, model_from_state, read_checkpoint
+from bml.datasets import input_transform_settings
 from bml.evaluation import build_evaluation_dataset, embed_dataset
 
 
@@ -21,8 +22,8 @@ def main(args: argparse.Namespace) -> None:
     checkpoint = read_checkpoint(args.ckp_path)
     config = model_config(checkpoint)
     model = model_from_state(checkpoint, source=args.ckp_path)
-    dataset = build_evaluation_dataset(config["dataset"], args.split, args.data_root, config.get("image_size"),
-                                       config.get("transform"))
+    transform, image_size = input_transform_settings(config)
+    dataset = build_evaluation_dataset(config["dataset"], args.split, args.data_root, image_size, transform)
     chosen = np.random.default_rng(args.seed).choice(len(dataset), min(args.images, len(dataset)), replace=False)
     labels = torch.as_tensor(np.asarray(dataset.labels)[chosen])
     same_class = labels[:, None] == labels[None, :]

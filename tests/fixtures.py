@@ -1,17 +1,21 @@
-"""Tiny fake data sets in every supported layout, generated on the fly (never the real data).
+"""Tiny fake data sets in every supported layout, generated on the fly (never the real data), and a
+checkpoint in the authors' released format.
 
-Every generator writes under `root` (a data root) and returns `root`. Array images encode their
+Every data generator writes under `root` (a data root) and returns `root`. Array images encode their
 original class id in pixel [0, 0, 0] (ids are < 256), so tests can check the label remapping.
 Import from tests as `from fixtures import make_cub` (pytest puts tests/ on sys.path).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import pickle
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
@@ -47,6 +51,19 @@ def write_python2_pickle(path: str | Path, obj) -> Path:
     _Python2Pickler(buffer, protocol=2).dump(obj)
     data = buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
     Path(path).write_bytes(data)
+    return Path(path)
+
+
+def save_released_checkpoint(path: str | Path, weights: torch.nn.Module | Mapping[str, torch.Tensor],
+                             **config) -> Path:
+    """save_released_checkpoint(path, weights, **config) -> path
+
+    The authors' released format, written with plain torch.save as their files were: {'model': the state
+    dict of `weights` (a model or a state dict), 'max_accuracy', 'epoch', 'config': the original's
+    argparse.Namespace of `config` (e.g. dataset='miniImageNet', backbone='Res12')}.
+    """
+    state_dict = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
+    torch.save({"model": state_dict, "max_accuracy": 0.0, "epoch": 1, "config": argparse.Namespace(**config)}, path)
     return Path(path)
 
 

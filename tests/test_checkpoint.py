@@ -8,6 +8,7 @@ import torch
 
 from bml.checkpoint import CheckpointError, load_model, model_config, read_checkpoint, save_checkpoint
 from bml.models import BML, BaselineGlobal, BaselineLocal
+from fixtures import save_released_checkpoint
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -18,7 +19,7 @@ def bn_entries(prefix, channels):
 
 
 def resnet12_block_entries(prefix, in_channels, out_channels):
-    """SPEC 4: ``{conv1,bn1,conv2,bn2,conv3,bn3}`` and ``downsample.{0,1}`` of one block."""
+    """The released key names: ``{conv1,bn1,conv2,bn2,conv3,bn3}`` and ``downsample.{0,1}`` of one block."""
     entries = {}
     for i, conv_in in ((1, in_channels), (2, out_channels), (3, out_channels)):
         entries[f"{prefix}.conv{i}.weight"] = (out_channels, conv_in, 3, 3)
@@ -29,7 +30,7 @@ def resnet12_block_entries(prefix, in_channels, out_channels):
 
 
 def released_bml_shapes(num_classes=64):
-    """Key -> shape of a released ResNet-12 BML checkpoint, written from the SPEC 4 key list."""
+    """Key -> shape of a released ResNet-12 BML checkpoint, written from the released key list."""
     entries = {}
     for index, (c_in, c_out) in enumerate(((3, 64), (64, 160), (160, 320)), start=1):
         entries.update(resnet12_block_entries(f"encoder.layer{index}.0", c_in, c_out))
@@ -48,10 +49,8 @@ def random_state_dict(shapes, seed=0):
     }
 
 
-def released_checkpoint(path, weights, **config):
-    namespace = argparse.Namespace(dataset="miniImageNet", backbone="Res12", lr=0.1, **config)
-    torch.save({"model": weights, "max_accuracy": 67.2, "epoch": 80, "config": namespace}, path)
-    return path
+def released_checkpoint(path, weights):
+    return save_released_checkpoint(path, weights, dataset="miniImageNet", backbone="Res12", lr=0.1)
 
 
 class CreatesMarkerFile:

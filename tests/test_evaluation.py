@@ -18,7 +18,7 @@ from bml.datasets import NORMALIZATION, ArrayDataset, DatasetError, build_transf
 from bml.evaluation import (COMBINED, SCALED, build_evaluation_dataset, embed_dataset, evaluate_episodes,
                             parse_seed_range, sample_episodes, score_episodes, write_results)
 from bml.models import BML, BaselineGlobal
-from fixtures import make_pickle_split_dataset
+from fixtures import make_pickle_split_dataset, save_released_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WAY, QUERY, IMAGE_SIZE, CLASSES, PER_CLASS = 5, 15, 32, 8, 20
@@ -186,13 +186,6 @@ def data_root(tmp_path_factory) -> Path:
                                      images_per_class=16, image_size=32)
 
 
-def save_released_checkpoint(path: Path, network: torch.nn.Module, **config) -> Path:
-    """The released format: weights, max_accuracy, epoch and the original's argparse config."""
-    torch.save({"model": network.state_dict(), "max_accuracy": 0.0, "epoch": 1,
-                "config": argparse.Namespace(**config)}, path)
-    return path
-
-
 def test_eval_bml_sh_writes_results_and_json(tmp_path, data_root):
     torch.manual_seed(0)
     checkpoint = save_released_checkpoint(tmp_path / "bml.pth", BML(num_classes=6, width=0.125),
@@ -245,8 +238,7 @@ def test_eval_bml_errors_are_one_line_and_exit_1(tmp_path, data_root, capsys, fl
 def test_eval_bml_refuses_a_checkpoint_that_does_not_match(tmp_path, data_root, capsys):
     weights = BML(num_classes=6, width=0.125).state_dict()
     del weights["local_view.layer.0.conv1.weight"]
-    checkpoint = tmp_path / "broken.pth"
-    torch.save({"model": weights, "max_accuracy": 0.0, "epoch": 1, "config": argparse.Namespace()}, checkpoint)
+    checkpoint = save_released_checkpoint(tmp_path / "broken.pth", weights)
     eval_bml = load_entry_script()
     args = eval_bml.get_args_parser().parse_args(
         ["--ckp_path", str(checkpoint), "--dataset", "CIFAR-FS", "--data_root", str(data_root), "--no_progress"])

@@ -1,52 +1,13 @@
 """The vectorised loss terms against plain references with explicit Python loops."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bml.losses import (
-    class_prototypes,
-    global_position_loss,
-    local_prototype_loss,
-    mutual_kl_loss,
-    prototype_logits,
-    squared_distances,
-)
+from bml.losses import global_position_loss, local_prototype_loss, mutual_kl_loss
+from bml.losses.reference import looped_local_loss
 from bml.models import BML
-
-
-def reference_local_loss(features, way, shot, epoch, max_epoch, alpha_1, alpha_2):
-    """SPEC 4 item 2, one query and one position at a time. Returns (loss, case counts)."""
-    channels = features.shape[1]
-    support, query = features[: way * shot], features[way * shot:]
-    prototypes = []
-    for c in range(way):
-        maps = [support[i * way + c].reshape(channels, -1) for i in range(shot)]
-        prototypes.append(torch.stack(maps).mean(0).mean(1))
-    losses, cases = [], {"no_margin": 0, "too_easy": 0, "too_hard": 0, "margin": 0}
-    for j in range(query.shape[0]):
-        y = j % way
-        positions = query[j].reshape(channels, -1)
-        for s in range(positions.shape[1]):
-            d = torch.stack([((positions[:, s] - p) ** 2).sum() for p in prototypes])
-            dd = d.detach()
-            probs = torch.softmax(-dd, 0)
-            n = min((c for c in range(way) if c != y), key=lambda c: dd[c].item())
-            if alpha_1 == 0:
-                margin, case = 0.0, "no_margin"
-            elif probs[y].item() > 0.5:
-                margin, case = 0.0, "too_easy"
-            elif probs[n].item() > 0.5:
-                margin, case = 0.0, "too_hard"
-            else:
-                margin = alpha_1 * (epoch / max_epoch + 1e-8) / (1 + math.exp(-alpha_2 * (dd[y] - dd[n]).item()))
-                case = "margin"
-            cases[case] += 1
-            logits = -(d + margin * F.one_hot(torch.tensor(y), way))
-            losses.append(F.cross_entropy(logits[None], torch.tensor([y])))
-    return torch.stack(losses).mean(), cases
+from bml.scoring import class_prototypes, prototype_logits, squared_distances
 
 
 def episode_features(way, shot, query, channels=6, size=2, seed=0):
@@ -65,7 +26,7 @@ def episode_features(way, shot, query, channels=6, size=2, seed=0):
 def test_local_loss_matches_looped_reference(epoch, alpha_1):
     way, shot, query = 3, 2, 3
     features = episode_features(way, shot, query, seed=epoch)
-    expected, cases = reference_local_loss(features, way, shot, epoch, 100, alpha_1, 0.1)
+    expected, cases = looped_local_loss(features, way, shot, epoch, 100, alpha_1, 0.1)
     loss = local_prototype_loss(features, way, shot, epoch, 100, alpha_1, 0.1)
     if alpha_1:
         assert cases["too_easy"] and cases["too_hard"] and cases["margin"], cases

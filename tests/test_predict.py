@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from bml import FewShotClassifier
-from bml.checkpoint import save_checkpoint
-from bml.classifier import FewShotInputError, input_transform_settings
-from bml.datasets import build_transform
+from bml.classifier import FewShotInputError
+from bml.datasets import build_transform, input_transform_settings
 from bml.models import BML
 from bml.predict import get_args_parser, main
+from fixtures import save_released_checkpoint
 
 IMAGE_SIZE = 32
 COLOURS = {"blue": (20, 40, 230), "grey": (128, 128, 128), "red": (230, 30, 20)}
@@ -40,9 +40,7 @@ def tiny_config(**overrides) -> argparse.Namespace:
 def checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny_bml.pth"
-    save_checkpoint(path, {"model": BML(num_classes=4, width=0.125).state_dict(), "max_accuracy": 0.0,
-                           "epoch": 1, "config": tiny_config()})
-    return path
+    return save_released_checkpoint(path, BML(num_classes=4, width=0.125), **vars(tiny_config()))
 
 
 def solid(path: Path, colour: tuple[int, int, int], size: tuple[int, int], mode: str = "RGB") -> Path:
@@ -138,8 +136,8 @@ def test_cli_errors_are_one_clear_line_and_exit_1(tmp_path, checkpoint, capsys, 
         ckp_path = tmp_path / "nowhere.pth"
     elif problem == "mismatched checkpoint":
         ckp_path = tmp_path / "wider.pth"
-        save_checkpoint(ckp_path, {"model": torch.load(checkpoint, weights_only=False)["model"],
-                                   "config": tiny_config(width=0.25)})
+        save_released_checkpoint(ckp_path, torch.load(checkpoint, weights_only=False)["model"],
+                                 **vars(tiny_config(width=0.25)))
     else:
         for file in (support / "grey").iterdir():
             file.write_bytes(b"garbage")
@@ -240,3 +238,12 @@ def test_input_transform_follows_the_checkpoint(config, overrides, expected):
 def test_checkpoint_without_data_set_gets_natural_image_transform_with_a_warning():
     with pytest.warns(UserWarning, match="records neither its data set nor its transform"):
         assert input_transform_settings({}) == ("A", 84)
+
+
+def test_explicit_input_settings_that_differ_from_the_checkpoints_warn_once(recwarn):
+    recorded = {"dataset": "glyphs", "image_size": 32, "transform": "O"}
+    assert input_transform_settings(recorded, 32, "O") == ("O", 32) and not recwarn.list
+    assert input_transform_settings({"dataset": "glyphs"}, 28, "A") == ("A", 28) and not recwarn.list
+    assert input_transform_settings(recorded, 28, "A") == ("A", 28)
+    assert [str(warning.message).split(":")[0] for warning in recwarn.list] == [
+        "--transform A differs from the checkpoint's O", "--image_size 28 differs from the checkpoint's 32"]

@@ -1,11 +1,10 @@
-"""The ResNet-18 BML variant (SPEC 4): released key names, shapes, forward/backward."""
-
-import argparse
+"""The ResNet-18 BML variant: released key names, shapes, forward/backward."""
 
 import torch
 
 from bml.checkpoint import load_model, model_config, read_checkpoint
 from bml.models import BML, BaselineGlobal
+from fixtures import save_released_checkpoint
 from test_checkpoint import bn_entries, random_state_dict
 
 
@@ -27,7 +26,7 @@ def stage_entries(prefix, in_channels, out_channels, downsample):
 
 
 def released_resnet18_shapes(num_classes, width=1.0):
-    """SPEC 4 "The ResNet-18 variant" key list, at ``width`` (64/128/256/512 at 1.0)."""
+    """The released ResNet-18 key list, at ``width`` (64/128/256/512 at 1.0)."""
     c1, c2, c3, c4 = (round(c * width) for c in (64, 128, 256, 512))
     entries = {"encoder.conv1.weight": (c1, 3, 3, 3)}
     entries.update(bn_entries("encoder.bn1", c1))
@@ -44,8 +43,7 @@ def released_resnet18_shapes(num_classes, width=1.0):
 def test_released_resnet18_keys_load_strictly(tmp_path):
     shapes = released_resnet18_shapes(num_classes=64)
     weights = random_state_dict(shapes, seed=1)
-    config = argparse.Namespace(dataset="miniImageNet", backbone="Res18")
-    torch.save({"model": weights, "max_accuracy": 70.0, "epoch": 60, "config": config}, tmp_path / "r18.pth")
+    save_released_checkpoint(tmp_path / "r18.pth", weights, dataset="miniImageNet", backbone="Res18")
     model = load_model(tmp_path / "r18.pth")
     assert model.backbone == "resnet18" and not model.training
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes

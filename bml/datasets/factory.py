@@ -1,11 +1,13 @@
-"""One entry point from (data set name, split) to a Dataset, plus per-data-set defaults."""
+"""One entry point from (data set name, split) to a Dataset; the per-data-set input settings and their resolver."""
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from .base import DATA_HELP, ArrayDataset, DatasetError, FewShotDataset, FileDataset, SplitData, common_image_shape
 from .glyphs import read_glyphs
@@ -42,7 +44,9 @@ _DEFAULTS = {
     "miniImageNet": ("A", 84), "tieredImageNet": ("B", 84), "FC100": ("C", 84), "CIFAR-FS": ("D", 84),
     "CUB": ("E", 84), "glyphs": ("O", 32), "omniglot": ("O", 28), "omniglot-small": ("O", 28),
 }
-_IMAGE_FOLDER_DEFAULTS = ("A", 84)   # natural images: the miniImageNet recipe
+"""Data set -> (transform id, input size): the one table of each data set's input settings."""
+NATURAL_IMAGES_DATASET = "miniImageNet"
+"""Whose input settings image-folder data sets get, and checkpoints that record neither data set nor transform."""
 
 
 def canonical_name(name: str) -> str:
@@ -52,9 +56,42 @@ def canonical_name(name: str) -> str:
 
 def dataset_defaults(name: str) -> DatasetDefaults:
     """Default transform id, input size and normalisation of a data set (image folders: as miniImageNet)."""
-    transform, image_size = _DEFAULTS.get(canonical_name(name), _IMAGE_FOLDER_DEFAULTS)
+    transform, image_size = _DEFAULTS.get(canonical_name(name), _DEFAULTS[NATURAL_IMAGES_DATASET])
     mean, std = NORMALIZATION[transform]
     return DatasetDefaults(transform, image_size, mean, std)
+
+
+class InputSettings(NamedTuple):
+    """What a model's input images go through: a transform id and the input size in pixels."""
+
+    transform: str
+    image_size: int
+
+
+def input_transform_settings(recorded: Mapping[str, Any], image_size: int | None = None,
+                             transform_id: str | None = None) -> InputSettings:
+    """The one rule for a model's input settings: the explicit argument, else the recorded value, else
+    the data set's default (`dataset_defaults`).
+
+    `recorded` is what a checkpoint's config holds (its `dataset`, `transform`, `image_size`; see
+    `bml.checkpoint.model_config`), or just `{"dataset": name}` for a model not trained yet. An explicit
+    value that differs from the recorded one wins with a warning: a model fed other inputs than it was
+    trained on can lose half its accuracy. Without a recorded data set or transform, the transform of
+    natural images (miniImageNet's) is used, with a warning.
+    """
+    dataset = recorded.get("dataset")
+    for name, explicit in (("transform", transform_id), ("image_size", image_size)):
+        if explicit is not None and recorded.get(name) is not None and explicit != recorded[name]:
+            warnings.warn(f"--{name} {explicit} differs from the checkpoint's {recorded[name]}: the model was trained "
+                          f"on {recorded[name]} inputs and may score much lower; leave --{name} out to use the "
+                          f"checkpoint's", stacklevel=2)
+    if dataset is None and transform_id is None and recorded.get("transform") is None:
+        warnings.warn(f"the checkpoint records neither its data set nor its transform: using the "
+                      f"{NATURAL_IMAGES_DATASET} test transform (ImageNet-style normalisation); pass the "
+                      f"transform id ('A'..'E', 'O') if the model was trained on something else", stacklevel=2)
+    defaults = dataset_defaults(dataset or NATURAL_IMAGES_DATASET)
+    return InputSettings(check_transform_id(transform_id or recorded.get("transform") or defaults.transform),
+                         int(image_size or recorded.get("image_size") or defaults.image_size))
 
 
 def resolve_data_root(data_root: str | Path | None = None) -> Path:
@@ -76,7 +113,7 @@ def read_split(name: str, split: str, data_root: str | Path | None = None, image
     """
     name = canonical_name(name)
     _check_split(name, split)
-    image_size = image_size or dataset_defaults(name).image_size
+    image_size = input_transform_settings({"dataset": name}, image_size).image_size
     root = resolve_data_root(data_root)
     if name == EMBEDDED_DATASET:
         return read_glyphs(split)
@@ -108,9 +145,7 @@ def build_dataset(name: str, split: str, data_root: str | Path | None = None, im
     image_size None means the data set's default (84; omniglot 28; glyphs 32). `transform` is a
     transform id ('A'..'E', 'O') overriding the data set's default.
     """
-    defaults = dataset_defaults(name)
-    image_size = image_size or defaults.image_size
-    transform_id = check_transform_id(transform or defaults.transform)
+    transform_id, image_size = input_transform_settings({"dataset": name}, image_size, transform)
     data = read_split(name, split, data_root, image_size)
     common = dict(class_names=data.class_names, transform=build_transform(transform_id, image_size, train),
                   name=canonical_name(name), split=split, transform_id=transform_id, image_size=image_size)

@@ -1,4 +1,4 @@
-"""Readers for the file layouts of SPEC section 1 and the generic image folder.
+"""Readers for the file layouts of the README's "Data" table and the generic image folder.
 
 Each reader maps (dataset folder, split) to a SplitData with labels remapped to 0..C-1 in sorted order
 of the original class ids, and says precisely which file it expected when one is missing.

@@ -1,4 +1,4 @@
-"""The one episodic batch sampler (SPEC section 2), shuffled batches, and the one training loader.
+"""The one episodic batch sampler, shuffled batches, and the one training loader.
 
 An N-way K-shot Q-query episode is a list of N*(K+Q) dataset indices in shot-major order: position
 i*N + c holds the i-th image of the c-th drawn class, so the first N*K are the support set and query j
@@ -20,11 +20,6 @@ from ..utils.rng import derive_seed, isolated_cpu_rng
 from .base import DatasetError
 
 _MAX_KEYS = 1 << 22   # random keys drawn at once when choosing images (32 MiB of float64)
-
-
-def episode_labels(way: int, count: int, device: torch.device | None = None) -> torch.Tensor:
-    """Episode labels of `count` shot-major positions: position j -> j % way."""
-    return torch.arange(count, dtype=torch.long, device=device) % way
 
 
 class EpisodeSampler(Sampler[list[int]]):

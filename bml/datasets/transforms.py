@@ -1,4 +1,4 @@
-"""The published transforms A-E (SPEC section 1) and 'O', the identity-keeping one for characters.
+"""The published transforms A-E (docs/ARCHITECTURE.md, "Transforms") and 'O', the identity-keeping one for characters.
 
 Every transform takes a PIL RGB image and returns a normalised 3 x S x S float tensor, S = image_size.
 Sizes other than 84 scale the padding and the test-time Resize(92) proportionally. Images stored

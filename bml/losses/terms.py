@@ -1,14 +1,13 @@
-"""The BML training losses (SPEC 4): global per-position cross-entropy, local prototype loss with
-the elastic margin, and the cross-view mutual KL. All are vectorised over queries, positions and
-classes, with no host synchronisation."""
+"""The BML training losses (the paper; docs/ARCHITECTURE.md "Models"): global per-position
+cross-entropy, local prototype loss with the elastic margin, and the cross-view mutual KL. All are
+vectorised over queries, positions and classes, with no host synchronisation."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from bml.datasets.sampler import episode_labels
-from bml.losses.distance import class_prototypes, squared_distances
+from bml.scoring import class_prototypes, episode_labels, squared_distances
 
 MARGIN_EPS = 1e-8
 

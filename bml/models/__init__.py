@@ -1,5 +1,5 @@
-"""Models: BML (SPEC 4), the two single-view baselines, and ``build_model``, the one way to build
-any of them from settings."""
+"""Models: BML (the paper's model; docs/ARCHITECTURE.md "Models"), the two single-view baselines, and
+``build_model``, the one way to build any of them from settings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Single-view baselines (SPEC 5): the same backbone trained with a base-class classifier
+"""The paper's single-view baselines: the same backbone trained with a base-class classifier
 (baseline-global) or episodically with prototypes (baseline-local)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Binocular Mutual Learning (SPEC 4): a shared trunk with a global and a local view."""
+"""Binocular Mutual Learning (the paper; docs/ARCHITECTURE.md "Models"): a shared trunk with a global and a
+local view."""
 
 from __future__ import annotations
 
@@ -64,5 +65,5 @@ class BML(FewShotModel):
         return terms
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluation embeddings (SPEC 5): sqrt(relu(F)) of each view, flattened to B x (D*h*w)."""
+        """Evaluation embeddings (as in the released code): sqrt(relu(F)) of each view, flattened to B x (D*h*w)."""
         return tuple(torch.relu(feature_map).sqrt().flatten(1) for feature_map in self(images))

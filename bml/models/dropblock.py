@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 RAMP_STEPS = 40000
-"""Steps over which the drop probability grows linearly from 0 to ``drop_rate`` (SPEC 3)."""
+"""Steps over which the drop probability grows linearly from 0 to ``drop_rate``, as in the released training code."""
 
 
 def keep_probability(drop_rate: float, step: int, ramp_steps: int = RAMP_STEPS) -> float:
@@ -56,7 +56,7 @@ class DropBlock(nn.Module):
     def gamma(self, height: int, width: int, block_size: int) -> float:
         """Seed probability that drops about ``1 - keep`` of the units of a height x width map.
 
-        For a square map of side fs this is ``(1 - keep) / bs² * fs² / (fs - bs + 1)²`` (SPEC 3).
+        For a square map of side fs this is ``(1 - keep) / bs² * fs² / (fs - bs + 1)²`` (Ghiasi et al.).
         """
         keep = keep_probability(self.drop_rate, self.step, self.ramp_steps)
         valid = (height - block_size + 1) * (width - block_size + 1)

@@ -1,4 +1,5 @@
-"""ResNet-12 (SPEC 3): four residual blocks of three 3x3 convolutions, each ending in a 2x2 max-pool."""
+"""ResNet-12, the paper's backbone: four residual blocks of three 3x3 convolutions, each ending in a 2x2
+max-pool."""
 
 from __future__ import annotations
 

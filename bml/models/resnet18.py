@@ -1,4 +1,4 @@
-"""ResNet-18 variant of BML (SPEC 4, ``--backbone Res18``): torchvision-style basic blocks on a
+"""ResNet-18 variant of BML (the released code's ``--backbone Res18``): torchvision-style basic blocks on a
 3x3 stride-1 stem, for 84 px inputs; no dropout or DropBlock."""
 
 from __future__ import annotations
