@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="transform id (default: the checkpoint's, else the data set's)")
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--data_root", default=None, help="data root (default: $BML_DATA_ROOT, else data/)")
+    parser.add_argument("--allow_uncropped_cub", action="store_true",
+                        help="CUB: evaluate on the uncropped CUB_200_2011 images when the bounding-box crops "
+                             "(CUB_test/) are missing; not the published protocol (warns, recorded in the JSON)")
     parser.add_argument("--image_size", type=int, default=None,
                         help="input size (default: the checkpoint's, else the data set's, 84 for the benchmarks)")
 
@@ -79,7 +83,8 @@ def main(args: argparse.Namespace) -> int:
             raise DatasetError(f"{args.ckp_path} does not record its data set: pass --dataset")
         dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root,
                                            args.image_size or config.get("image_size"),
-                                           args.transform or config.get("transform"), args.test_dataset)
+                                           args.transform or config.get("transform"), args.test_dataset,
+                                           args.allow_uncropped_cub)
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         print(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
               f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
@@ -99,6 +104,7 @@ def main(args: argparse.Namespace) -> int:
                 "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
                 "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
                 "seeds": seeds, "storage": args.storage, "amp": args.amp, "device": str(args.device),
+                "uncropped_cub": dataset.name == "CUB" and "CUB_test" not in Path(str(dataset.paths[0])).parts,
                 "seconds": round(time.perf_counter() - start, 1)}
     text_path, json_path = write_results(results, label, args.n_shots, args.output_dir, args.json, metadata)
     for name, summary in results.items():
