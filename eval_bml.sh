@@ -16,11 +16,7 @@ WEIGHTS=$3
 SHOT=$4
 shift 4
 
-PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
-if [ -z "$PYTHON" ]; then
-    echo "error: neither python nor python3 is on PATH (or set PYTHON=/path/to/python)" >&2
-    exit 1
-fi
-exec "$PYTHON" "$(dirname "$0")/eval_bml.py" \
+source "$(dirname "$0")/scripts/python_env.sh"
+exec "$PYTHON" "$REPO_ROOT/eval_bml.py" \
     --dataset "$DATASET" --transform "$TRANSFORM" --ckp_path "$WEIGHTS" --n_shots "$SHOT" \
     --n_ways 5 --n_queries 15 --episodes 2000 --seeds 0-9 "$@"

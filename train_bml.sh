@@ -16,11 +16,5 @@ if [[ $# -gt 0 && $1 != -* ]]; then
     DATASET=$1
     shift
 fi
-HERE=$(cd "$(dirname "$0")" && pwd)
-PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
-if [[ -z $PYTHON ]]; then
-    echo "error: neither python nor python3 is on PATH (or set PYTHON=/path/to/python)" >&2
-    exit 1
-fi
-export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m bml.launch "$HERE/train_bml.py" --dataset "$DATASET" "$@"
+source "$(dirname "$0")/scripts/python_env.sh"
+exec "$PYTHON" -m bml.launch "$REPO_ROOT/train_bml.py" --dataset "$DATASET" "$@"

@@ -8,11 +8,5 @@
 #   bash bench/gpu_check.sh --out report.json --only fp32_matches_cpu compile
 set -euo pipefail
 
-HERE=$(cd "$(dirname "$0")" && pwd)
-PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
-if [[ -z $PYTHON ]]; then
-    echo "error: neither python nor python3 is on PATH (or set PYTHON=/path/to/python)" >&2
-    exit 1
-fi
-export PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" "$HERE/gpu_check.py" "$@"
+source "$(dirname "$0")/../scripts/python_env.sh"
+exec "$PYTHON" "$REPO_ROOT/bench/gpu_check.py" "$@"
