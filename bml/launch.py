@@ -44,7 +44,8 @@ def load_script(path: str | Path) -> ModuleType:
 def process_count(args: argparse.Namespace, episodes: int, num_gpus: int) -> int:
     """Processes to start: 1 without GPUs (or on one named device); else the largest divisor of
     `episodes` (per step) that the GPUs allow, or every GPU with --allow_more_processes."""
-    if args.device is not None and (args.device == "cpu" or ":" in args.device) or num_gpus <= 1:
+    one_device = args.device is not None and (args.device == "cpu" or ":" in args.device)
+    if one_device or num_gpus <= 1:
         return 1
     if args.allow_more_processes:
         return num_gpus

@@ -185,6 +185,16 @@ def test_processes_share_the_episodes_of_a_step():
         resolve_episodes(argparse.Namespace(episodes_per_step=4, allow_more_processes=False), 3)
 
 
+def test_process_count_is_a_divisor_of_the_episodes_the_gpus_allow():
+    args = argparse.Namespace(device=None, allow_more_processes=False)
+    assert [launch.process_count(args, 2, gpus) for gpus in (0, 1, 2, 8)] == [1, 1, 2, 2]
+    assert [launch.process_count(args, 4, gpus) for gpus in (3, 8)] == [2, 4]
+    for device in ("cpu", "cuda:1"):
+        assert launch.process_count(argparse.Namespace(device=device, allow_more_processes=True), 2, 8) == 1
+    args.allow_more_processes = True
+    assert launch.process_count(args, 2, 8) == 8
+
+
 @pytest.mark.parametrize("model", ["bml", "local", "global"])
 def test_step_plan_does_not_depend_on_how_many_processes_share_it(tmp_path, model):
     """Rank r of 2 processes runs exactly slot r of the 1-process plan: same episodes, same batches."""
