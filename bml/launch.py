@@ -27,6 +27,7 @@ import torch
 
 from bml.datasets import canonical_name
 from bml.recipes import apply_recipe
+from bml.training import SettingsError, run_plan
 from bml.utils.distributed import DeviceError
 
 EXIT_FAILURE = 1
@@ -74,8 +75,6 @@ def main(argv: list[str]) -> int:
     if not args.dry_run:
         sys.stdout.flush()
         os.execv(command[0], command)
-    from bml.training import SettingsError, run_plan   # the training stack only when it is needed
-
     try:
         plan = run_plan(args, world_size=processes)
     except (SettingsError, DeviceError) as error:
