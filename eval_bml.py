@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="transform id (default: the checkpoint's, else the data set's)")
     parser.add_argument("--split", choices=("val", "test"), default="test")
     parser.add_argument("--data_root", default=None, help="data root (default: $BML_DATA_ROOT, else data/)")
+    parser.add_argument("--allow_uncropped_cub", action="store_true",
+                        help="CUB: evaluate on the uncropped CUB_200_2011 images when the bounding-box crops "
+                             "(CUB_test/) are missing; not the published protocol (warns, recorded in the JSON)")
     parser.add_argument("--image_size", type=argtypes.image_size, default=None,
                         help="input size (default: the checkpoint's, else the data set's, 84 for the benchmarks)")
 
@@ -84,7 +88,8 @@ def main(args: argparse.Namespace) -> int:
         transform, image_size = input_transform_settings({**config, "dataset": dataset_name}, args.image_size,
                                                          args.transform)
         dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root, image_size, transform,
-                                           args.test_dataset)
+                                           args.test_dataset,
+                                           args.allow_uncropped_cub)
         label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
         label += "" if args.split == "test" else f"_{args.split}"
         text_path, json_path = results_paths(label, args.n_shots, args.output_dir, args.json)
@@ -109,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
                 "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
                 "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
                 "seeds": seeds, "storage": args.storage, **storage, "amp": args.amp, "device": str(args.device),
+                "uncropped_cub": dataset.name == "CUB" and "CUB_test" not in Path(str(dataset.paths[0])).parts,
                 "seconds": round(time.perf_counter() - start, 1)}
     for name, summary in results.items():
         print(f"{name:>10}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")

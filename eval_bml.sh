@@ -16,7 +16,7 @@ WEIGHTS=$3
 SHOT=$4
 shift 4
 
-PYTHON=${PYTHON:-$(command -v python || command -v python3)}
-exec "$PYTHON" "$(dirname "$0")/eval_bml.py" \
+source "$(dirname "$0")/scripts/python_env.sh"
+exec "$PYTHON" "$REPO_ROOT/eval_bml.py" \
     --dataset "$DATASET" --transform "$TRANSFORM" --ckp_path "$WEIGHTS" --n_shots "$SHOT" \
     --n_ways 5 --n_queries 15 --episodes 2000 --seeds 0-9 "$@"

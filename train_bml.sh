@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Train BML with the published recipe of DATASET on every visible GPU (one process without GPUs).
+# Train BML with the published recipe of DATASET (one plain process without GPUs).
 #
 #   bash train_bml.sh                                   # embedded `glyphs` set: a few minutes on a laptop CPU
 #   bash train_bml.sh miniImageNet --data_root /data    # published recipe; any train_bml.py flag may follow
+#   bash train_bml.sh miniImageNet --dry_run            # print the plan (and the launch command) as JSON
 #
-# With several GPUs this runs `torchrun --standalone --nproc_per_node=<GPUs>`, one episode per GPU and
-# step. The published models averaged 2 episodes per step (2 GPUs), so on a single device the published
-# data sets get --episodes_per_step 2 (a flag given on the command line still wins).
+# The recipe states the episodes averaged per step over all processes (2 for the published data sets,
+# one per GPU on 2 GPUs): at most that many processes are started (torchrun), each running its share;
+# one GPU or a CPU runs them all. --allow_more_processes starts one process per visible GPU instead
+# (not the published recipe). The logic lives in `python -m bml.launch`.
 set -euo pipefail
 
 DATASET=glyphs
@@ -14,16 +16,5 @@ if [[ $# -gt 0 && $1 != -* ]]; then
     DATASET=$1
     shift
 fi
-HERE=$(dirname "$0")
-NUM_GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
-
-RECIPE=()
-if [[ $NUM_GPUS -le 1 && $DATASET != glyphs && $DATASET != omniglot ]]; then
-    RECIPE=(--episodes_per_step 2)
-fi
-
-if [[ $NUM_GPUS -gt 1 ]]; then
-    torchrun --standalone --nproc_per_node="$NUM_GPUS" "$HERE/train_bml.py" --dataset "$DATASET" ${RECIPE[@]+"${RECIPE[@]}"} "$@"
-else
-    python "$HERE/train_bml.py" --dataset "$DATASET" ${RECIPE[@]+"${RECIPE[@]}"} "$@"
-fi
+source "$(dirname "$0")/scripts/python_env.sh"
+exec "$PYTHON" -m bml.launch "$REPO_ROOT/train_bml.py" --dataset "$DATASET" "$@"

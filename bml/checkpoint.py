@@ -120,7 +120,7 @@ def model_config(state: Mapping[str, Any]) -> dict[str, Any]:
     """Settings for ``build_model`` (plus dataset/image_size/transform when recorded).
 
     Taken from the checkpoint's config where it has them, otherwise inferred from the weights:
-    the model kind from ``global_w`` / ``classifier``, the backbone from the ResNet-18 stem
+    the model kind from ``global_w`` (BML when the views have their own stages), the backbone from the ResNet-18 stem
     ``encoder.conv1``, the width from the last stage's channels, the number of classes from the
     classifier's rows, ``spatial`` from a 1x1-conv classifier. Released configs are the
     original's Namespace: 'Res12'/'Res18' backbones, no width.
@@ -146,9 +146,8 @@ def infer_model_config(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Model kind, backbone, width, num_classes and spatial read from state-dict keys and shapes."""
     backbone = "resnet18" if "encoder.conv1.weight" in weights else "resnet12"
     if "global_w.weight" in weights:
-        kind, classifier = "bml", weights["global_w.weight"]
-    elif "classifier.weight" in weights:
-        kind, classifier = "global", weights["classifier.weight"]
+        two_views = any(key.startswith("global_view.") for key in weights)
+        kind, classifier = "bml" if two_views else "global", weights["global_w.weight"]
     else:
         kind, classifier = "local", None
     last_stage = next((key for key in LAST_STAGE_KEYS if key in weights), None)

@@ -1,9 +1,10 @@
 """One training epoch and one validation pass, shared by BML and both baselines.
 
-A training step is `episodes_per_step` separate forward/backward passes (each its own episode or
-batch, so BatchNorm statistics stay per episode) with their gradients averaged, then one
-optimiser step. Under DDP the gradients are also averaged over processes, so one step sees
-`episodes_per_step * world_size` episodes, like the published two-GPU recipe.
+A training step is `episodes_per_process` separate forward/backward passes on each process (each
+its own episode or batch, so BatchNorm statistics stay per episode) with their gradients averaged,
+then one optimiser step. Under DDP the gradients are also averaged over processes, so one step
+averages the recipe's `episodes_per_step` episodes (2, as on the published two GPUs) however many
+processes share them.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
                     logger: RunLogger, print_freq: int, is_main: bool) -> EpochResult:
     """Train over the remaining steps of epoch `epoch` (1-based), or until a stop is requested.
 
-    `loader` yields (images, labels) of shape (episodes_per_step, B, 3, S, S) and
-    (episodes_per_step, B), starting at step `state.epoch_step`. Non-finite losses and stop
+    `loader` yields (images, labels) of shape (episodes_per_process, B, 3, S, S) and
+    (episodes_per_process, B), starting at step `state.epoch_step`. Non-finite losses and stop
     requests are agreed on by all processes at each step (one all-reduce, which also averages the
     logged loss terms), so they all leave after the same step.
     Raises NonFiniteLossError before applying a step whose loss is NaN or infinite.

@@ -62,9 +62,15 @@ class Recipe:
     optim: str = "SGD"
     clip_grad: float = 0.0                # max gradient norm of a step; 0: off (as published)
     schedule: LRSchedule = field(default=PUBLISHED_SCHEDULE)
+    # Episodes (global baseline: batches) averaged into one optimiser step over all processes together. The
+    # published models: 2, one per GPU on 2 GPUs; the CPU-sized recipes: 1. The launchers start at most this many
+    # processes and each runs its share.
+    episodes_per_step: int = 1
+    # Recipes whose training split includes the val classes (tieredImageNet): nothing is chosen on val.
+    trains_on_val: bool = False
 
 
-PUBLISHED = Recipe()
+PUBLISHED = Recipe(episodes_per_step=2)
 # CPU-sized: a narrow network on small images, short epochs, one validation at the end.
 GLYPHS = Recipe(width=0.25, epochs=4, episodes_per_epoch=50, n_train_ways=10, n_train_queries=5,
                 val_episodes=300, eval_freq=4, save_freq=0, batch_size=64)
@@ -76,7 +82,7 @@ OMNIGLOT = Recipe(width=0.25, epochs=20, episodes_per_epoch=100, n_train_ways=10
 RECIPES: dict[str, Recipe] = {
     "miniImageNet": PUBLISHED,
     "tieredImageNet": dataclasses.replace(PUBLISHED, epochs=200, eval_freq=40, save_freq=40,
-                                          schedule=TIERED_SCHEDULE),
+                                          schedule=TIERED_SCHEDULE, trains_on_val=True),
     "FC100": PUBLISHED,
     "CIFAR-FS": PUBLISHED,
     "CUB": PUBLISHED,
@@ -118,3 +124,9 @@ def lr_factor(completed_epochs: int, milestones: list[int], gammas: list[float])
         if completed_epochs >= milestone:
             factor *= gamma
     return factor
+
+
+def lr_schedule(base_lr: float, milestones: list[int], gammas: list[float]) -> list[list]:
+    """The schedule as [first_epoch, lr] pairs (epochs from 1): [[1, 0.1], [51, 0.006], [71, 0.0012]]."""
+    return [[1, base_lr]] + [[milestone + 1, round(base_lr * lr_factor(milestone, milestones, gammas), 12)]
+                             for milestone in sorted(set(milestones))]

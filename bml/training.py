@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -36,8 +37,9 @@ from bml.datasets import (DatasetError, EpisodeSampler, build_dataset, build_ste
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
 from bml.evaluation import AMP_DTYPES, EvaluationError
 from bml.models import build_model
-from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, lr_factor
+from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, get_recipe, lr_factor, lr_schedule
 from bml.utils import argtypes, distributed
+from bml.utils.device import AMP_CHOICES, check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
 from bml.utils.io import OutputError, check_output_folder, folder_lock, remove_orphan_temporaries
 from bml.utils.logger import RunLogger
 from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
@@ -53,6 +55,7 @@ WEIGHT_GROWTH_LIMIT = 1e6
 STOP_CAUSING_FLAGS = ("--lr", "--amp", "--amp_opt_level")
 """Flags the advice after a diverged run asks to change, so its resume command leaves them out."""
 Result = TypeVar("Result")
+VALIDATION_AMP = "off"   # eval_bml.py's default: the checkpoint is chosen at the precision it is evaluated at
 
 
 class SettingsError(ValueError):
@@ -88,6 +91,9 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                       help="input size in pixels; default: the data set's (84; glyphs 32, omniglot 28)")
     data.add_argument("--num_workers", type=argtypes.non_negative_int, default=4,
                       help="data-loading processes per training process")
+    data.add_argument("--allow_uncropped_cub", action="store_true",
+                      help="CUB: validate on the uncropped CUB_200_2011 images when the bounding-box crops "
+                           "(CUB_test/) are missing; not the published protocol (warns, recorded in config.json)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
@@ -104,12 +110,17 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
     episodes.add_argument("--n_train_queries", type=argtypes.positive_int, default=None,
                           help="query images per class (recipe: 7)")
     episodes.add_argument("--episodes_per_epoch", type=argtypes.positive_int, default=None,
-                          help="optimiser steps per epoch (recipe: 500); each process draws --episodes_per_step "
-                               "episodes per step")
-    episodes.add_argument("--episodes_per_step", type=argtypes.positive_int, default=1,
-                          help="episodes (separate forward/backward passes, BatchNorm statistics per episode) whose "
-                               "gradients are averaged into one optimiser step, per process. The published recipe "
-                               "averaged 2 episodes (one per GPU): on one device use 2 to reproduce it")
+                          help="optimiser steps per epoch (recipe: 500); each step averages --episodes_per_step "
+                               "episodes")
+    episodes.add_argument("--episodes_per_step", type=argtypes.positive_int, default=None,
+                          help="episodes (global baseline: batches), each its own forward/backward pass with its own "
+                               "BatchNorm statistics, whose gradients are averaged into one optimiser step, over all "
+                               "processes together; each process runs its share (recipe: 2, as published on 2 "
+                               "GPUs; glyphs and omniglot 1)")
+    episodes.add_argument("--allow_more_processes", action="store_true",
+                          help="allow more processes than --episodes_per_step: each then runs one episode, so a "
+                               "step averages one episode per process at the same lr (not the published recipe; "
+                               "warns)")
 
     validation = parser.add_argument_group("validation (on the val split)")
     validation.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None,
@@ -127,7 +138,8 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
     optimisation.add_argument("--epochs", type=argtypes.positive_int, default=None,
                               help="training epochs (recipe: 100; tiered 200)")
     optimisation.add_argument("--optim", default=None, choices=tuple(LR_BY_OPTIMIZER),
-                              help=f"SGD (momentum {MOMENTUM}) or Adam, weight decay {WEIGHT_DECAY} (recipe: SGD)")
+                              help=f"SGD (momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}) or Adam (no weight "
+                                   "decay, as the original) (recipe: SGD)")
     optimisation.add_argument("--lr", type=argtypes.number(minimum=0), default=None,
                               help="initial learning rate (SGD 0.1, Adam 1e-3); decayed x0.06 after 50%% of the "
                                    "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
@@ -153,14 +165,24 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                      help="steps between log lines and TensorBoard points")
     run.add_argument("--device", default=None,
                      help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
-    run.add_argument("--amp", default=None, choices=tuple(AMP_DTYPES),
-                     help="mixed precision with torch.amp; default: bf16 on GPUs that support it, else fp16 "
-                          "(with a gradient scaler); off on CPU")
+    run.add_argument("--amp", default=None, choices=AMP_CHOICES,
+                     help="autocast precision: off = fp32, the published recipe (default); bf16 (native from "
+                          "compute capability 8.0; older GPUs get fp16 with a warning); fp16 with a gradient "
+                          "scaler. Mixed precision is faster and lighter, at slightly different numerics")
     run.add_argument("--amp_opt_level", default=None, choices=("O0", "O1", "O2"),
-                     help="the original's apex setting, mapped onto torch.amp: O0 = --amp off, O1/O2 = --amp fp16")
+                     help="the original's Apex level, used when --amp is not given: O0 = --amp off (the "
+                          "original's default); O1 (Apex autocast with fp32 weights) = --amp fp16; O2 (Apex's "
+                          "fp16 model with fp32 master weights) has no torch.amp equivalent and also becomes "
+                          "--amp fp16 (autocast, fp32 weights), with a warning")
+    run.add_argument("--tf32", default="on", choices=("on", "off"),
+                     help="on: PyTorch's default, cuDNN convolutions in fp32 may use TF32 on GPUs of compute "
+                          "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere")
     run.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on GPUs)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the training step; compilation failures fall back to eager with a warning")
+    run.add_argument("--dry_run", action="store_true",
+                     help="print the resolved plan of the run (device, processes, episodes per step, precision, "
+                          "schedule, ...) as one JSON object and exit, without reading images or using the GPU")
     return parser
 
 
@@ -194,7 +216,7 @@ def default_save_folder(args: argparse.Namespace) -> Path:
             parts.append(f"gb{args.global_batch}")
     elif args.spatial:
         parts.append("spatial")
-    if args.episodes_per_step > 1:
+    if args.episodes_per_step != get_recipe(args.dataset).episodes_per_step:
         parts.append(f"x{args.episodes_per_step}")
     parts += [args.optim, f"lr{args.lr:g}"]
     if args.clip_grad:
@@ -203,37 +225,83 @@ def default_save_folder(args: argparse.Namespace) -> Path:
     return Path("output") / "_".join(str(part) for part in parts)
 
 
-def resolve_amp(args: argparse.Namespace, device: torch.device) -> str:
-    """--amp, else --amp_opt_level, else the device's best; unsupported choices fall back with a warning."""
-    amp = args.amp
-    if amp is None and args.amp_opt_level is not None:
-        amp = "off" if args.amp_opt_level == "O0" else "fp16"
-    if amp is None:
-        if device.type != "cuda":
-            return "off"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if amp == "fp16" and device.type != "cuda":
-        warn(f"fp16 mixed precision needs a CUDA GPU; training in fp32 on {device.type} instead "
-             "(--amp bf16 gives mixed precision on CPUs)")
-        return "off"
-    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warn("this GPU does not support bf16; using fp16 with a gradient scaler instead")
-        return "fp16"
-    return amp
+def resolve_episodes(args: argparse.Namespace, world_size: int) -> list[str]:
+    """Split the recipe's global episodes per step over the processes (`args.episodes_per_process`).
+
+    More processes than episodes only with --allow_more_processes: each then runs one, and the step
+    averages `world_size` episodes. Returns the warnings.
+    """
+    episodes = args.episodes_per_step
+    if world_size > episodes:
+        if not args.allow_more_processes:
+            raise SettingsError(
+                f"{world_size} processes, but the recipe averages {episodes} episode(s) per step: start at most "
+                f"{episodes} (bash train_bml.sh / train_baseline.sh do), or pass --allow_more_processes to average "
+                f"{world_size} episodes per step (not the published recipe)")
+        args.episodes_per_step = world_size
+        warning = (f"--allow_more_processes: {world_size} processes of one episode each, so a step averages "
+                   f"{world_size} episodes instead of the recipe's {episodes}, at the same lr: not the published "
+                   "recipe")
+        args.episodes_per_process = 1
+        return [warning]
+    if episodes % world_size:
+        raise SettingsError(f"--episodes_per_step {episodes} cannot be split evenly over {world_size} processes: "
+                            f"use a divisor of {episodes} processes, or change --episodes_per_step")
+    args.episodes_per_process = episodes // world_size
+    return []
 
 
-def finish_settings(args: argparse.Namespace, context: distributed.DistributedContext) -> argparse.Namespace:
-    """Fill the recipe and the derived settings in place; everything in `args` is a plain value
-    (it is stored as the checkpoint's `config`)."""
+def finish_settings(args: argparse.Namespace, context: distributed.DistributedContext) -> list[str]:
+    """Fill the recipe and the derived settings in place and return the warnings; everything in `args`
+    is a plain value (it is stored as the checkpoint's `config`).
+
+    Raises SettingsError, or DeviceError when this torch build has no kernels for the GPU: before any
+    data is read or any step runs.
+    """
     args.dataset = canonical_name(args.dataset)
     apply_recipe(args)
     if args.model == "bml":
         parse_weights(args.weights)
+    check_cuda_arch(context.device)
+    warnings = resolve_episodes(args, context.world_size)
     args.world_size = context.world_size
     args.device = str(context.device)
-    args.amp = resolve_amp(args, context.device)
+    args.amp, amp_warnings = resolve_amp(args.amp, args.amp_opt_level, context.device)
+    args.validation_amp = VALIDATION_AMP
+    trains_on_val = get_recipe(args.dataset).trains_on_val
+    args.val_split = None if trains_on_val or args.eval_freq == 0 else "val"
     args.save_folder = str(args.save_folder or default_save_folder(args))
-    return args
+    return warnings + amp_warnings
+
+
+def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
+    """The resolved plan of a run, as `--dry_run` prints it; neither reads images nor touches GPU memory.
+
+    `world_size`: the number of processes the run will have (default: torchrun's WORLD_SIZE, else 1).
+    Prints the warnings; raises what `finish_settings` raises.
+    """
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = distributed.resolve_device(args.device, local_rank, select=False)
+    context = distributed.DistributedContext(rank=0, local_rank=local_rank, world_size=world_size, device=device)
+    warnings = finish_settings(args, context)
+    for warning in warnings:
+        warn(warning)
+    gpu = gpu_info(device)
+    return {
+        "model": args.model, "dataset": args.dataset, "device": str(device),
+        "gpu": None if gpu is None else gpu.as_dict(), "world_size": world_size,
+        "episodes_per_step": args.episodes_per_step, "episodes_per_process": args.episodes_per_process,
+        "amp": args.amp, "tf32": tf32_active(args.tf32, device), "validation_amp": args.validation_amp,
+        "epochs": args.epochs,
+        "steps_per_epoch": None if args.model == "global" else args.episodes_per_epoch,
+        **({"steps_per_epoch_rule": f"training images // {args.batch_size} (--batch_size): each episode slot "
+                                    "of a step passes once over the training split per epoch"}
+           if args.model == "global" else {}),
+        "lr_schedule": lr_schedule(args.lr, args.lr_milestones, args.lr_gammas), "optim": args.optim,
+        "val_split": args.val_split, "transform": args.transform, "image_size": args.image_size,
+        "save_folder": args.save_folder, "warnings": warnings,
+    }
 
 
 def run_records(folder: Path) -> list[str]:
@@ -308,34 +376,42 @@ def info(message: str) -> None:
 
 
 def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
-    """Episodic training: --episodes_per_epoch; global baseline: one pass over the data."""
+    """Episodic training: --episodes_per_epoch; global baseline: one pass over the data per episode slot.
+
+    The original's global baseline gave each of its 2 GPUs a full shuffled pass per epoch in batches of
+    128: len(data) // 128 steps of 2 x 128 images (its last, partial batch is dropped here).
+    """
     if args.model != "global":
         return args.episodes_per_epoch
-    steps = num_images // (args.batch_size * args.episodes_per_step * args.world_size)
+    steps = num_images // args.batch_size
     if steps < 1:
-        raise SettingsError(f"the training split has {num_images} images, fewer than one step of --batch_size "
-                            f"{args.batch_size} x {args.episodes_per_step} x {args.world_size} processes: "
-                            "lower --batch_size")
+        raise SettingsError(f"the training split has {num_images} images, fewer than one batch of --batch_size "
+                            f"{args.batch_size}: lower --batch_size")
     return steps
 
 
 def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: int) -> np.ndarray:
-    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_step, B)."""
+    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_process, B).
+
+    The plan of all `episodes_per_step` slots is drawn as by one process, and each rank takes its
+    consecutive slots: the step's episodes do not depend on how many processes share them, so 2
+    processes of 1 episode train exactly like 1 process of 2.
+    """
     steps = steps_per_epoch(args, len(labels))
     slots = args.episodes_per_step
     if args.model == "global":
-        batches = shuffled_batches(len(labels), args.batch_size, steps * slots, seed=args.seed, epoch=epoch,
-                                   rank=rank, world_size=args.world_size)
+        batches = np.stack([shuffled_batches(len(labels), args.batch_size, steps, seed=derive_seed(args.seed, slot),
+                                             epoch=epoch) for slot in range(slots)], axis=1)
     else:
         sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
-                                 episodes=steps * slots, seed=args.seed, rank=rank, world_size=args.world_size)
+                                 episodes=steps * slots, seed=args.seed)
         sampler.set_epoch(epoch)
         batches = sampler.sample()
         if args.model == "bml" and args.global_batch:
-            shuffled = shuffled_batches(len(labels), args.global_batch, steps * slots, seed=args.seed, epoch=epoch,
-                                        rank=rank, world_size=args.world_size)
+            shuffled = shuffled_batches(len(labels), args.global_batch, steps * slots, seed=args.seed, epoch=epoch)
             batches = np.concatenate([batches, shuffled], axis=1)
-    return batches.reshape(steps, slots, -1)
+    share = args.episodes_per_process
+    return batches.reshape(steps, slots, -1)[:, rank * share:(rank + 1) * share]
 
 
 def build_epoch_loader(args: argparse.Namespace, dataset: Dataset, epoch: int, first_step: int, rank: int,
@@ -347,9 +423,13 @@ def build_epoch_loader(args: argparse.Namespace, dataset: Dataset, epoch: int, f
 
 
 def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
-    """Keyword arguments of `model.losses` for `epoch`; every model ignores those it does not use."""
+    """Keyword arguments of `model.losses` for `epoch`; every model ignores those it does not use.
+
+    The epoch is a 0-dim tensor, not an int: a compiled loss would otherwise specialise on its value
+    and recompile at every new epoch (until torch's recompile limit silently falls back to eager).
+    """
     settings = {"way": args.n_train_ways, "shot": args.n_train_shots, "query": args.n_train_queries,
-                "epoch": epoch, "max_epoch": args.epochs}
+                "epoch": torch.tensor(float(epoch), dtype=torch.float64), "max_epoch": args.epochs}
     if args.model == "bml":
         settings.update(alpha_1=args.alpha_1, alpha_2=args.alpha_2, T=args.T, weights=parse_weights(args.weights),
                         global_batch=args.global_batch)
@@ -372,9 +452,10 @@ class LossForward(nn.Module):
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay, or Adam without weight decay (as the original)."""
     if args.optim == "SGD":
         return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
+    return torch.optim.Adam(model.parameters(), lr=args.lr)
 
 
 def set_epoch_lr(args: argparse.Namespace, optimizer: torch.optim.Optimizer, completed_epochs: int) -> float:
@@ -602,6 +683,9 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
     """
     context = None
     try:
+        if args.dry_run:
+            print(json.dumps(run_plan(args), indent=2))
+            return TrainingOutcome(0)
         context = distributed.init_distributed_mode(args.device)
         with contextlib.ExitStack() as resources:
             return _train(args, context, resources)
@@ -617,20 +701,22 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
 def _train(args: argparse.Namespace, context: distributed.DistributedContext,
            resources: contextlib.ExitStack) -> TrainingOutcome:
     explicit_folder = args.save_folder is not None
-    finish_settings(args, context)
+    for warning in finish_settings(args, context):
+        warn(warning)
     args.save_folder = str(on_main_process(lambda: claim_run_folder(args, explicit_folder, resources)))
     save_folder = Path(args.save_folder)
     device, is_main = context.device, context.is_main_process
     seed_everything(args.seed + context.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        configure_tf32(args.tf32)
 
     train_set = build_dataset(args.dataset, "train", args.data_root, args.image_size, train=True,
                               transform=args.transform)
     val_set = None
-    if args.eval_freq > 0 and is_main:
-        val_set = build_dataset(args.dataset, "val", args.data_root, args.image_size, train=False,
-                                transform=args.transform)
+    if args.val_split and is_main:
+        val_set = build_dataset(args.dataset, args.val_split, args.data_root, args.image_size, train=False,
+                                transform=args.transform, allow_uncropped_cub=args.allow_uncropped_cub)
     on_main_process(lambda: check_validation_episodes(args, val_set))
     args.num_classes = train_set.num_classes
     steps = steps_per_epoch(args, len(train_set))
@@ -658,8 +744,14 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     logger = RunLogger(save_folder, enabled=is_main)
     logger.write_config(args)
     info(f"Training {args.model} on {args.dataset} ({len(train_set)} images, {args.num_classes} classes): "
-         f"{args.epochs} epochs of {steps} steps, {context.world_size} process(es) on {device.type}, amp {args.amp}; "
-         f"saving to {save_folder}")
+         f"{args.epochs} epochs of {steps} steps of {args.episodes_per_step} episode(s) ({args.episodes_per_process} "
+         f"on each of {context.world_size} process(es)) on {device.type}, amp {args.amp}; saving to {save_folder}")
+    if get_recipe(args.dataset).trains_on_val:
+        info(f"{args.dataset} trains on its val classes too: no checkpoint is chosen on val; the final model "
+             f"({last_path}) is the one to evaluate, as published")
+    elif val_set is not None:
+        info(f"Validation on {args.val_split} in {'fp32' if VALIDATION_AMP == 'off' else VALIDATION_AMP} (as "
+             f"eval_bml.py evaluates) chooses {save_folder / BEST_CHECKPOINT}")
     if saved_rng is not None and len(saved_rng) == context.world_size:
         restore_rng_state(saved_rng[context.rank])
     elif saved_rng is not None:
@@ -767,7 +859,7 @@ def validate(args: argparse.Namespace, model: nn.Module, val_set: Dataset, devic
     """Validation accuracy on fixed episodes (seed 0), without touching the training RNG streams."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate(model, val_set, way=args.n_ways, shot=args.n_shots, query=args.n_queries,
-                        episodes=args.val_episodes, seed=0, device=device, amp=args.amp,
+                        episodes=args.val_episodes, seed=0, device=device, amp=args.validation_amp,
                         num_workers=args.num_workers, progress=sys.stderr.isatty())
 
 

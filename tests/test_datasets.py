@@ -80,10 +80,16 @@ def test_npz_reader_equals_np_load(tmp_path):
 
 
 @pytest.mark.parametrize("cropped_test", [False, True])
-def test_cub(tmp_path, cropped_test):
+def test_cub(tmp_path, cropped_test, capsys):
+    """val/test come from the bounding-box crops; without them only an explicit flag reads the uncropped
+    images (with a warning), never a silent fallback."""
     make_cub(tmp_path, classes=(4, 3, 3), images_per_class=5, image_size=(12, 10), cropped_test=cropped_test)
     train = build_dataset("CUB", "train", data_root=tmp_path)
-    test = build_dataset("CUB", "test", data_root=tmp_path)
+    if not cropped_test:
+        with pytest.raises(DatasetError, match="CUB_test.*--allow_uncropped_cub"):
+            build_dataset("CUB", "test", data_root=tmp_path)
+    test = build_dataset("CUB", "test", data_root=tmp_path, allow_uncropped_cub=True)
+    assert ("WARNING" in capsys.readouterr().err) != cropped_test
     assert (train.num_classes, len(train), train.image_shape) == (4, 20, (10, 12, 3))
     assert train.class_names == sorted(train.class_names) and train.class_names[0] == "001.Bird_1"
     assert all("CUB_200_2011/images" in p for p in train.paths)
@@ -125,14 +131,14 @@ def test_missing_root(tmp_path):
         build_dataset("miniImageNet", "train", data_root=tmp_path / "missing")
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("miniImageNet", "miniImageNet_category_split_test.pickle"), ("CIFAR-FS", "test.pickle"),
-    ("tieredImageNet", "test_images.npz"), ("CUB", "test.csv"),
+@pytest.mark.parametrize("name, split, expected", [
+    ("miniImageNet", "test", "miniImageNet_category_split_test.pickle"), ("CIFAR-FS", "test", "test.pickle"),
+    ("tieredImageNet", "test", "test_images.npz"), ("CUB", "train", "train.csv"),
 ])
-def test_missing_file(tmp_path, name, expected):
+def test_missing_file(tmp_path, name, split, expected):
     (tmp_path / name).mkdir()
     with pytest.raises(DatasetError, match=f"expected {expected} under .*{name}.*README, section Data"):
-        build_dataset(name, "test", data_root=tmp_path)
+        build_dataset(name, split, data_root=tmp_path)
 
 
 def test_missing_dataset_folder_and_unknown_names(tmp_path):

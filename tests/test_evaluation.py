@@ -18,7 +18,7 @@ from bml.datasets import NORMALIZATION, ArrayDataset, DatasetError, build_transf
 from bml.evaluation import (COMBINED, SCALED, build_evaluation_dataset, embed_dataset, evaluate_episodes,
                             parse_seed_range, sample_episodes, score_episodes, write_results)
 from bml.models import BML, BaselineGlobal
-from fixtures import make_pickle_split_dataset, save_released_checkpoint
+from fixtures import make_cub, make_pickle_split_dataset, save_released_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WAY, QUERY, IMAGE_SIZE, CLASSES, PER_CLASS = 5, 15, 32, 8, 20
@@ -244,3 +244,17 @@ def test_eval_bml_refuses_a_checkpoint_that_does_not_match(tmp_path, data_root, 
         ["--ckp_path", str(checkpoint), "--dataset", "CIFAR-FS", "--data_root", str(data_root), "--no_progress"])
     assert eval_bml.main(args) == 1
     assert "missing (1): local_view.layer.0.conv1.weight" in capsys.readouterr().err
+
+
+def test_eval_bml_cub_without_crops_stops_unless_asked_and_records_it(tmp_path, capsys):
+    make_cub(tmp_path / "data", classes=(4, 3, 3), images_per_class=5)
+    checkpoint = save_released_checkpoint(tmp_path / "bml.pth", BML(num_classes=4, width=0.125), dataset="CUB")
+    eval_bml = load_entry_script()
+    flags = ["--ckp_path", str(checkpoint), "--data_root", str(tmp_path / "data"), "--image_size", "32",
+             "--n_ways", "3", "--n_shots", "1", "--n_queries", "2", "--episodes", "5", "--seeds", "0",
+             "--num_workers", "0", "--output_dir", str(tmp_path), "--json", str(tmp_path / "r.json"), "--no_progress"]
+    assert eval_bml.main(eval_bml.get_args_parser().parse_args(flags)) == 1
+    assert "--allow_uncropped_cub" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+    assert eval_bml.main(eval_bml.get_args_parser().parse_args([*flags, "--allow_uncropped_cub"])) == 0
+    assert "WARNING" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["uncropped_cub"] is True

@@ -1,10 +1,12 @@
 """ResNet-12, DropBlock, BML and the baselines: shapes, keys, the DropBlock counter, gradients."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bml.checkpoint import read_checkpoint, save_checkpoint
+from bml.checkpoint import model_config, read_checkpoint, save_checkpoint
 from bml.models import BML, BaselineGlobal, BaselineLocal, build_model
 from bml.models.dropblock import DropBlock, expand_seeds, keep_probability
 from bml.models.resnet12 import ResNet12Block
@@ -173,8 +175,8 @@ def test_baselines(spatial):
         assert model.encoder.layer4[0].conv1.weight.grad.abs().sum() > 0
         (embedding,) = model.eval().embed(images)
         assert embedding.shape == (6, 80)
-    assert {k.split(".")[0] for k in global_model.state_dict()} == {"encoder", "classifier"}
-    assert global_model.classifier.weight.dim() == (4 if spatial else 2)
+    assert {k.split(".")[0] for k in global_model.state_dict()} == {"encoder", "global_w"}
+    assert global_model.global_w.weight.dim() == (4 if spatial else 2)
 
 
 def test_local_baseline_without_spatial_uses_pooled_prototypes():
@@ -200,3 +202,17 @@ def test_build_model_from_dict_and_namespace():
         build_model({"model": "bml"})
     with pytest.raises(ValueError, match="backbone"):
         build_model({"num_classes": 3, "backbone": "vit"})
+
+
+@pytest.mark.parametrize("spatial", [False, True])
+def test_global_baseline_classifier_is_the_originals(spatial):
+    """`global_w` with a Xavier-uniform weight (the default init's bound, 1/sqrt(fan_in), is below 0.95 of Xavier's here),
+    and a checkpoint of it is recognised as the global baseline."""
+    torch.manual_seed(0)
+    model = BaselineGlobal(num_classes=200, width=0.125, spatial=spatial)
+    weight = model.global_w.weight
+    fan_in, fan_out = weight.shape[1], weight.shape[0]
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert 0.95 * bound < weight.abs().max() <= bound
+    config = model_config({"model": model.state_dict()})
+    assert (config["model"], config["num_classes"], config["spatial"]) == ("global", 200, spatial)

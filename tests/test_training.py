@@ -24,7 +24,7 @@ import train_bml
 from bml.checkpoint import read_checkpoint
 from bml.models import BML
 from bml.recipes import apply_recipe, lr_factor
-from bml.training import SettingsError, default_save_folder, parse_weights, resolve_amp, step_plan
+from bml.training import SettingsError, default_save_folder, parse_weights, step_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -101,7 +101,7 @@ def test_recipes_fill_only_what_is_not_given():
             omniglot.width, omniglot.image_size) == (100, 1, 1, 10.0, 0.25, 28)
 
 
-def test_settings_helpers(tmp_path, capsys):
+def test_settings_helpers(tmp_path):
     assert parse_weights("2_1_0.5") == (2.0, 1.0, 0.5)
     with pytest.raises(SettingsError, match="three numbers"):
         parse_weights("2_1")
@@ -111,16 +111,13 @@ def test_settings_helpers(tmp_path, capsys):
     args.clip_grad = 10.0
     assert default_save_folder(args).name.endswith("_SGD_lr0.1_clip10_e4_s0")
     args.clip_grad = 0.0
-    args.amp = "fp16"
-    assert resolve_amp(args, torch.device("cpu")) == "off"
-    assert "fp16 mixed precision needs a CUDA GPU" in capsys.readouterr().err
-    args.amp, args.amp_opt_level = None, "O1"
-    assert resolve_amp(args, torch.device("cpu")) == "off"
+    args.episodes_per_step = 3
+    assert default_save_folder(args).name.endswith("_T4_x3_SGD_lr0.1_e4_s0")   # differs from the recipe's 1
 
 
 def test_global_batch_follows_each_episode_in_the_step_plan(tmp_path, capsys):
     args = apply_recipe(bml_args(tmp_path, "--global_batch", "6", "--episodes_per_epoch", "4"))
-    args.model, args.world_size, args.save_folder = "bml", 1, None
+    args.model, args.world_size, args.episodes_per_process, args.save_folder = "bml", 1, 1, None
     assert default_save_folder(args).name.endswith("_T4_gb6_SGD_lr0.1_e4_s0")
     labels = np.repeat(np.arange(12), 10)
     plan = step_plan(args, labels, epoch=1, rank=0)

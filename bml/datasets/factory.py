@@ -106,10 +106,11 @@ def _check_split(name: str, split: str) -> None:
 
 
 def read_split(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
-               load_images: bool = True) -> SplitData:
+               load_images: bool = True, allow_uncropped_cub: bool = False) -> SplitData:
     """Labels, class names and images (or paths) of one split, without a transform.
 
     load_images=False lets tieredImageNet read only its npz headers (for `summarize`).
+    allow_uncropped_cub: CUB val/test may use the uncropped images when the crops are missing (warns).
     """
     name = canonical_name(name)
     _check_split(name, split)
@@ -135,18 +136,22 @@ def read_split(name: str, split: str, data_root: str | Path | None = None, image
         )
     if name == "tieredImageNet":
         return read_tiered(folder, split, load_images=load_images)
+    if name == "CUB":
+        return read_cub(folder, split, allow_uncropped=allow_uncropped_cub)
     return _LAYOUT_READERS.get(name, read_image_folder)(folder, split)
 
 
 def build_dataset(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
-                  train: bool = False, transform: str | None = None) -> FewShotDataset:
+                  train: bool = False, transform: str | None = None,
+                  allow_uncropped_cub: bool = False) -> FewShotDataset:
     """A split of a data set with its training (`train=True`) or test transform.
 
     image_size None means the data set's default (84; omniglot 28; glyphs 32). `transform` is a
-    transform id ('A'..'E', 'O') overriding the data set's default.
+    transform id ('A'..'E', 'O') overriding the data set's default. CUB val/test need the bounding-box
+    crops unless `allow_uncropped_cub`.
     """
     transform_id, image_size = input_transform_settings({"dataset": name}, image_size, transform)
-    data = read_split(name, split, data_root, image_size)
+    data = read_split(name, split, data_root, image_size, allow_uncropped_cub=allow_uncropped_cub)
     common = dict(class_names=data.class_names, transform=build_transform(transform_id, image_size, train),
                   name=canonical_name(name), split=split, transform_id=transform_id, image_size=image_size)
     if data.images is not None:
@@ -158,7 +163,7 @@ def summarize(name: str, data_root: str | Path | None = None) -> dict[str, dict]
     """Per split: classes, images and image shape (None for file layouts with mixed sizes)."""
     summary = {}
     for split in SPLITS:
-        data = read_split(name, split, data_root, load_images=False)
+        data = read_split(name, split, data_root, load_images=False, allow_uncropped_cub=True)
         shape = data.image_shape if data.paths is None else common_image_shape(data.paths)
         summary[split] = {"classes": len(data.class_names), "images": len(data.labels),
                           "image_shape": list(shape) if shape is not None else None}

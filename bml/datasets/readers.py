@@ -6,6 +6,7 @@ of the original class ids, and says precisely which file it expected when one is
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,12 +133,25 @@ def _resolve_listed_files(image_dir: Path, filenames: list[str], classes: list[s
     return np.array(paths, dtype=np.str_)
 
 
-def read_cub(dataset_dir: Path, split: str) -> SplitData:
-    """CUB: `CUB_200_2011/images` + `split/{split}.csv`; val/test from the cropped `CUB_test/` if present."""
+def read_cub(dataset_dir: Path, split: str, allow_uncropped: bool = False) -> SplitData:
+    """CUB: `CUB_200_2011/images` + `split/{split}.csv`; val/test from the bounding-box crops in `CUB_test/`.
+
+    The crops are the published test protocol: without them val/test stop with a DatasetError, unless
+    `allow_uncropped`, which reads the uncropped images with a warning.
+    """
     cropped = dataset_dir / "CUB_test"
-    if split != "train" and (cropped / "split" / f"{split}.csv").is_file():
-        split_file, image_dir = cropped / "split" / f"{split}.csv", cropped
+    cropped_split = cropped / "split" / f"{split}.csv"
+    if split != "train" and cropped_split.is_file():
+        split_file, image_dir = cropped_split, cropped
     else:
+        if split != "train" and not allow_uncropped:
+            raise DatasetError(
+                f"CUB {split} images come from the bounding-box crops in {cropped}/ (the published protocol), but "
+                f"{cropped_split} is missing: put the original release's CUB_test/ folder there, or pass "
+                f"--allow_uncropped_cub to use the uncropped CUB_200_2011 images (not the published protocol)")
+        if split != "train":
+            print(f"WARNING: {cropped_split} is missing: CUB {split} uses the uncropped CUB_200_2011 images "
+                  "(--allow_uncropped_cub), not the published bounding-box crops", file=sys.stderr, flush=True)
         split_file, image_dir = dataset_dir / "CUB_200_2011" / "split" / f"{split}.csv", dataset_dir / "CUB_200_2011" / "images"
     filenames, classes = _read_split_csv(split_file)
     paths = _resolve_listed_files(image_dir, filenames, classes, split_file)

@@ -34,7 +34,10 @@ class SingleViewModel(FewShotModel):
 
 class BaselineGlobal(SingleViewModel):
     """Backbone + linear classifier over base classes on the pooled feature, or with ``spatial``
-    a 1x1 conv classifying every position (cross-entropy averaged over positions)."""
+    a 1x1 conv classifying every position (cross-entropy averaged over positions).
+
+    The classifier is ``global_w`` with a Xavier-uniform weight, as in the original, so that the
+    original code's baseline checkpoints load strictly."""
 
     view_names = ("global",)
 
@@ -43,17 +46,18 @@ class BaselineGlobal(SingleViewModel):
         super().__init__(width, drop_rate, backbone, spatial)
         self.num_classes = num_classes
         if spatial:
-            self.classifier = nn.Conv2d(self.num_features, num_classes, kernel_size=1)
+            self.global_w = nn.Conv2d(self.num_features, num_classes, kernel_size=1)
         else:
-            self.classifier = nn.Linear(self.num_features, num_classes)
+            self.global_w = nn.Linear(self.num_features, num_classes)
+        nn.init.xavier_uniform_(self.global_w.weight)
 
     def losses(self, images: torch.Tensor, labels: torch.Tensor, **unused) -> dict[str, torch.Tensor]:
         """Cross-entropy against base-class labels; other keyword arguments are ignored."""
         feature_map = self.encoder(images)
         if self.spatial:
-            loss = global_position_loss(self.classifier(feature_map), labels)
+            loss = global_position_loss(self.global_w(feature_map), labels)
         else:
-            loss = F.cross_entropy(self.classifier(pooled(feature_map)).float(), labels)
+            loss = F.cross_entropy(self.global_w(pooled(feature_map)).float(), labels)
         return {"global": loss, "total": loss}
 
 

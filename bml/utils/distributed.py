@@ -60,13 +60,14 @@ def barrier() -> None:
 
 
 class DeviceError(ValueError):
-    """A requested device that this machine does not have."""
+    """A requested device that this machine (or this torch build) cannot train on."""
 
 
-def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
+def resolve_device(requested: str | None, local_rank: int = 0, select: bool = True) -> torch.device:
     """The training device: `requested` if given ('cpu', 'cuda', 'cuda:1', ...), else a GPU if any.
 
-    Under torchrun a bare 'cuda' means this process's own GPU, `cuda:<LOCAL_RANK>`.
+    Under torchrun a bare 'cuda' means this process's own GPU, `cuda:<LOCAL_RANK>`. `select=False`
+    only names the device (for a dry run) without making it current.
     """
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,7 +78,8 @@ def resolve_device(requested: str | None, local_rank: int = 0) -> torch.device:
                                "use --device cpu (or leave --device out to pick one automatically)")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+        if select:
+            torch.cuda.set_device(device)
     return device
 
 

@@ -1,0 +1,135 @@
+"""What a GPU can do, decided from its compute capability, before any training step runs.
+
+Three decisions the trainer takes once per run, all from `torch.cuda` queries that neither create
+tensors nor allocate GPU memory (so `--dry_run` can take them too, and tests can simulate any GPU
+by monkeypatching those queries):
+
+- whether the installed torch build has kernels for the GPU (`check_cuda_arch`): a wheel built
+  without the device's `sm_XY` fails with "no kernel image" in the middle of the first step;
+- which autocast precision a `--amp` request gets (`resolve_amp`): bf16 is native from compute
+  capability 8.0 (Ampere) on; `torch.cuda.is_bf16_supported()` also answers True on older GPUs,
+  where bf16 is emulated and slow, so the capability decides;
+- whether TF32 applies (`configure_tf32`): PyTorch lets cuDNN convolutions use TF32 on Ampere and
+  newer GPUs by default; `--tf32 off` keeps every fp32 operation in full fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bml.utils.distributed import DeviceError
+
+AMP_CHOICES = ("off", "fp16", "bf16")
+BF16_MIN_CAPABILITY = (8, 0)
+TF32_MIN_CAPABILITY = (8, 0)
+APEX_LEVELS = {"O0": "off", "O1": "fp16", "O2": "fp16"}
+INSTALL_HELP = "https://pytorch.org/get-started/locally/"
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    capability: tuple[int, int]
+
+    @property
+    def arch(self) -> str:
+        return f"sm_{self.capability[0]}{self.capability[1]}"
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "capability": f"{self.capability[0]}.{self.capability[1]}"}
+
+
+def gpu_info(device: torch.device) -> GpuInfo | None:
+    """Name and compute capability of a CUDA device; None for any other device."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else 0
+    return GpuInfo(torch.cuda.get_device_name(index), tuple(torch.cuda.get_device_capability(index)))
+
+
+def _arch_number(arch: str) -> tuple[int, int] | None:
+    """'sm_86' / 'compute_90' / 'sm_90a' -> (8, 6) / (9, 0) / (9, 0); None for anything else."""
+    digits = "".join(ch for ch in arch.split("_", 1)[-1] if ch.isdigit())
+    return (int(digits[:-1]), int(digits[-1])) if len(digits) >= 2 else None
+
+
+def build_runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a build with `arch_list` (torch.cuda.get_arch_list()) has kernels for `capability`.
+
+    A cubin for sm_XY runs on devices of the same major version and a minor version >= Y; PTX
+    (compute_XY) is compiled on the fly for any device of capability >= X.Y.
+    """
+    for arch in arch_list:
+        number = _arch_number(arch)
+        if number is None:
+            continue
+        if arch.startswith("sm_") and number[0] == capability[0] and number[1] <= capability[1]:
+            return True
+        if arch.startswith("compute_") and number <= capability:
+            return True
+    return False
+
+
+def check_cuda_arch(device: torch.device) -> None:
+    """Raise DeviceError, before any step runs, when this torch build has no kernels for `device`."""
+    gpu = gpu_info(device)
+    if gpu is None:
+        return
+    arch_list = list(torch.cuda.get_arch_list())
+    if build_runs_on(gpu.capability, arch_list):
+        return
+    built = ", ".join(arch_list) or "none"
+    raise DeviceError(
+        f"this torch build ({torch.__version__}, CUDA {torch.version.cuda}) has no kernels for the GPU {gpu.name} "
+        f"(compute capability {gpu.capability[0]}.{gpu.capability[1]}, {gpu.arch}); it was built for: {built}. "
+        f"Install a torch wheel whose CUDA version supports {gpu.arch} ({INSTALL_HELP}; newer GPUs need a newer "
+        f"CUDA wheel, older GPUs an older one), or train with --device cpu")
+
+
+def bf16_native(device: torch.device) -> bool:
+    """bf16 autocast without emulation: every CPU torch supports, GPUs of compute capability 8.0 and above."""
+    gpu = gpu_info(device)
+    return gpu is None or gpu.capability >= BF16_MIN_CAPABILITY
+
+
+def resolve_amp(amp: str | None, amp_opt_level: str | None, device: torch.device) -> tuple[str, list[str]]:
+    """(precision, warnings) of a run: --amp, else the original's --amp_opt_level, else fp32 ('off').
+
+    fp32 is the published recipe; mixed precision is only ever an explicit choice. bf16 asked for on a
+    GPU without native bf16 (compute capability below 8.0: V100, T4, 2080 Ti) becomes fp16 with the
+    gradient scaler, with one warning.
+    """
+    warnings = []
+    if amp is None and amp_opt_level is not None:
+        amp = APEX_LEVELS[amp_opt_level]
+        if amp_opt_level == "O2":
+            warnings.append("--amp_opt_level O2 (Apex's fp16 model with fp32 master weights) has no torch.amp "
+                            "equivalent: training with fp16 autocast and fp32 weights (--amp fp16) instead")
+    amp = amp or "off"
+    if amp == "bf16" and not bf16_native(device):
+        gpu = gpu_info(device)
+        warnings.append(f"{gpu.name} (compute capability {gpu.capability[0]}.{gpu.capability[1]}) has no native "
+                        f"bf16 (it needs 8.0 or newer): training with fp16 autocast and a gradient scaler instead")
+        amp = "fp16"
+    return amp, warnings
+
+
+def tf32_active(tf32: str, device: torch.device) -> bool:
+    """Whether cuDNN convolutions run in TF32: --tf32 on (PyTorch's default) on a GPU of capability 8.0+."""
+    gpu = gpu_info(device)
+    return tf32 == "on" and gpu is not None and gpu.capability >= TF32_MIN_CAPABILITY
+
+
+def configure_tf32(tf32: str) -> None:
+    """--tf32 on: PyTorch's default (convolutions may use TF32, matrix products stay fp32); off: full fp32."""
+    precision = "tf32" if tf32 == "on" else "ieee"
+    if hasattr(torch.backends.cudnn, "conv"):    # the fp32_precision API (torch 2.9+)
+        torch.backends.cudnn.conv.fp32_precision = precision
+        if tf32 == "off":
+            torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = tf32 == "on"
+        if tf32 == "off":
+            torch.backends.cuda.matmul.allow_tf32 = False
