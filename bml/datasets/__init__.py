@@ -2,19 +2,23 @@
 
     ds = build_dataset('miniImageNet', 'train', data_root=None, image_size=None, train=True)
     plan = EpisodeSampler(ds.labels, way=15, shot=5, query=7, episodes=500, seed=0, rank=0).sample()
-    loader = build_step_loader(ds, plan, seed_key=(0, 0, 0), num_workers=4)   # (images, labels) per episode
+    loader = build_step_loader(ds, {1: plan}.__getitem__, seed_key=(0, 0), first=(1, 0), last_epoch=1,
+                               steps_per_epoch=500, num_workers=4)   # (images, labels) per episode
 """
 from .base import ArrayDataset, DatasetError, FewShotDataset, FileDataset, SplitData
 from .factory import (DATASET_NAMES, SPLITS, DatasetDefaults, build_dataset, canonical_name, dataset_defaults,
                       read_split, resolve_data_root, summarize)
 from .npz import read_npz_arrays
 from .safe_pickle import load_pickle
-from .sampler import EpisodeSampler, StepBatches, build_step_loader, episode_labels, shuffled_batches
-from .transforms import NORMALIZATION, TRANSFORM_IDS, build_transform
+from .device_augment import AUGMENT_MODES, DeviceAugment, draw_parameters
+from .sampler import (EpisodeSampler, StepBatches, build_step_loader, default_num_workers, episode_labels,
+                      shuffled_batches)
+from .transforms import NORMALIZATION, TRANSFORM_IDS, build_transform, crop_transform
 
 __all__ = [
-    "ArrayDataset", "DATASET_NAMES", "DatasetDefaults", "DatasetError", "EpisodeSampler", "FewShotDataset",
-    "FileDataset", "NORMALIZATION", "SPLITS", "SplitData", "StepBatches", "TRANSFORM_IDS", "build_dataset",
-    "build_step_loader", "build_transform", "canonical_name", "dataset_defaults", "episode_labels", "load_pickle",
+    "AUGMENT_MODES", "ArrayDataset", "DATASET_NAMES", "DatasetDefaults", "DatasetError", "DeviceAugment",
+    "EpisodeSampler", "FewShotDataset", "FileDataset", "NORMALIZATION", "SPLITS", "SplitData", "StepBatches",
+    "TRANSFORM_IDS", "build_dataset", "build_step_loader", "build_transform", "canonical_name", "crop_transform",
+    "dataset_defaults", "default_num_workers", "draw_parameters", "episode_labels", "load_pickle",
     "read_npz_arrays", "read_split", "resolve_data_root", "shuffled_batches", "summarize",
 ]
