@@ -1,15 +1,17 @@
 """Which limits a training step, the input pipeline or the model? For transforms A-E at 84 px:
 
 - host CPU microseconds per training image in one loader worker (one thread, no model), before
-  (`--augment host`: the whole transform in PIL) and after (`--augment device`: the crop in PIL,
-  uint8 out, parameters drawn); process CPU time, so other load on a shared machine matters less;
-- `DeviceAugment`'s images per second (conversion, colour jitter, flips, normalisation) on the CPU
-  and, when present, on CUDA (uint8 crops copied from pinned memory included);
+  (`--augment host`: the whole transform in PIL) and after (`--augment device`: the stored uint8
+  image and its drawn parameters; for E, whose CUB images are files of mixed sizes, the crop in PIL);
+  process CPU time, so other load on a shared machine matters less;
+- `DeviceAugment`'s images per second (crop and resize, colour jitter, flips, normalisation) on the
+  CPU and, when present, on CUDA (the uint8 images copied from pinned memory included);
 - the images per second a BML training step consumes on the same device (`bench/train_step.py`'s
   step: 15-way 5-shot 7-query, width 1.0; fp32 on the CPU, bf16 + channels_last on CUDA).
 
 Stored images are random uint8 arrays of the data sets' stored sizes (84 px; 32 px for the CIFAR-based
-C and D, which are resized to 84 in training); E's JPEG decoding is left out (the same in both paths).
+C and D, which are resized to 84 in training); E's images are decoded images of CUB-like mixed sizes
+(about 400 x 350 px) held in memory: its JPEG decoding, the same in both paths, is left out.
 
     python bench/data_speed.py --json data_speed.json
 """
@@ -19,27 +21,47 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bml.datasets import ArrayDataset, DeviceAugment, StepBatches, build_transform
+from PIL import Image
+
+from bml.datasets import ArrayDataset, DeviceAugment, FewShotDataset, StepBatches, build_transform
 from train_step import QUERY, SHOT, WAY, Variant, synchronize, time_train_steps
 
 TRANSFORMS = ("A", "B", "C", "D", "E")
-STORED_SIZE = {"A": 84, "B": 84, "C": 32, "D": 32, "E": 84}
+STORED_SIZE = {"A": 84, "B": 84, "C": 32, "D": 32}
 IMAGES_PER_STEP = WAY * (SHOT + QUERY)
 MODEL_VARIANT = {"cpu": Variant("fp32", False, False), "cuda": Variant("bf16+channels_last", True, True)}
 
 
+class MixedSizeImages(FewShotDataset):
+    """Decoded images of different sizes (as CUB's files are): the workers must crop them."""
+
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray, **kwargs) -> None:
+        super().__init__(labels, [str(c) for c in range(labels.max() + 1)], **kwargs)
+        self.images_of_mixed_sizes = images
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images_of_mixed_sizes[index])
+
+
 def step_loader(transform_id: str, image_size: int, augment: str) -> StepBatches:
-    """One episode per step over stored random images, loaded as a training worker loads it."""
-    size = STORED_SIZE[transform_id]
-    images = np.random.default_rng(0).integers(0, 256, (IMAGES_PER_STEP, size, size, 3), dtype=np.uint8)
+    """One episode per step over random images, loaded as a training worker loads it."""
+    rng = np.random.default_rng(0)
     labels = np.arange(IMAGES_PER_STEP) % WAY
-    dataset = ArrayDataset(images, labels, [str(c) for c in range(WAY)],
-                           transform=build_transform(transform_id, image_size, train=True),
-                           transform_id=transform_id, image_size=image_size)
+    settings = dict(transform=build_transform(transform_id, image_size, train=True), transform_id=transform_id,
+                    image_size=image_size)
+    if transform_id == "E":
+        sizes = rng.integers(300, 500, (IMAGES_PER_STEP, 2))
+        images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for height, width in sizes]
+        dataset = MixedSizeImages(images, labels, **settings)
+    else:
+        size = STORED_SIZE[transform_id]
+        images = rng.integers(0, 256, (IMAGES_PER_STEP, size, size, 3), dtype=np.uint8)
+        dataset = ArrayDataset(images, labels, [str(c) for c in range(WAY)], **settings)
     plan = np.arange(IMAGES_PER_STEP).reshape(1, 1, -1)
     return StepBatches(dataset, lambda epoch: plan, (0,), augment)
 
@@ -63,7 +85,7 @@ def device_images_per_s(batches: StepBatches, device: torch.device, repeats: int
     crops, _, parameters = batches[0, 0]
     if device.type == "cuda":
         crops, parameters = crops.pin_memory(), parameters.pin_memory()
-    augment = DeviceAugment(batches.dataset.transform_id)
+    augment = DeviceAugment(batches.dataset.transform_id, batches.dataset.image_size)
     times = []
     for repeat in range(repeats + 1):
         synchronize(device)
@@ -103,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
             **{f"model_images_per_s_{name}": value for name, value in model.items()},
         }
         print(f"{transform_id:2s} {before:18.0f} {after:8.0f} {before / after:5.1f}x "
-              + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.0f}",
+              + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.1f}",
               flush=True)
     return results
 
@@ -123,8 +145,7 @@ def main(args: argparse.Namespace) -> None:
           f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}", flush=True)
     results = run(args)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
+        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

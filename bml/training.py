@@ -83,9 +83,9 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                            "training processes, shared between them (1 to 8)")
     data.add_argument("--augment", default=None, choices=AUGMENT_MODES,
                       help="where training images are augmented: 'host' (each worker runs the whole transform "
-                           "in PIL) or 'device' (workers crop and send uint8, colour jitter, flips and "
-                           "normalisation run batched on the training device); default: device on a GPU, host "
-                           "on a CPU")
+                           "in PIL) or 'device' (workers send uint8 images and their random parameters; crop, "
+                           "colour jitter, flips and normalisation run batched on the training device); default: "
+                           "device on a GPU, host on a CPU")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")

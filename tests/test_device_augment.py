@@ -15,7 +15,11 @@ from torchvision.transforms import ColorJitter, RandomResizedCrop
 from bml.datasets import (NORMALIZATION, ArrayDataset, DeviceAugment, FileDataset, StepBatches, build_dataset,
                           build_step_loader, build_transform, default_num_workers, draw_parameters)
 from bml.datasets.transforms import shift_padding
+from bml.training import finish_settings
+from bml.utils.distributed import DistributedContext
 from fixtures import make_image_folder
+
+import train_bml
 from bml.datasets import sampler as sampler_module
 from bml.datasets.device_augment import BOX, FACTORS, FLIP, ORDER, SHIFT, draw_resized_crops
 
@@ -243,3 +247,18 @@ def test_images_of_mixed_sizes_are_cropped_on_the_host(tmp_path):
     assert (parameters[..., BOX] == torch.tensor([0.0, 0.0, 16, 16])).all() and (parameters[..., SHIFT] == 0).all()
     images = DeviceAugment("A", 16)(crops, parameters)
     assert images.shape == (2, 4, 3, 16, 16) and torch.isfinite(images).all()
+
+
+def test_training_defaults_fit_the_device_and_the_machine(monkeypatch, tmp_path):
+    """--augment: device on a GPU (simulated), host on a CPU; --num_workers from the machine; given values win."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(sampler_module, "available_cpus", lambda: 2)
+
+    def settings(device: str, *flags: str):
+        args = train_bml.get_args_parser().parse_args(["--dataset", "glyphs", "-s", str(tmp_path), *flags])
+        args.model = "bml"
+        return finish_settings(args, DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
+
+    assert (settings("cuda").augment, settings("cpu").augment, settings("cpu").num_workers) == ("device", "host", 1)
+    given = settings("cpu", "--augment", "device", "--num_workers", "0")
+    assert (given.augment, given.num_workers) == ("device", 0)
