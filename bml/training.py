@@ -20,10 +20,10 @@ import shlex
 import signal
 import sys
 import threading
-from functools import partial
-from itertools import islice
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
