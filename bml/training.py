@@ -22,18 +22,21 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
-from bml.datasets import (DatasetError, EpisodeSampler, build_dataset, build_step_loader, canonical_name,
-                          shuffled_batches)
+from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_step_loader,
+                          canonical_name, default_num_workers, shuffled_batches)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
 from bml.evaluation import AMP_DTYPES, EvaluationError
 from bml.models import build_model
@@ -89,8 +92,14 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                       help="transform id (docs/ARCHITECTURE.md, Transforms); default: the data set's published one")
     data.add_argument("--image_size", type=argtypes.image_size, default=None,
                       help="input size in pixels; default: the data set's (84; glyphs 32, omniglot 28)")
-    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=4,
-                      help="data-loading processes per training process")
+    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=None,
+                      help="data-loading processes per training process; default: the CPUs left after the "
+                           "training processes, shared between them (1 to 8)")
+    data.add_argument("--augment", default=None, choices=AUGMENT_MODES,
+                      help="where training images are augmented: 'host' (each worker runs the whole transform "
+                           "in PIL) or 'device' (workers send uint8 images and their random parameters; crop, "
+                           "colour jitter, flips and normalisation run batched on the training device); default: "
+                           "device on a GPU, host on a CPU")
     data.add_argument("--allow_uncropped_cub", action="store_true",
                       help="CUB: validate on the uncropped CUB_200_2011 images when the bounding-box crops "
                            "(CUB_test/) are missing; not the published protocol (warns, recorded in config.json)")
@@ -270,6 +279,9 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     args.validation_amp = VALIDATION_AMP
     trains_on_val = get_recipe(args.dataset).trains_on_val
     args.val_split = None if trains_on_val or args.eval_freq == 0 else "val"
+    args.augment = args.augment or ("device" if context.device.type == "cuda" else "host")
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     args.save_folder = str(args.save_folder or default_save_folder(args))
     return warnings + amp_warnings
 
@@ -414,12 +426,13 @@ def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: in
     return batches.reshape(steps, slots, -1)[:, rank * share:(rank + 1) * share]
 
 
-def build_epoch_loader(args: argparse.Namespace, dataset: Dataset, epoch: int, first_step: int, rank: int,
-                       device: torch.device) -> DataLoader:
-    """The steps of `epoch` from `first_step` on (a resumed epoch skips the steps already done)."""
-    plan = step_plan(args, np.asarray(dataset.labels), epoch, rank)
-    return build_step_loader(dataset, plan, (args.seed, rank, epoch), first_step=first_step,
-                             num_workers=args.num_workers, pin_memory=device.type == "cuda")
+def build_training_loader(args: argparse.Namespace, dataset: Dataset, state: TrainingState, steps: int, rank: int,
+                          device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every remaining step of the run, from where `state` stands (a resumed epoch skips the steps done)."""
+    plans = partial(step_plan, args, np.asarray(dataset.labels), rank=rank)
+    return iter(build_step_loader(dataset, plans, (args.seed, rank), first=(state.epoch + 1, state.epoch_step),
+                                  last_epoch=args.epochs, steps_per_epoch=steps, num_workers=args.num_workers,
+                                  augment=args.augment, device=device))
 
 
 def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
@@ -538,7 +551,7 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path) -> tupl
     parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
     saved = vars(checkpoint["config"])
     changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
-                                     "seed", "episodes_per_epoch", "episodes_per_step", "world_size")
+                                     "seed", "episodes_per_epoch", "episodes_per_step", "world_size", "augment")
                      if key in saved and saved[key] != getattr(args, key, None))
     if changed:
         warn("resuming with settings that differ from the checkpoint's (the run will not match an uninterrupted "
@@ -762,9 +775,10 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     last_validation: dict[str, float] = {}
     with StopOnSignal() as stop:
         try:
+            batches = build_training_loader(args, train_set, state, steps, context.rank, device)
             for epoch in range(state.epoch + 1, args.epochs + 1):
                 set_epoch_lr(args, optimizer, epoch - 1)
-                loader = build_epoch_loader(args, train_set, epoch, state.epoch_step, context.rank, device)
+                loader = islice(batches, steps - state.epoch_step)
                 result = train_one_epoch(parts, loader, state, epoch=epoch, epochs=args.epochs, steps_per_epoch=steps,
                                          loss_settings=loss_settings(args, epoch), stop_requested=stop.requested,
                                          logger=logger, print_freq=args.print_freq, is_main=is_main)

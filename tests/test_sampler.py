@@ -55,7 +55,8 @@ def test_iteration_as_batch_sampler():
     np.testing.assert_array_equal(np.array(batches), sampler.sample())
     dataset = ArrayDataset(np.arange(len(labels), dtype=np.uint8).reshape(-1, 1, 1, 1).repeat(3, axis=3), labels,
                            [str(c) for c in range(labels.max() + 1)], transform=lambda image: torch.tensor(image.getpixel((0, 0))))
-    loader = build_step_loader(dataset, sampler.sample(), seed_key=(0,))
+    loader = build_step_loader(dataset, {0: sampler.sample()}.__getitem__, seed_key=(0,), first=(0, 0), last_epoch=0,
+                               steps_per_epoch=6)
     for (pixels, batch_labels), batch in zip(loader, batches):
         assert pixels[:, 0].tolist() == batch and (batch_labels.numpy() == labels[batch]).all()
 
@@ -99,23 +100,29 @@ def test_shuffled_batches_cover_each_image_once_and_shard_ranks():
 def test_step_batches_are_seeded_per_step():
     """A step's augmentation depends on its seed only, not on the RNG state of the loading process."""
     dataset = build_dataset("glyphs", "train", image_size=32, train=True)
-    batches = StepBatches(dataset, np.arange(40).reshape(2, 2, 10), seed_key=(0, 0, 1))
-    first = batches[1]
+    batches = StepBatches(dataset, {1: np.arange(40).reshape(2, 2, 10)}.__getitem__, seed_key=(0, 0))
+    first = batches[1, 1]
     torch.manual_seed(123)
     stream = torch.get_rng_state()
-    again = batches[1]
+    again = batches[1, 1]
     assert torch.equal(first[0], again[0]) and first[0].shape == (2, 10, 3, 32, 32)
     assert torch.equal(torch.get_rng_state(), stream)                # loading left the stream alone
-    assert not torch.equal(batches[0][0], first[0])
+    assert not torch.equal(batches[1, 0][0], first[0])
 
 
-def test_step_loader_images_do_not_depend_on_workers_or_start():
-    dataset = build_dataset("glyphs", "train", image_size=32, train=True)
-    plan = EpisodeSampler(dataset.labels, way=3, shot=1, query=1, episodes=4).sample()
-    serial = [images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, 1))]
-    parallel = [images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, 1), num_workers=2)]
-    resumed = [images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, 1), first_step=2)]
-    assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(parallel) == 4
-    assert all(torch.equal(a, b) for a, b in zip(serial[2:], resumed)) and len(resumed) == 2
-    next_epoch = next(iter(build_step_loader(dataset, plan, seed_key=(0, 0, 2))))[0]
-    assert not torch.equal(serial[0], next_epoch)
+@pytest.mark.parametrize("augment", ["host", "device"])
+def test_step_loader_images_do_not_depend_on_workers_or_start(augment):
+    """Two epochs of 4 steps (the same plan): the same images with 0 or 2 workers and when resumed in the
+    middle of the first epoch; the second epoch augments the same indices differently."""
+    dataset = build_dataset("glyphs", "train", image_size=32, train=True, transform="D")
+    plans = {epoch: EpisodeSampler(dataset.labels, way=3, shot=1, query=1, episodes=4).sample() for epoch in (1, 2)}
+
+    def load(first=(1, 0), num_workers=0):
+        return [images for images, _ in build_step_loader(dataset, plans.__getitem__, (0, 0), first=first, last_epoch=2,
+                                                          steps_per_epoch=4, num_workers=num_workers, augment=augment)]
+
+    serial, parallel, resumed = load(), load(num_workers=2), load(first=(1, 2))
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(parallel) == 8
+    assert all(torch.equal(a, b) for a, b in zip(serial[2:], resumed)) and len(resumed) == 6
+    assert serial[0].shape == (3 * 2, 3, 32, 32) and serial[0].dtype == torch.float32
+    assert not torch.equal(serial[0], serial[4])

@@ -172,10 +172,12 @@ def test_loss_decreases_and_checkpoints_are_complete(tmp_path):
     assert any((folder / "tensorboard").iterdir())
 
 
-def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, on_losses_call):
+@pytest.mark.parametrize("augment", [("--augment", "host"), ("--augment", "device", "--transform", "D")])
+def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, on_losses_call, augment):
     """SIGTERM in the middle of epoch 2 (2 episodes per step), then --is_continue: the same weights,
-    optimiser state and logs as a run that was never interrupted, whatever the number of loader workers."""
-    extra = ("--epochs", "2", "--episodes_per_epoch", "3", "--episodes_per_step", "2", "--eval_freq", "1")
+    optimiser state and logs as a run that was never interrupted, whatever the number of loader workers;
+    with the augmentation on the host and with colour jitter and flips on the device."""
+    extra = ("--epochs", "2", "--episodes_per_epoch", "3", "--episodes_per_step", "2", "--eval_freq", "1", *augment)
     assert train_bml.main(bml_args(tmp_path / "straight", *extra)) == 0
 
     def terminate(losses):

@@ -67,7 +67,6 @@ def test_augmentation_differs_across_steps_and_epochs():
     dataset = ArrayDataset(np.repeat(image[None], 8, axis=0), np.repeat(np.arange(2), 4), ["a", "b"],
                            transform=build_transform("D", 32, train=True))
     plan = EpisodeSampler(dataset.labels, way=2, shot=1, query=0, episodes=2).sample()
-    epochs = [[images for images, _ in build_step_loader(dataset, plan, seed_key=(0, 0, epoch), num_workers=2)]
-              for epoch in range(2)]
-    (step0, step1), (step0_next, _) = epochs
+    step0, step1, step0_next, _ = [images for images, _ in build_step_loader(
+        dataset, {0: plan, 1: plan}.__getitem__, (0, 0), first=(0, 0), last_epoch=1, steps_per_epoch=2, num_workers=2)]
     assert not torch.equal(step0, step1) and not torch.equal(step0, step0_next)

@@ -4,13 +4,14 @@ An N-way K-shot Q-query episode is a list of N*(K+Q) dataset indices in shot-maj
 i*N + c holds the i-th image of the c-th drawn class, so the first N*K are the support set and query j
 has episode label j mod N. A whole epoch is drawn at once with array operations.
 
-Training draws an epoch's *plan* first (the dataset indices of every step: episodes from
-`EpisodeSampler.sample`, or `shuffled_batches` for the global baseline) and loads it with
-`build_step_loader`, which augments each step from its own seed.
+Training draws each epoch's *plan* (the dataset indices of every step: episodes from
+`EpisodeSampler.sample`, or `shuffled_batches` for the global baseline) and loads the run's steps
+with `build_step_loader`, which augments each step from its own seed.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..utils.rng import derive_seed, isolated_cpu_rng
 from .base import DatasetError
+from .device_augment import DeviceAugment, DeviceAugmentLoader, draw_parameters, to_array
+from .transforms import crop_transform
 
 _MAX_KEYS = 1 << 22   # random keys drawn at once when choosing images (32 MiB of float64)
 
@@ -101,34 +104,90 @@ def shuffled_batches(num_images: int, batch_size: int, batches: int, seed: int, 
 
 
 class StepBatches(Dataset):
-    """Item `k` is step `k`'s images, (*plan.shape[1:], 3, S, S), and their dataset labels.
+    """Item (epoch, step) is that step's images, (*plan.shape[1:], 3, S, S), and their dataset labels.
 
-    `plan[k]` holds the dataset indices of step `k` (one or more episodes or shuffled batches). Step
-    `k` is augmented from its own seed (seed_key, k) with the loading process's generators left as
-    they were, so a step's images depend neither on the number of loader workers nor on where a
-    resumed run starts, and loading never shifts the training stream (dropout, DropBlock).
+    `plans(epoch)` holds the dataset indices of every step of `epoch` (one or more episodes or
+    shuffled batches per step); a worker computes it once per epoch. Step (epoch, step) is augmented
+    from its own seed (*seed_key, epoch, step) with the loading process's generators left as they
+    were, so a step's images depend neither on the number of loader workers nor on where a resumed
+    run starts, and loading never shifts the training stream (dropout, DropBlock).
+
+    augment 'device': the item is (uint8 images (*plan.shape[1:], H, W, 3), labels, parameters
+    (*plan.shape[1:], P)) for `DeviceAugment`: the stored images of an `ArrayDataset`, else S x S
+    crops made here by the transform's `crop_transform`. The dataset must be a `FewShotDataset`: its
+    images, `transform_id` and `image_size` are used (not its `transform`).
     """
 
-    def __init__(self, dataset: Dataset, plan: np.ndarray, seed_key: tuple[int, ...]) -> None:
-        self.dataset = dataset
-        self.plan = plan
-        self.seed_key = seed_key
+    def __init__(self, dataset: Dataset, plans: Callable[[int], np.ndarray], seed_key: tuple[int, ...],
+                 augment: str = "host") -> None:
+        self.dataset, self.plans, self.seed_key, self.augment = dataset, plans, seed_key, augment
+        self.stored = getattr(dataset, "images", None) if augment == "device" else None
+        self.crop = (crop_transform(dataset.transform_id, dataset.image_size, train=True)
+                     if augment == "device" and self.stored is None else None)
+        self._plan_epoch, self._plan = None, None
 
-    def __len__(self) -> int:
-        return len(self.plan)
+    def plan(self, epoch: int) -> np.ndarray:
+        if self._plan_epoch != epoch:
+            self._plan_epoch, self._plan = epoch, self.plans(epoch)
+        return self._plan
 
-    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = self.plan[step]
-        with isolated_cpu_rng(derive_seed(*self.seed_key, step)):
-            images = torch.stack([self.dataset[int(index)][0] for index in indices.reshape(-1)])
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        epoch, step = key
+        indices = self.plan(epoch)[step]
         labels = torch.from_numpy(np.asarray(self.dataset.labels)[indices])
-        return images.reshape(*indices.shape, *images.shape[1:]), labels
+        with isolated_cpu_rng(derive_seed(*self.seed_key, epoch, step)):
+            if self.augment == "host":
+                images = torch.stack([self.dataset[int(index)][0] for index in indices.reshape(-1)])
+                return images.reshape(*indices.shape, *images.shape[1:]), labels
+            if self.stored is not None:
+                images = self.stored[indices.reshape(-1)]
+                stored_size = images.shape[1:3]
+            else:
+                images = np.stack([to_array(self.crop(self.dataset.load_image(int(index))))
+                                   for index in indices.reshape(-1)])
+                stored_size = None
+            parameters = draw_parameters(len(images), self.dataset.transform_id, stored_size, self.dataset.image_size)
+        return (torch.from_numpy(images).reshape(*indices.shape, *images.shape[1:]), labels,
+                parameters.reshape(*indices.shape, -1))
 
 
-def build_step_loader(dataset: Dataset, plan: np.ndarray, seed_key: tuple[int, ...], first_step: int = 0,
-                      num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """The one training loader: loads the steps of `plan` from `first_step` on (a resumed epoch skips
-    the steps already done), each batch being `StepBatches[k]`."""
-    return DataLoader(StepBatches(dataset, plan, seed_key), batch_size=None, sampler=range(first_step, len(plan)),
-                      num_workers=num_workers, pin_memory=pin_memory,
-                      generator=torch.Generator())  # keeps the global RNG untouched
+def step_keys(first: tuple[int, int], last_epoch: int, steps_per_epoch: int) -> list[tuple[int, int]]:
+    """(epoch, step) of every step from `first` to the end of `last_epoch`."""
+    first_epoch, first_step = first
+    return [(epoch, step) for epoch in range(first_epoch, last_epoch + 1)
+            for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch)]
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (what DataLoader compares num_workers with)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_num_workers(processes_per_machine: int = 1) -> int:
+    """Loader workers per training process: the CPUs left after the training processes themselves,
+    shared between them, at least 1 and at most 8 (with `--augment device` a worker supplies thousands
+    of images per second); never more than the CPUs, so DataLoader does not warn."""
+    cpus = available_cpus()
+    return min(cpus, 8, max(1, cpus // max(1, processes_per_machine) - 1))
+
+
+def build_step_loader(dataset: Dataset, plans: Callable[[int], np.ndarray], seed_key: tuple[int, ...],
+                      first: tuple[int, int], last_epoch: int, steps_per_epoch: int, num_workers: int = 0,
+                      augment: str = "host", device: torch.device | str = "cpu", prefetch_steps: int = 4
+                      ) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    """The one training loader: the steps (epoch, step) from `first` to the end of `last_epoch`, each
+    batch being `StepBatches[epoch, step]` (see there), as (images, labels).
+
+    One loader serves the whole run, so its workers start once and keep `prefetch_steps` steps ready
+    across the ends of epochs and validation. On CUDA batches come in pinned memory. augment 'device':
+    the batches are uint8 images and parameters, augmented on `device` by `DeviceAugment`, and yielded there.
+    """
+    device = torch.device(device)
+    keys = step_keys(first, last_epoch, steps_per_epoch)
+    loader = DataLoader(StepBatches(dataset, plans, seed_key, augment), batch_size=None, sampler=keys,
+                        num_workers=num_workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=max(2, -(-prefetch_steps // num_workers)) if num_workers else None,
+                        generator=torch.Generator())  # keeps the global RNG untouched
+    if augment == "device":
+        return DeviceAugmentLoader(loader, DeviceAugment(dataset.transform_id, dataset.image_size), device)
+    return loader

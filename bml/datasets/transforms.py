@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+
 from .base import DatasetError
 
 _MINI = ((120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255),
@@ -30,27 +31,50 @@ def check_transform_id(transform_id: str) -> str:
     return transform_id
 
 
-def build_transform(transform_id: str, image_size: int = 84, train: bool = False) -> Callable:
-    """The training (`train=True`) or test transform `transform_id` at `image_size` pixels."""
+JITTER = 0.4
+"""ColorJitter strength of A-E: brightness, contrast and saturation factors uniform in [1 - 0.4, 1 + 0.4]."""
+
+
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+"""RandomResizedCrop of A and E: area fraction and aspect-ratio ranges (torchvision's defaults)."""
+
+
+def shift_padding(transform_id: str, image_size: int) -> tuple[int, str]:
+    """(pixels, padding mode) of the padded RandomCrop of B, C, D and O, scaled with the input size."""
+    if check_transform_id(transform_id) == "O":
+        return max(1, round(2 * int(image_size) / 28)), "edge"
+    return round(8 * int(image_size) / 84), "constant"
+
+
+def has_jitter_and_flip(transform_id: str) -> bool:
+    """A-E jitter colours and flip; 'O' does neither (both change a character's identity)."""
+    return check_transform_id(transform_id) != "O"
+
+
+def crop_transform(transform_id: str, image_size: int = 84, train: bool = False) -> Callable:
+    """The geometric part of transform `transform_id`, PIL image -> PIL image of S x S pixels: the
+    (random) crop in training, the resize and centre crop in testing."""
     import torchvision.transforms as T  # here, not at import time: torchvision imports torch._dynamo (~1 s)
 
     check_transform_id(transform_id)
     size = int(image_size)
-    mean, std = NORMALIZATION[transform_id]
-    finish = [T.ToTensor(), T.Normalize(mean, std)]
-    jitter_flip = [T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4), T.RandomHorizontalFlip()]
     if transform_id in ("A", "E"):
         if train:
-            steps = [T.RandomResizedCrop(size), *jitter_flip]
-        else:
-            steps = [T.Resize(round(92 * size / 84)), T.CenterCrop(size)]
-    elif transform_id == "O":
-        # Small shifts only: colour, flips and rotations change a character's identity.
-        steps = [T.Resize((size, size))]
-        if train:
-            steps.append(T.RandomCrop(size, padding=max(1, round(2 * size / 28)), padding_mode="edge"))
-    else:
-        steps = [T.Resize((size, size))]
-        if train:
-            steps += [T.RandomCrop(size, padding=round(8 * size / 84)), *jitter_flip]
-    return T.Compose(steps + finish)
+            return T.Compose([T.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO)])
+        return T.Compose([T.Resize(round(92 * size / 84)), T.CenterCrop(size)])
+    steps = [T.Resize((size, size))]
+    if train:   # 'O': small shifts only, colour, flips and rotations change a character's identity
+        padding, mode = shift_padding(transform_id, size)
+        steps.append(T.RandomCrop(size, padding=padding, padding_mode=mode))
+    return T.Compose(steps)
+
+
+def build_transform(transform_id: str, image_size: int = 84, train: bool = False) -> Callable:
+    """The training (`train=True`) or test transform `transform_id` at `image_size` pixels."""
+    import torchvision.transforms as T
+
+    mean, std = NORMALIZATION[check_transform_id(transform_id)]
+    steps = list(crop_transform(transform_id, image_size, train).transforms)
+    if train and has_jitter_and_flip(transform_id):
+        steps += [T.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER), T.RandomHorizontalFlip()]
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])

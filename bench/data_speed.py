@@ -1,0 +1,152 @@
+"""Which limits a training step, the input pipeline or the model? For transforms A-E at 84 px:
+
+- host CPU microseconds per training image in one loader worker (one thread, no model), before
+  (`--augment host`: the whole transform in PIL) and after (`--augment device`: the stored uint8
+  image and its drawn parameters; for E, whose CUB images are files of mixed sizes, the crop in PIL);
+  process CPU time, so other load on a shared machine matters less;
+- `DeviceAugment`'s images per second (crop and resize, colour jitter, flips, normalisation) on the
+  CPU and, when present, on CUDA (the uint8 images copied from pinned memory included);
+- the images per second a BML training step consumes on the same device (`bench/train_step.py`'s
+  step: 15-way 5-shot 7-query, width 1.0; fp32 on the CPU, bf16 + channels_last on CUDA).
+
+Stored images are random uint8 arrays of the data sets' stored sizes (84 px; 32 px for the CIFAR-based
+C and D, which are resized to 84 in training); E's images are decoded images of CUB-like mixed sizes
+(about 400 x 350 px) held in memory: its JPEG decoding, the same in both paths, is left out.
+
+    python bench/data_speed.py --json data_speed.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from PIL import Image
+
+from bml.datasets import ArrayDataset, DeviceAugment, FewShotDataset, StepBatches, build_transform
+from train_step import QUERY, SHOT, WAY, Variant, synchronize, time_train_steps
+
+TRANSFORMS = ("A", "B", "C", "D", "E")
+STORED_SIZE = {"A": 84, "B": 84, "C": 32, "D": 32}
+IMAGES_PER_STEP = WAY * (SHOT + QUERY)
+MODEL_VARIANT = {"cpu": Variant("fp32", False, False), "cuda": Variant("bf16+channels_last", True, True)}
+
+
+class MixedSizeImages(FewShotDataset):
+    """Decoded images of different sizes (as CUB's files are): the workers must crop them."""
+
+    def __init__(self, images: list[np.ndarray], labels: np.ndarray, **kwargs) -> None:
+        super().__init__(labels, [str(c) for c in range(labels.max() + 1)], **kwargs)
+        self.images_of_mixed_sizes = images
+
+    def load_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images_of_mixed_sizes[index])
+
+
+def step_loader(transform_id: str, image_size: int, augment: str) -> StepBatches:
+    """One episode per step over random images, loaded as a training worker loads it."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(IMAGES_PER_STEP) % WAY
+    settings = dict(transform=build_transform(transform_id, image_size, train=True), transform_id=transform_id,
+                    image_size=image_size)
+    if transform_id == "E":
+        sizes = rng.integers(300, 500, (IMAGES_PER_STEP, 2))
+        images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for height, width in sizes]
+        dataset = MixedSizeImages(images, labels, **settings)
+    else:
+        size = STORED_SIZE[transform_id]
+        images = rng.integers(0, 256, (IMAGES_PER_STEP, size, size, 3), dtype=np.uint8)
+        dataset = ArrayDataset(images, labels, [str(c) for c in range(WAY)], **settings)
+    plan = np.arange(IMAGES_PER_STEP).reshape(1, 1, -1)
+    return StepBatches(dataset, lambda epoch: plan, (0,), augment)
+
+
+def host_us_per_image(batches: StepBatches, steps: int) -> float:
+    """Median CPU microseconds per image of loading one step, on one thread as in a loader worker."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times = []
+    for step in range(steps + 1):
+        start = time.process_time()
+        batches[0, 0]
+        if step:   # the first step warms up
+            times.append(time.process_time() - start)
+    torch.set_num_threads(threads)
+    return 1e6 * statistics.median(times) / IMAGES_PER_STEP
+
+
+def device_images_per_s(batches: StepBatches, device: torch.device, repeats: int) -> float:
+    """Images per second of DeviceAugment on `device`, from uint8 crops in (pinned) host memory."""
+    crops, _, parameters = batches[0, 0]
+    if device.type == "cuda":
+        crops, parameters = crops.pin_memory(), parameters.pin_memory()
+    augment = DeviceAugment(batches.dataset.transform_id, batches.dataset.image_size)
+    times = []
+    for repeat in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        augment(crops.to(device, non_blocking=True), parameters.to(device, non_blocking=True))
+        synchronize(device)
+        if repeat:
+            times.append(time.perf_counter() - start)
+    return crops.shape[0] * crops.shape[1] / statistics.median(times)
+
+
+def model_images_per_s(device: torch.device, args: argparse.Namespace) -> float:
+    settings = argparse.Namespace(num_classes=64, width=1.0, image_size=args.image_size, warmup=1,
+                                  steps=args.model_steps)
+    return IMAGES_PER_STEP / statistics.median(time_train_steps("resnet12", MODEL_VARIANT[device.type], device,
+                                                                settings))
+
+
+def run(args: argparse.Namespace) -> dict:
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    model = {device.type: model_images_per_s(device, args) for device in devices}
+    training_device = devices[-1].type
+    results = {}
+    print(f"{'id':2s} {'host us/img before':>18s} {'after':>8s} {'ratio':>6s} "
+          + " ".join(f"{'augment img/s ' + d.type:>20s}" for d in devices)
+          + f" {'model img/s ' + training_device:>18s}", flush=True)
+    for transform_id in TRANSFORMS:
+        before = host_us_per_image(step_loader(transform_id, args.image_size, "host"), args.steps)
+        device_batches = step_loader(transform_id, args.image_size, "device")
+        after = host_us_per_image(device_batches, args.steps)
+        augment = {device.type: device_images_per_s(device_batches, device, args.repeats) for device in devices}
+        results[transform_id] = {
+            "host_us_per_image_before": before, "host_us_per_image_after": after,
+            "device_images_per_s": augment[training_device], "device": training_device,
+            "model_images_per_s": model[training_device],
+            **{f"device_images_per_s_{name}": value for name, value in augment.items()},
+            **{f"model_images_per_s_{name}": value for name, value in model.items()},
+        }
+        print(f"{transform_id:2s} {before:18.0f} {after:8.0f} {before / after:5.1f}x "
+              + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.1f}",
+              flush=True)
+    return results
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=84)
+    parser.add_argument("--steps", type=int, default=3, help="timed loader steps of 180 images (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed DeviceAugment calls (median reported)")
+    parser.add_argument("--model-steps", type=int, default=2, help="timed training steps (median reported)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results, keyed by transform id, to PATH")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
+          f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}", flush=True)
+    results = run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,197 @@
+"""Training augmentation on the training device (`--augment device`): the workers send uint8 images and
+per-image random parameters, `DeviceAugment` crops, resizes, jitters, flips and normalises a whole step.
+
+Host side, per image: for images held in one array (`ArrayDataset`: every published data set but CUB)
+the stored image is sent as it is, with its crop drawn as torchvision draws it (`draw_parameters`,
+vectorised over the step): a copy of the pixels and a few numbers. Images of mixed sizes (files)
+are cropped on the host with the published `crop_transform` in PIL and sent as S x S crops.
+
+Device side, batched: the crop and resize are one resampling matrix per image and axis with PIL's
+bilinear weights (antialiased when shrinking, taps clipped to the crop box, as torchvision's
+`resized_crop` of a PIL image computes them), and the padded shift of B, C, D and O is folded into
+the same matrices (zero or edge rows). Then torchvision's tensor formulas for ColorJitter
+(`adjust_brightness`, `adjust_contrast`, `adjust_saturation`) with per-image factors in a per-image
+order, the flips and the normalisation. torchvision's tensor ops take one factor (and one crop box)
+per call, and kornia's ColorJitter uses one order per batch and its resize is not PIL's, so these
+few lines are written here; tests compare them image by image with torchvision's functional ops.
+
+The parameters are drawn in the worker from the step's seed, so a step depends on that seed alone
+(exact resume, the same augmentation on a CPU and a GPU), with torchvision's distributions:
+RandomResizedCrop's scale (0.08, 1) and ratio (3/4, 4/3) with its ten tries and centre-crop
+fallback, RandomCrop's padded offsets, ColorJitter factors uniform in [0.6, 1.4] applied in a
+uniformly random order (the relative order of the three in its permutation of four operations,
+hue being off), flip with probability 0.5.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .transforms import CROP_RATIO, CROP_SCALE, JITTER, NORMALIZATION, check_transform_id, has_jitter_and_flip, \
+    shift_padding
+
+AUGMENT_MODES = ("host", "device")
+BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
+# Columns of a parameter row: the crop box in the stored image (top, left, height, width) and the shift
+# of the resized box (rows, columns; out[i] = resized[i + shift]); for A-E also the three colour
+# factors (by adjustment), the adjustments in the order they apply, and the flip flag (1.0 = flip).
+BOX, SHIFT, FACTORS, ORDER, FLIP = slice(0, 4), slice(4, 6), slice(6, 9), slice(9, 12), 12
+GEOMETRY_COLUMNS, ALL_COLUMNS = 6, 13
+_CROP_TRIES = 10
+
+
+def parameter_columns(transform_id: str) -> int:
+    return ALL_COLUMNS if has_jitter_and_flip(transform_id) else GEOMETRY_COLUMNS
+
+
+def draw_resized_crops(count: int, height: int, width: int) -> torch.Tensor:
+    """RandomResizedCrop.get_params for `count` images at once: (count, 4) boxes (top, left, h, w)."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    target_area = area * torch.empty(count, _CROP_TRIES).uniform_(*CROP_SCALE)
+    aspect = torch.exp(torch.empty(count, _CROP_TRIES).uniform_(log_ratio[0].item(), log_ratio[1].item()))
+    w = torch.sqrt(target_area * aspect).round()
+    h = torch.sqrt(target_area / aspect).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)
+    h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
+    top = (torch.rand(count) * (height - h + 1)).floor()
+    left = (torch.rand(count) * (width - w + 1)).floor()
+    boxes = torch.stack([top, left, h, w], dim=1)
+    fallback = torch.tensor(centre_crop(height, width), dtype=torch.float32)
+    return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
+
+
+def centre_crop(height: int, width: int) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box when none of its tries fits: the largest centred box within the ratio range."""
+    in_ratio = width / height
+    if in_ratio < min(CROP_RATIO):
+        w, h = width, int(round(width / min(CROP_RATIO)))
+    elif in_ratio > max(CROP_RATIO):
+        w, h = int(round(height * max(CROP_RATIO))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draw_parameters(count: int, transform_id: str, stored_size: tuple[int, int] | None, image_size: int
+                    ) -> torch.Tensor:
+    """Parameters of `count` training images of transform `transform_id`, (count, 13) float32 ((count, 6)
+    for 'O'), from torch's CPU generator (the loader seeds it per step).
+
+    `stored_size` (height, width) of the images sent; None: they are S x S crops already cropped on the
+    host, which the device then only converts.
+    """
+    check_transform_id(transform_id)
+    size = int(image_size)
+    if stored_size is None:
+        geometry = torch.tensor([0.0, 0.0, size, size, 0.0, 0.0]).expand(count, GEOMETRY_COLUMNS)
+    elif transform_id in ("A", "E"):
+        geometry = torch.cat([draw_resized_crops(count, *stored_size), torch.zeros(count, 2)], dim=1)
+    else:   # Resize((S, S)) then RandomCrop(S, padding): offset i in the padded image is a shift of i - padding
+        padding, _ = shift_padding(transform_id, size)
+        box = torch.tensor([0.0, 0.0, *stored_size]).expand(count, 4)
+        geometry = torch.cat([box, torch.randint(0, 2 * padding + 1, (count, 2)).float() - padding], dim=1)
+    if not has_jitter_and_flip(transform_id):
+        return geometry.contiguous()
+    factors = torch.empty(count, 3).uniform_(1 - JITTER, 1 + JITTER)
+    order = torch.rand(count, 3).argsort(dim=1).float()
+    flip = (torch.rand(count, 1) < 0.5).float()
+    return torch.cat([geometry, factors, order, flip], dim=1)
+
+
+def resampling_matrices(start: torch.Tensor, length: torch.Tensor, shift: torch.Tensor, in_size: int, out_size: int,
+                        edge: bool) -> torch.Tensor:
+    """(N, out_size, in_size) weights along one axis: resize the span [start, start + length) to out_size
+    with PIL's bilinear filter (support widened by the shrink factor: antialiasing; taps outside the span
+    dropped and the rest renormalised), then out[i] = resized[i + shift], out of range: 0 or the edge."""
+    source = torch.arange(out_size, device=start.device) + shift[:, None]                    # (N, out)
+    if edge:
+        source = source.clamp(0, out_size - 1)
+    inside = ((source >= 0) & (source < out_size)).float()
+    scale = (length / out_size)[:, None, None]
+    support = scale.clamp(min=1.0)
+    centre = (source[..., None] + 0.5) * scale                                                 # (N, out, 1)
+    position = torch.arange(in_size, device=start.device) - start[:, None, None]               # (N, 1, in)
+    weights = (1 - ((position - centre + 0.5) / support).abs()).clamp(min=0)
+    weights = weights * ((position >= 0) & (position < length[:, None, None]))
+    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12) * inside[..., None]
+
+
+def grayscale(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's `rgb_to_grayscale` of a float batch, (N, 1, H, W)."""
+    red, green, blue = images.unbind(dim=-3)
+    return (0.2989 * red + 0.587 * green + 0.114 * blue).unsqueeze(dim=-3)
+
+
+class DeviceAugment:
+    """Transform `transform_id` at `image_size` pixels, batched: uint8 images (..., H, W, 3) and their
+    parameters (..., 13) -> normalised float images (..., 3, S, S), on the images' device."""
+
+    def __init__(self, transform_id: str, image_size: int) -> None:
+        self.size = int(image_size)
+        self.jitter_and_flip = has_jitter_and_flip(transform_id)
+        self.edge = shift_padding(transform_id, self.size)[1] == "edge"
+        self.mean, self.std = (torch.tensor(values).view(3, 1, 1) for values in NORMALIZATION[transform_id])
+
+    def __call__(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        *leading, height, width, channels = images.shape
+        images = images.reshape(-1, height, width, channels).permute(0, 3, 1, 2).float()
+        parameters = parameters.reshape(images.shape[0], -1).to(images.device)
+        images = self.crop(images, parameters).div(255)
+        if self.jitter_and_flip:
+            images = jitter_and_flip(images, parameters)
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return images.sub(mean).div(std).reshape(*leading, channels, self.size, self.size)
+
+    def crop(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """Crop, resize and shift (N, 3, H, W) to (N, 3, S, S): one matrix product per axis."""
+        top, left, height, width = parameters[:, BOX].unbind(dim=1)
+        shift_rows, shift_columns = parameters[:, SHIFT].unbind(dim=1)
+        rows = resampling_matrices(top, height, shift_rows, images.shape[-2], self.size, self.edge)
+        columns = resampling_matrices(left, width, shift_columns, images.shape[-1], self.size, self.edge)
+        return rows[:, None] @ images @ columns[:, None].transpose(-1, -2)
+
+
+def jitter_and_flip(images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+    """ColorJitter (per-image factors and order) then the flips, on a float batch (N, 3, H, W) in [0, 1].
+
+    Each adjustment is torchvision's blend `factor * image + (1 - factor) * base` clamped to [0, 1], with
+    base 0 (brightness), the mean gray level (contrast) or the gray image (saturation).
+    """
+    factors, order, flip = parameters[:, FACTORS], parameters[:, ORDER].long(), parameters[:, FLIP].bool()
+    for position in range(order.shape[1]):
+        operation = order[:, position].view(-1, 1, 1, 1)
+        factor = factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1)
+        gray = grayscale(images)
+        base = torch.where(operation == SATURATION, gray, gray.mean(dim=(-3, -2, -1), keepdim=True))
+        base = torch.where(operation == BRIGHTNESS, torch.zeros_like(base), base)
+        images = (factor * images + (1.0 - factor) * base).clamp(0, 1)
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def to_array(image) -> np.ndarray:
+    """A PIL RGB image as an H x W x 3 uint8 array (what the workers send)."""
+    return np.asarray(image, dtype=np.uint8)
+
+
+class DeviceAugmentLoader:
+    """Wraps a loader of (uint8 images, labels, parameters) into one of (float images, labels) on `device`.
+
+    On CUDA the copies from pinned memory are asynchronous and the augmentation's kernels queue
+    behind them, so the host only launches work (as timm's PrefetchLoader does for normalisation).
+    """
+
+    def __init__(self, loader: Iterable, augment: DeviceAugment, device: torch.device) -> None:
+        self.loader, self.augment, self.device = loader, augment, torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, parameters in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            parameters = parameters.to(self.device, non_blocking=True)
+            yield self.augment(images, parameters), labels.to(self.device, non_blocking=True)
