@@ -112,8 +112,8 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                                    "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
     optimisation.add_argument("--clip_grad", type=float, default=None,
                               help="clip the gradient norm of each step to this value; 0: off (recipe: 0 as "
-                                   "published; Omniglot 10: keeps the local loss's large first gradients from "
-                                   "inflating the BatchNorm-followed conv weights, which stalls learning; see "
+                                   "published; glyphs and Omniglot 10: keeps the local loss's large first gradients "
+                                   "from inflating the BatchNorm-followed conv weights, which stalls learning; see "
                                    "docs/RESULTS.md)")
     optimisation.add_argument("--seed", type=int, default=0, help="seed of initialisation, episodes and augmentation")
 

@@ -45,14 +45,14 @@ run noclip_8x50_20w2s3q --epochs 8 --episodes_per_epoch 50 --n_train_ways 20 --n
 run recipe_seed1 --seed 1
 
 # The table of docs/RESULTS.md: settings, training images, val accuracy after every second epoch, the last
-# epoch's loss terms and the CPU seconds of each finished run.
+# epoch's loss terms and the CPU seconds of each run.
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-cpu = {name: float(user) + float(system) for name, user, system, _ in
-       (line.split() for line in (out / "times.txt").read_text().splitlines())}
+cpu = {fields[0]: float(fields[1]) + float(fields[2]) for fields in
+       (line.split() for line in (out / "times.txt").read_text().splitlines()) if len(fields) == 4}
 print("| run | episode | steps | images | clip | val after epoch 2 / 4 / 6 / 8 | last losses (global / local / "
       "mutual) | CPU s |")
 print("|---|---|---|---|---|---|---|---|")
@@ -63,6 +63,7 @@ for name in cpu:
     images = log[-1]["step"] * config["n_train_ways"] * (config["n_train_shots"] + config["n_train_queries"])
     val = " / ".join(f"{entry['val_acc']:.2f}" for entry in log if "val_acc" in entry)
     losses = " / ".join(f"{log[-1][f'train_{term}']:.2f}" for term in ("global", "local", "mutual"))
-    print(f"| {name} | {shape} | {config['epochs']} x {config['episodes_per_epoch']} | {images:,} | "
+    stopped = f" (stopped in epoch {log[-1]['epoch'] + 1})" if log[-1]["epoch"] < config["epochs"] else ""
+    print(f"| {name}{stopped} | {shape} | {config['epochs']} x {config['episodes_per_epoch']} | {images:,} | "
           f"{config['clip_grad']:g} | {val} | {losses} | {cpu[name]:.0f} |")
 PY
