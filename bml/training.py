@@ -154,8 +154,8 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                                    "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
     optimisation.add_argument("--clip_grad", type=argtypes.number(minimum=0), default=None,
                               help="clip the gradient norm of each step to this value; 0: off (recipe: 0 as "
-                                   "published; Omniglot 10: keeps the local loss's large first gradients from "
-                                   "inflating the BatchNorm-followed conv weights, which stalls learning; see "
+                                   "published; glyphs and Omniglot 10: keeps the local loss's large first gradients "
+                                   "from inflating the BatchNorm-followed conv weights, which stalls learning; see "
                                    "docs/RESULTS.md)")
     optimisation.add_argument("--seed", type=argtypes.non_negative_int, default=0,
                               help="seed of initialisation, episodes and augmentation")
@@ -627,6 +627,23 @@ def resume_command(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) ->
     return shlex.join([*launcher, sys.argv[0], *argv, "--is_continue"])
 
 
+def next_steps(args: argparse.Namespace, checkpoint: Path) -> str:
+    """The commands that use the trained `checkpoint`: the published evaluation protocol on the test split,
+    and few-shot prediction on a folder of the user's own images."""
+    data_root = ["--data_root", args.data_root] if args.data_root else []
+    evaluate_script = Path(__file__).resolve().parents[1] / "eval_bml.sh"
+    if evaluate_script.is_relative_to(Path.cwd()):
+        evaluate_script = evaluate_script.relative_to(Path.cwd())
+    evaluate_command = shlex.join(["bash", str(evaluate_script), args.dataset, args.transform, str(checkpoint),
+                                   str(args.n_shots), *data_root])
+    predict_command = shlex.join(["python", "-m", "bml.predict", "--ckp_path", str(checkpoint),
+                                  "--support", "SUPPORT/", "--query", "IMAGES/", "--sheet", "sheet.png"])
+    return (f"Evaluate it with the published protocol (10 seeds x 2,000 5-way {args.n_shots}-shot "
+            f"episodes of the test split):\n  {evaluate_command}\n"
+            "Classify your own images (SUPPORT/ holds one sub-folder of examples per class; IMAGES/ an image or "
+            f"a folder):\n  {predict_command}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Signals
 
@@ -813,6 +830,7 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     info(f"Log: {save_folder / 'log.txt'}, TensorBoard: {save_folder / 'tensorboard'}")
     if is_main:
         write_curves(save_folder)
+    info(next_steps(args, save_folder / (BEST_CHECKPOINT if state.best_epoch else LAST_CHECKPOINT)))
     return TrainingOutcome(0, model, state, save_folder)
 
 
