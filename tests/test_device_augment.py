@@ -249,15 +249,16 @@ def test_images_of_mixed_sizes_are_cropped_on_the_host(tmp_path):
     assert images.shape == (2, 4, 3, 16, 16) and torch.isfinite(images).all()
 
 
-def test_training_defaults_fit_the_device_and_the_machine(monkeypatch, tmp_path):
+def test_training_defaults_fit_the_device_and_the_machine(monkeypatch, simulate_gpu, tmp_path):
     """--augment: device on a GPU (simulated), host on a CPU; --num_workers from the machine; given values win."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    simulate_gpu((9, 0))
     monkeypatch.setattr(sampler_module, "available_cpus", lambda: 2)
 
     def settings(device: str, *flags: str):
         args = train_bml.get_args_parser().parse_args(["--dataset", "glyphs", "-s", str(tmp_path), *flags])
         args.model = "bml"
-        return finish_settings(args, DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
+        finish_settings(args, DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
+        return args
 
     assert (settings("cuda").augment, settings("cpu").augment, settings("cpu").num_workers) == ("device", "host", 1)
     given = settings("cpu", "--augment", "device", "--num_workers", "0")

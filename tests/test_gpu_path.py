@@ -46,29 +46,6 @@ SETTINGS = {"way": WAY, "shot": SHOT, "query": QUERY, "epoch": torch.tensor(1.0,
             "max_epoch": 4}
 
 
-@pytest.fixture
-def simulate_gpu(monkeypatch):
-    """simulate_gpu(capability, arch_list=..., count=1): torch.cuda answers as on such a machine.
-
-    `is_bf16_supported` answers True everywhere, as it does on a V100 through emulation, and making a GPU
-    current (`set_device`) is recorded: a dry run must not do it.
-    """
-    selected = []
-
-    def install(capability, arch_list=("sm_70", "sm_75", "sm_80", "sm_86", "sm_90"), count=1,
-                name="Simulated GPU"):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(arch_list))
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-        monkeypatch.setattr(torch.cuda, "set_device", selected.append)
-        return selected
-
-    return install
-
-
 # ----------------------------------------------------------------------------------------------
 # Decisions from the device's properties
 
