@@ -27,20 +27,15 @@ TRAIN = ["--dataset", "glyphs", "--width", "0.125", "--image_size", "32", "--n_t
          "--epochs", "2", "--episodes_per_epoch", "12", "--eval_freq", "2", "--val_episodes", "60"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared CPU, spinning OpenMP threads slow tiny models down many times."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def run_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("calibration") / "run"
+    """A tiny glyphs model, trained on one thread (on a shared CPU, spinning OpenMP threads slow it down)."""
+    folder, threads = tmp_path_factory.mktemp("calibration") / "run", torch.get_num_threads()
     torch.set_num_threads(1)
-    assert train_bml.main(train_bml.get_args_parser().parse_args([*TRAIN, "-s", str(folder)])) == 0
+    try:
+        assert train_bml.main(train_bml.get_args_parser().parse_args([*TRAIN, "-s", str(folder)])) == 0
+    finally:
+        torch.set_num_threads(threads)
     return folder
 
 
