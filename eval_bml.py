@@ -152,9 +152,9 @@ def main(args: argparse.Namespace) -> int:
                 "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
                 "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
                 "seeds": seeds, "storage": args.storage, **storage, "amp": args.amp, "device": str(args.device),
-                "seconds": round(time.perf_counter() - start, 1),
-                "calibration": {**(calibration or {}), "source": source if calibration else None,
-                                "ece_bins": ECE_BINS, "ece": meter.summary()}}
+                "seconds": round(time.perf_counter() - start, 1)}
+    metadata["calibration"] = {**(calibration or {}), "source": source if calibration else None,
+                               "ece_bins": ECE_BINS, "ece": meter.summary()}
     for name, summary in results.items():
         print(f"{name:>10}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
     print(f"==> Mean ACC on {label}: {results[COMBINED]['acc']:.2f}", flush=True)
