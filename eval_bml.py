@@ -5,19 +5,25 @@
 
 Each image of the split is embedded once and all seeds x episodes are scored from those embeddings
 (`bml.evaluation`): the published 10 x 2,000 episodes cost little more than one pass over the split.
-Writes `<output_dir>/<dataset>_bml_eval_results_<K>shot.txt` and a JSON beside it with every view.
+Writes `<output_dir>/<dataset>_bml_eval_results_<K>shot.txt` and a JSON beside it with every view and
+every vote's expected calibration error. `--calibrate` first fits each vote's temperature on val
+episodes (`bml.calibration`) and reports the error before and after; `--save_calibration PATH` writes
+a copy of the checkpoint carrying the temperatures (the checkpoint given is never modified).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from bml.checkpoint import CheckpointError, model_config, model_from_state, read_checkpoint
+from bml.calibration import ECE_BINS, CalibrationMeter, calibrate
+from bml.checkpoint import (CheckpointError, model_config, model_from_state, read_calibration, read_checkpoint,
+                            save_checkpoint, with_calibration)
 from bml.datasets import DatasetError, TRANSFORM_IDS, input_transform_settings
 from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
                             parse_seed_range, results_paths, write_results)
@@ -67,11 +73,33 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="larger caches are memory-mapped (default: half of the available RAM)")
     compute.add_argument("--cache_dir", default=None, help="folder of a memory-mapped cache (default: temp)")
 
+    calibration = parser.add_argument_group("calibration (temperature scaling of each vote's confidence)")
+    calibration.add_argument("--calibrate", action="store_true",
+                             help="fit each vote's temperature on val episodes (the --n_ways/--n_shots/--n_queries "
+                                  "of this run) before evaluating (default: use the checkpoint's, if any)")
+    calibration.add_argument("--calibration_episodes", type=argtypes.positive_int, default=1000,
+                             help="val episodes the temperatures are fitted on (seed 0)")
+    calibration.add_argument("--save_calibration", default=None, metavar="PATH",
+                             help="with --calibrate: write a copy of the checkpoint carrying the temperatures to "
+                                  "PATH (never --ckp_path itself), for python -m bml.predict")
+
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="eval_results")
     output.add_argument("--json", default=None, help="JSON results path (default: beside the results file)")
     output.add_argument("--no_progress", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
     return parser
+
+
+def check_calibration_output(args: argparse.Namespace) -> None:
+    """--save_calibration needs --calibrate, and never overwrites the checkpoint evaluated (a released one)."""
+    if args.save_calibration is None:
+        return
+    if not args.calibrate:
+        raise OutputError(errno.EINVAL, "--save_calibration writes the temperatures --calibrate fits: add --calibrate")
+    if Path(args.save_calibration).resolve() == Path(args.ckp_path).resolve():
+        raise OutputError(errno.EEXIST, f"--save_calibration {args.save_calibration} is the checkpoint evaluated: "
+                                        f"it is never modified; write the calibrated copy to another path")
+    check_output_file(args.save_calibration, "--save_calibration")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -95,17 +123,31 @@ def main(args: argparse.Namespace) -> int:
         text_path, json_path = results_paths(label, args.n_shots, args.output_dir, args.json)
         check_output_file(text_path, "--output_dir")
         check_output_file(json_path, "--json")
+        check_calibration_output(args)
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         print(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
               f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
               f"{args.n_queries}-query episodes", flush=True)
         start = time.perf_counter()
+        calibration, source = read_calibration(checkpoint), "checkpoint"
+        if args.calibrate:
+            val_set = build_evaluation_dataset(dataset_name, "val", args.data_root, image_size, transform)
+            print(f"Calibrating on {args.calibration_episodes} episodes of {val_set}", flush=True)
+            calibration, source = calibrate(model, val_set, args.n_ways, args.n_shots, args.n_queries,
+                                            args.calibration_episodes, device=args.device, amp=args.amp,
+                                            num_workers=args.num_workers, progress=not args.no_progress
+                                            and sys.stderr.isatty()), "--calibrate"
+            if args.save_calibration:
+                save_checkpoint(args.save_calibration, with_calibration(checkpoint, calibration))
+                print(f"wrote {args.save_calibration}: {args.ckp_path} with the temperatures", flush=True)
+        meter = CalibrationMeter(calibration["temperatures"] if calibration else None)
         storage: dict = {}
         results = evaluate_episodes(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes, seeds,
                                     batch_size=args.batch_size, device=args.device, amp=args.amp,
                                     num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
                                     max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress and sys.stderr.isatty(), report=storage)
+                                    progress=not args.no_progress and sys.stderr.isatty(), report=storage,
+                                    logits_sink=meter)
     except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError,
             OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -116,9 +158,14 @@ def main(args: argparse.Namespace) -> int:
                 "seeds": seeds, "storage": args.storage, **storage, "amp": args.amp, "device": str(args.device),
                 "uncropped_cub": dataset.name == "CUB" and "CUB_test" not in Path(str(dataset.paths[0])).parts,
                 "seconds": round(time.perf_counter() - start, 1)}
+    metadata["calibration"] = {**(calibration or {}), "source": source if calibration else None,
+                               "ece_bins": ECE_BINS, "ece": meter.summary()}
     for name, summary in results.items():
         print(f"{name:>10}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
     print(f"==> Mean ACC on {label}: {results[COMBINED]['acc']:.2f}", flush=True)
+    for name, errors in meter.summary().items():
+        after = f", {errors['calibrated']:.4f} calibrated" if "calibrated" in errors else ""
+        print(f"{name:>10}: ECE ({ECE_BINS} bins) {errors['uncalibrated']:.4f} uncalibrated{after}")
     try:
         write_results(results, label, args.n_shots, args.output_dir, args.json, metadata)
     except OSError as error:

@@ -201,3 +201,28 @@ def model_from_state(state: Mapping[str, Any], device: str | torch.device = "cpu
     model.load_state_dict(weights, strict=True)
     model.dropblock_step = int(state.get("dropblock_step", 0))
     return model.to(device).eval()
+
+
+CALIBRATION_KEY = "calibration"
+"""Checkpoint entry of `bml.calibration`'s record: {'temperatures': {vote: T}, how they were fitted, ...}."""
+
+
+def read_calibration(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint's calibration record, or None when it was never calibrated.
+
+    Raises CheckpointError when the record is there but its temperatures are not positive numbers.
+    """
+    record = state.get(CALIBRATION_KEY)
+    if record is None:
+        return None
+    temperatures = record.get("temperatures") if isinstance(record, Mapping) else None
+    if not isinstance(temperatures, Mapping) or not all(
+            isinstance(value, (int, float)) and 0 < value < float("inf") for value in temperatures.values()):
+        raise CheckpointError(f"the checkpoint's '{CALIBRATION_KEY}' entry has no valid temperatures "
+                              f"({record!r:.200}): recalibrate it with eval_bml.py --calibrate")
+    return dict(record)
+
+
+def with_calibration(state: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of the checkpoint `state` carrying the calibration `record` (an earlier one replaced)."""
+    return {**state, CALIBRATION_KEY: dict(record)}

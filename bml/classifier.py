@@ -9,7 +9,9 @@ The few-shot evaluation's test-time rule (`bml.scoring`), with prototypes from h
 class has: per view, a prototype is the mean support embedding of a class and the logits are minus the
 squared Euclidean distances to the prototypes; a vote combines the views' logits (`vote='bml'`, the
 default: their sum, BML's global + local; `'bml_scaled'`, or one view alone). The probabilities are the
-softmax of the combined logits.
+softmax of the combined logits divided by the vote's temperature, fitted on val episodes and stored in
+the checkpoint (`bml.calibration`); a checkpoint without one is uncalibrated (`temperature` None: T = 1),
+and its probabilities are far too close to 0 and 1.
 
 Images may be PIL images, file paths (str or Path) or numpy uint8 arrays (H x W or H x W x C): these go
 through the checkpoint's test transform (its data set's resize/crop and normalisation, at its input
@@ -28,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from bml.checkpoint import model_config, model_from_state, read_checkpoint
+from bml.checkpoint import model_config, model_from_state, read_calibration, read_checkpoint
 from bml.datasets import build_transform, input_transform_settings
 from bml.datasets.base import image_problem, image_to_rgb
 from bml.scoring import COMBINED, ViewScores, prototype_logits, votes_for
@@ -70,11 +72,12 @@ class Scores:
     kept: list[int]
     unreadable: list[tuple[str, str]]
     classes: list[Hashable]
+    temperature: float = 1.0
 
     @property
     def probabilities(self) -> np.ndarray:
-        """(n, classes) softmax of the vote's logits, in float64."""
-        return self.logits.double().softmax(dim=1).numpy()
+        """(n, classes) softmax of the vote's logits divided by the temperature, in float64."""
+        return (self.logits.double() / self.temperature).softmax(dim=1).numpy()
 
     def ranked(self, rank: int) -> tuple[list[Hashable], np.ndarray]:
         """The class at `rank` (0: the prediction, 1: the runner-up) of every row and its probability.
@@ -125,17 +128,19 @@ class FewShotClassifier:
 
     `fit` sets the classes from labelled support images (any hashable labels, any number of shots
     per class); `classes_` is their sorted order (first-seen order when the labels are not mutually
-    comparable) and the column order of `predict_proba`.
+    comparable) and the column order of `predict_proba`. `temperature` divides the vote's logits before
+    the softmax (None: uncalibrated, T = 1).
     """
 
     def __init__(self, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], image_size: int,
                  device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0,
-                 progress: bool = True, vote: str = COMBINED) -> None:
+                 progress: bool = True, vote: str = COMBINED, temperature: float | None = None) -> None:
         votes = votes_for(model.view_names)
         if vote not in votes:
             raise FewShotInputError(f"unknown vote {vote!r} for a model with views {', '.join(model.view_names)}: "
                                     f"choose one of {', '.join(votes)}")
         self.vote, self._combine = vote, votes[vote]
+        self.temperature = temperature
         self.model = model.to(device).eval()
         self.transform, self.image_size = transform, int(image_size)
         self.device = torch.device(device)
@@ -153,7 +158,8 @@ class FewShotClassifier:
 
         `device` defaults to CUDA when available. `image_size` and `transform_id` ('A'..'E', 'O')
         override what the checkpoint records (with a warning when they differ from it). `vote`
-        names how the views' logits are combined (`bml.scoring.votes_for`). Raises FileNotFoundError
+        names how the views' logits are combined (`bml.scoring.votes_for`); its temperature is the
+        checkpoint's calibration of that vote, None when it has none. Raises FileNotFoundError
         for a missing file and `bml.checkpoint.CheckpointError` for a file that is not a matching
         model checkpoint.
         """
@@ -161,8 +167,9 @@ class FewShotClassifier:
         state = read_checkpoint(path)
         transform_id, size = input_transform_settings(model_config(state), image_size, transform_id)
         model = model_from_state(state, device=device, source=str(path))
+        temperatures = (read_calibration(state) or {}).get("temperatures", {})
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
-                   num_workers, progress, vote)
+                   num_workers, progress, vote, temperatures.get(vote))
 
     @property
     def view_names(self) -> tuple[str, ...]:
@@ -215,14 +222,14 @@ class FewShotClassifier:
             kept += indices
         named_failures = self._report_unreadable(items, unreadable, skip_unreadable, "query")
         all_logits = torch.cat(logits) if logits else torch.empty(0, len(self.classes_))
-        return Scores(all_logits, kept, named_failures, list(self.classes_))
+        return Scores(all_logits, kept, named_failures, list(self.classes_), self.temperature or 1.0)
 
     def decision_function(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
         """(n, classes) logits of the vote (`'bml'`: the views' summed minus squared distances to the prototypes)."""
         return self.score(images).logits.numpy()
 
     def predict_proba(self, images: Sequence[ImageLike] | torch.Tensor) -> np.ndarray:
-        """(n, classes) class probabilities, columns in `classes_` order."""
+        """(n, classes) class probabilities (calibrated when `temperature` is set), columns in `classes_` order."""
         return self.score(images).probabilities
 
     def predict(self, images: Sequence[ImageLike] | torch.Tensor) -> list[Hashable]:

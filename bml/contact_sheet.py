@@ -1,5 +1,6 @@
 """A contact sheet of a few-shot prediction run: the support set per class, then the queries with
-their predicted class and confidence; wrong predictions (when the true class is known) framed in red."""
+their predicted class and confidence; wrong predictions (when the true class is known) framed in red,
+queries rejected as `unknown` (too low a confidence) in grey."""
 from __future__ import annotations
 
 import math
@@ -18,11 +19,15 @@ THUMBNAIL_PIXELS = 128
 CELL_INCHES = 1.1
 LABEL_CHARACTERS = 14
 COLOURS = {None: "black", True: "tab:green", False: "red"}
+UNKNOWN = "unknown"
+"""The prediction of a query whose confidence is below the rejection threshold."""
+UNKNOWN_COLOUR = "tab:gray"
 
 
 @dataclass
 class SheetQuery:
-    """One classified query; `truth` is None when its true class is unknown."""
+    """One classified query; `truth` is None when its true class is unknown, `prediction` is `UNKNOWN` when
+    the query was rejected (it is then neither right nor wrong)."""
 
     path: Path
     prediction: Hashable
@@ -30,8 +35,12 @@ class SheetQuery:
     truth: Hashable | None = None
 
     @property
+    def rejected(self) -> bool:
+        return self.prediction == UNKNOWN
+
+    @property
     def correct(self) -> bool | None:
-        return None if self.truth is None else self.truth == self.prediction
+        return None if self.truth is None or self.rejected else self.truth == self.prediction
 
 
 def shorten(label: Hashable, length: int = LABEL_CHARACTERS) -> str:
@@ -106,7 +115,8 @@ def draw_contact_sheet(path: str | os.PathLike, support: Mapping[Hashable, Seque
         if query.correct is False:
             title += f"\ntrue: {shorten(query.truth)}"
             _frame(ax, COLOURS[False], 3.0)
-        ax.set_title(title, fontsize=8, color=COLOURS[query.correct], parse_math=False)
+        colour = UNKNOWN_COLOUR if query.rejected else COLOURS[query.correct]
+        ax.set_title(title, fontsize=8, color=colour, parse_math=False)
     figure.savefig(path, dpi=100)
     return len(shown)
 
@@ -119,4 +129,7 @@ def _query_heading(queries: Sequence[SheetQuery], shown: int) -> str:
     judged = [query.correct for query in queries if query.correct is not None]
     if judged:
         heading += f"; accuracy {sum(judged)}/{len(judged)} = {100 * sum(judged) / len(judged):.1f}%, wrong in red"
+    rejected = sum(query.rejected for query in queries)
+    if rejected:
+        heading += f"; {rejected} {UNKNOWN} (low confidence) in grey"
     return heading

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,8 @@ DEFAULT_CHUNK_MB = {"cpu": 48, "cuda": 2048}
 
 
 STORAGE_FALLBACK_NOTE = "the embeddings exceed the float16 range (65504)"
+LogitsSink = Callable[[str, torch.Tensor, torch.Tensor], None]
+"""Receives (vote name, (episodes, queries, way) logits, (queries,) labels) of every scored chunk."""
 
 
 class EvaluationError(ValueError):
@@ -164,9 +166,11 @@ def centered_statistics(cache: torch.Tensor, device: torch.device,
 
 def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way: int, shot: int,
                    device: str | torch.device = "cpu", names: Sequence[str] | None = None,
-                   chunk_mb: int | None = None, progress: bool = True) -> dict[str, np.ndarray]:
+                   chunk_mb: int | None = None, progress: bool = True,
+                   logits_sink: LogitsSink | None = None) -> dict[str, np.ndarray]:
     """Per-episode query accuracy (%) of every vote of `bml.scoring.votes_for(names)`: each view alone, the
     sum of the views' logits (`'bml'`) and, with several views, `'bml_scaled'` (our extension).
+    `logits_sink`, when given, also receives every vote's logits (calibration, `bml.calibration`).
 
     `episodes` is an (E, way*(shot+query)) index array into the cache, shot-major (see `bml.scoring`).
     Episodes are scored in chunks using about `chunk_mb` MB of working memory.
@@ -208,6 +212,8 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
                 logits = vote(views)
                 correct[name][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
                 finite &= torch.isfinite(logits).all()
+                if logits_sink is not None:
+                    logits_sink(name, logits, query_labels)
             bar.update(count)
     if not finite:
         raise EvaluationError("the distances between embeddings overflowed (non-finite scores): the checkpoint "
@@ -233,11 +239,11 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
                       device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
                       storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
                       cache_dir: str | None = None, progress: bool = True,
-                      report: dict | None = None) -> dict[str, dict]:
+                      report: dict | None = None, logits_sink: LogitsSink | None = None) -> dict[str, dict]:
     """The published protocol (README "Evaluation") on `dataset` (already carrying its test transform).
 
     `report`, when given, receives 'storage' (the dtype the embeddings were cached in) and, when
-    float16 could not hold them, 'storage_note'.
+    float16 could not hold them, 'storage_note'. `logits_sink`: as in `score_episodes`.
 
     Returns, for every vote of `score_episodes` (each view name, 'bml': the argmax of the summed view
     logits, for a one-view baseline that view; 'bml_scaled' with two views):
@@ -254,7 +260,7 @@ def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
         if cache[0].dtype != storage_dtype:
             report["storage_note"] = f"{STORAGE_FALLBACK_NOTE}: cached in {report['storage']} instead"
     accuracies = score_episodes(cache, indices, way, shot, device=device, names=model.view_names,
-                                progress=progress)
+                                progress=progress, logits_sink=logits_sink)
     results = {}
     for name, per_episode in accuracies.items():
         per_seed = {seed: accuracy_summary(seed_accuracies)

@@ -6,8 +6,11 @@
 `support/` holds one sub-folder per class with one or more images each (shots may differ between
 classes); `--query` is an image or a folder, searched recursively. Every query gets the class of the
 nearest prototype under the model's test-time rule (`bml.classifier`; `--vote` chooses how the views'
-logits are combined, as in the evaluation's results), its confidence (softmax of the combined logits)
-and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
+logits are combined, as in the evaluation's results), its confidence (softmax of the combined logits,
+divided by the vote's temperature when the checkpoint is calibrated: `bml.calibration`) and the
+runner-up class, written to a CSV `path,prediction,confidence,runner_up`. With `--reject CONFIDENCE`
+a query whose confidence is below it is labelled `unknown` (in the CSV, the summary and the sheet);
+`eval_bml.py --calibrate` reports, on val, the fraction kept and its accuracy at several thresholds.
 When the query folder is laid out by class (sub-folders named like support classes), the accuracy is
 reported and wrong predictions are marked on the contact sheet.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from bml.checkpoint import CheckpointError
 from bml.classifier import FewShotClassifier, FewShotInputError, Scores
-from bml.contact_sheet import SheetQuery, draw_contact_sheet
+from bml.contact_sheet import UNKNOWN, SheetQuery, draw_contact_sheet
 from bml.datasets import TRANSFORM_IDS, DatasetError
 from bml.scoring import COMBINED, VOTES
 from bml.utils import argtypes
@@ -51,6 +54,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="how the views' logits are combined: "
                              + "; ".join(f"{name}: {vote.description}" for name, vote in VOTES.items())
                              + "; or a view's name (global, local): that view alone. Default: %(default)s")
+    inputs.add_argument("--reject", type=argtypes.number(0, 1), default=None, metavar="CONFIDENCE",
+                        help=f"label '{UNKNOWN}' every query whose confidence is below CONFIDENCE (calibrated "
+                             f"when the checkpoint holds a temperature for the vote; eval_bml.py --calibrate shows, "
+                             f"on val, the fraction kept and its accuracy at several thresholds)")
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
@@ -133,16 +140,32 @@ def summary_table(classes: Sequence[str], shots: Sequence[int], queries: Sequenc
     if judged:
         correct = sum(query.correct for query in judged)
         lines.append(f"accuracy: {correct}/{len(judged)} = {100 * correct / len(judged):.2f}% "
-                     f"(queries in sub-folders named after a support class)")
+                     f"(queries in sub-folders named after a support class"
+                     f"{f', {UNKNOWN} ones left out' if any(query.rejected for query in queries) else ''})")
+    rejected = sum(query.rejected for query in queries)
+    if rejected:
+        lines.append(f"{UNKNOWN}: {rejected} of {len(queries)} queries (confidence below the --reject threshold)")
     return "\n".join(lines)
 
 
-def classified_queries(scores: Scores, paths: Sequence[Path], query_root: Path) -> list[SheetQuery]:
-    """The readable queries with their prediction, confidence and (when the folder tells) true class."""
+def classified_queries(scores: Scores, paths: Sequence[Path], query_root: Path,
+                       reject_below: float | None = None) -> list[SheetQuery]:
+    """The readable queries with their prediction (`UNKNOWN` when the confidence is below `reject_below`),
+    confidence and (when the folder tells) true class."""
     predictions, confidences = scores.ranked(0)
     classes = set(scores.classes)
-    return [SheetQuery(paths[index], prediction, float(confidence), true_class(paths[index], query_root, classes))
+    return [SheetQuery(paths[index], UNKNOWN if reject_below is not None and confidence < reject_below else prediction,
+                       float(confidence), true_class(paths[index], query_root, classes))
             for index, prediction, confidence in zip(scores.kept, predictions, confidences)]
+
+
+def calibration_note(classifier: FewShotClassifier, checkpoint: str) -> str:
+    """Whether the confidences are calibrated, and how to calibrate them when they are not."""
+    if classifier.temperature is not None:
+        return (f"confidences calibrated: vote {classifier.vote} at temperature {classifier.temperature:.4g} "
+                f"(fitted on val)")
+    return (f"confidences uncalibrated: {checkpoint} holds no temperature for vote {classifier.vote}, so they are "
+            f"far too close to 1; fit one with eval_bml.py --ckp_path {checkpoint} --calibrate --save_calibration PATH")
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -163,6 +186,8 @@ def predict(args: argparse.Namespace) -> None:
     args.device = resolve_device(args.device)
     query_root = Path(args.query)
     support = find_support(Path(args.support))
+    if args.reject is not None and UNKNOWN in support:
+        raise FewShotInputError(f"a support class is named '{UNKNOWN}', the label --reject gives: rename its folder")
     check_output_file(args.out, "--out")
     if args.sheet:
         check_output_file(args.sheet, "--sheet")
@@ -176,12 +201,13 @@ def predict(args: argparse.Namespace) -> None:
           f"{classifier.image_size} px input, "
           f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files",
           flush=True)
+    print(calibration_note(classifier, args.ckp_path), flush=True)
     classifier.fit([path for paths in support.values() for path in paths],
                    [name for name, paths in support.items() for _ in paths], skip_unreadable=True)
     scores = classifier.score(query_paths, skip_unreadable=True)
     if not scores.kept:
         raise FewShotInputError(f"none of the {len(query_paths)} query files under {query_root} is a readable image")
-    queries = classified_queries(scores, query_paths, query_root)
+    queries = classified_queries(scores, query_paths, query_root, args.reject)
     write_predictions(Path(args.out), queries, scores.ranked(1)[0])
     print(summary_table(classifier.classes_, classifier.shots_, queries))
     print(f"wrote {len(queries)} predictions to {args.out}")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from bml.calibration import calibrate_checkpoints
 from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
 from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_step_loader,
                           canonical_name, default_num_workers, shuffled_batches)
@@ -823,6 +824,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
             logger.close()
 
     info(f"Done: {args.epochs} epochs. Last checkpoint: {last_path}")
+    if val_set is not None:   # the main process: temperatures fitted on val, stored in last.pth and best.pth
+        info(calibrate_checkpoints([last_path, save_folder / BEST_CHECKPOINT], val_set, args.n_ways, args.n_shots,
+                                   args.n_queries, args.val_episodes, device, args.amp, args.num_workers))
     if last_validation:
         info(f"Validation accuracy ({args.n_ways}-way {args.n_shots}-shot, {args.val_episodes} episodes of the val "
              f"split): last {last_validation['acc']:.2f} +- {last_validation['ci95']:.2f}%, best "

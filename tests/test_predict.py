@@ -247,3 +247,51 @@ def test_explicit_input_settings_that_differ_from_the_checkpoints_warn_once(recw
     assert input_transform_settings(recorded, 28, "A") == ("A", 28)
     assert [str(warning.message).split(":")[0] for warning in recwarn.list] == [
         "--transform A differs from the checkpoint's O", "--image_size 28 differs from the checkpoint's 32"]
+
+
+def test_reject_labels_low_confidence_queries_unknown_and_says_whether_calibrated(tmp_path, checkpoint, capsys):
+    support, queries = make_support(tmp_path / "support"), make_queries_by_class(tmp_path / "queries")
+    out, sheet = tmp_path / "predictions.csv", tmp_path / "sheet.png"
+    common = ("--support", str(support), "--query", str(queries), "--out", str(out))
+    code, stdout, _ = run_cli(capsys, "--ckp_path", str(checkpoint), *common)
+    assert code == 0 and "confidences uncalibrated" in stdout and "eval_bml.py" in stdout
+    with open(out, newline="") as file:
+        plain = {row["path"]: row for row in csv.DictReader(file)}
+
+    # a temperature at the logits' scale spreads the confidences; the median one is the threshold
+    classifier = FewShotClassifier.from_checkpoint(checkpoint, device="cpu", progress=False)
+    classifier.fit(sorted(support.rglob("*.png")), [path.parent.name for path in sorted(support.rglob("*.png"))])
+    logits = torch.from_numpy(classifier.decision_function(list(plain))).double()
+    temperature = float(logits.std())
+    confidences = (logits / temperature).softmax(1).max(1).values.numpy()
+    threshold = float(np.median(confidences))
+    unknown = {path for path, confidence in zip(plain, confidences) if confidence < threshold}
+    assert 0 < len(unknown) < len(plain)
+    state = torch.load(checkpoint, weights_only=False)
+    calibrated = tmp_path / "calibrated.pth"
+    torch.save({**state, "calibration": {"temperatures": {"bml": temperature}}}, calibrated)
+
+    code, stdout, stderr = run_cli(capsys, "--ckp_path", str(calibrated), *common, "--reject", str(threshold),
+                                   "--sheet", str(sheet))
+    assert code == 0, stderr
+    assert f"confidences calibrated: vote bml at temperature {temperature:.4g}" in stdout
+    with open(out, newline="") as file:
+        rejected = {row["path"]: row for row in csv.DictReader(file)}
+    assert rejected.keys() == plain.keys()
+    for path, row in rejected.items():
+        assert row["prediction"] == ("unknown" if path in unknown else plain[path]["prediction"])
+    assert f"unknown: {len(unknown)} of {len(plain)} queries" in stdout and "unknown ones left out" in stdout
+    assert sheet.is_file()
+
+    torch.save({**state, "calibration": {"temperatures": {"bml": 1e9}}}, calibrated)   # every confidence ~1/3
+    code, stdout, _ = run_cli(capsys, "--ckp_path", str(calibrated), *common, "--reject", "0.5")
+    with open(out, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert code == 0 and all(row["prediction"] == "unknown" for row in rows)
+    assert all(float(row["confidence"]) == pytest.approx(1 / 3, abs=1e-3) for row in rows)
+    assert f"unknown: {len(rows)} of {len(rows)} queries" in stdout and "accuracy:" not in stdout
+
+    (support / "unknown").mkdir()
+    solid(support / "unknown" / "s.png", (0, 200, 0), (20, 20))
+    code, _, stderr = run_cli(capsys, "--ckp_path", str(checkpoint), *common, "--reject", "0.5")
+    assert code == 1 and "named 'unknown'" in stderr
