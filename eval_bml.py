@@ -131,7 +131,8 @@ def main(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         calibration, source = read_calibration(checkpoint), "checkpoint"
         if args.calibrate:
-            val_set = build_evaluation_dataset(dataset_name, "val", args.data_root, image_size, transform)
+            val_set = build_evaluation_dataset(dataset_name, "val", args.data_root, image_size, transform,
+                                               allow_uncropped_cub=args.allow_uncropped_cub)
             print(f"Calibrating on {args.calibration_episodes} episodes of {val_set}", flush=True)
             calibration, source = calibrate(model, val_set, args.n_ways, args.n_shots, args.n_queries,
                                             args.calibration_episodes, device=args.device, amp=args.amp,
