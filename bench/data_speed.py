@@ -98,7 +98,7 @@ def device_images_per_s(batches: StepBatches, device: torch.device, repeats: int
 
 
 def model_images_per_s(device: torch.device, args: argparse.Namespace) -> float:
-    settings = argparse.Namespace(num_classes=64, width=1.0, image_size=args.image_size, warmup=1,
+    settings = argparse.Namespace(num_classes=64, width=args.width, image_size=args.image_size, warmup=1,
                                   steps=args.model_steps)
     return IMAGES_PER_STEP / statistics.median(time_train_steps("resnet12", MODEL_VARIANT[device.type], device,
                                                                 settings))
@@ -136,6 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=3, help="timed loader steps of 180 images (median reported)")
     parser.add_argument("--repeats", type=int, default=5, help="timed DeviceAugment calls (median reported)")
     parser.add_argument("--model-steps", type=int, default=2, help="timed training steps (median reported)")
+    parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier of the timed model")
     parser.add_argument("--json", metavar="PATH", help="also write the results, keyed by transform id, to PATH")
     return parser
 

@@ -21,7 +21,8 @@ On a GPU (about 5-8 minutes on one GPU), at full size (BML ResNet-12, width 1.0,
 - `ddp`: 2 processes of one episode each (NCCL, with 2+ GPUs) against one process running both: the
   same averaged gradients (1e-4 relative);
 - `train_step_bench`, `eval_speed_bench`: `bench/train_step.py` and `bench/eval_speed.py` at full size,
-  their JSON figures included; `data_speed_bench`: `bench/data_speed.py` when that file exists.
+  their JSON figures included; `data_speed_bench`: `bench/data_speed.py` (host work per training image,
+  the device augmentation's and the model's images per second, transforms A-E).
 
 Without a GPU (or with `--cpu`) the same checks run on the CPU at tiny size (width 0.125, 32 px,
 5-way 2-shot 3-query episodes, Gloo for DDP, the benchmarks at tiny settings), which the test suite
@@ -295,16 +296,18 @@ def check_bench(script: str, arguments: list[str], timeout: float, json_path: Pa
 
 
 def bench_arguments(tiny: bool, folder: Path) -> dict[str, tuple[list[str], Path | None]]:
-    train_json = folder / "train_step.json"
+    train_json, data_json = folder / "train_step.json", folder / "data_speed.json"
     if tiny:
         return {"train_step.py": (["--steps", "1", "--warmup", "0", "--width", "0.125", "--image-size", "32",
                                    "--json", str(train_json)], train_json),
                 "eval_speed.py": (["--images", "200", "--classes", "5", "--width", "0.125", "--image_size", "32",
                                    "--seeds", "1",
-                                   "--episodes", "50", "--per_episode", "2", "--device", "cpu"], None)}
+                                   "--episodes", "50", "--per_episode", "2", "--device", "cpu"], None),
+                "data_speed.py": (["--image-size", "32", "--steps", "1", "--repeats", "1", "--model-steps", "1",
+                                   "--width", "0.125", "--json", str(data_json)], data_json)}
     return {"train_step.py": (["--steps", "5", "--warmup", "2", "--json", str(train_json)], train_json),
             "eval_speed.py": (["--images", "12000", "--per_episode", "20"], None),
-            "data_speed.py": ([], None)}
+            "data_speed.py": (["--json", str(data_json)], data_json)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,8 +334,6 @@ def run_checks(args: argparse.Namespace) -> dict:
         for script, (arguments, json_path) in bench_arguments(tiny, Path(folder)).items():
             steps[f"{Path(script).stem}_bench"] = (lambda s=script, a=arguments, j=json_path:
                                                    check_bench(s, a, args.bench_timeout, j))
-        if tiny and (ROOT / "bench" / "data_speed.py").is_file():
-            steps["data_speed_bench"] = lambda: {"skipped": "run on a GPU only (its own default settings)"}
         for name, check in steps.items():
             if args.only and name not in args.only:
                 continue
