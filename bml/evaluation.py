@@ -408,11 +408,13 @@ def results_paths(label: str, shot: int, output_dir: str | Path = "eval_results"
 
 
 def write_results(results: dict[str, dict], label: str, shot: int, output_dir: str | Path = "eval_results",
-                  json_path: str | Path | None = None, metadata: dict | None = None) -> tuple[Path, Path]:
+                  json_path: str | Path | None = None, metadata: dict | None = None,
+                  head_results: dict[str, dict] | None = None) -> tuple[Path, Path]:
     """Write `<label>_bml_eval_results_<shot>shot.txt` (the published format) and its JSON beside it.
 
     The text file has one `seed: acc` line per seed of the combined prediction, then
-    `==> Mean ACC on <label>: acc`; the JSON has `metadata` and every view's results.
+    `==> Mean ACC on <label>: acc`; the JSON has `metadata`, every view's results (`results`, the
+    published head) and, under `head_results`, those of the other heads ({head: {vote: results}}).
     """
     text_path, json_path = results_paths(label, shot, output_dir, json_path)
     combined = results[COMBINED]
@@ -421,5 +423,6 @@ def write_results(results: dict[str, dict], label: str, shot: int, output_dir: s
     with atomic_write(text_path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     with atomic_write(json_path, "w") as handle:
-        handle.write(json.dumps({**(metadata or {}), "results": results}, indent=2) + "\n")
+        extra = {"head_results": head_results} if head_results else {}
+        handle.write(json.dumps({**(metadata or {}), "results": results, **extra}, indent=2) + "\n")
     return text_path, json_path

@@ -6,7 +6,7 @@
 `support/` holds one sub-folder per class with one or more images each (shots may differ between
 classes); `--query` is an image or a folder, searched recursively. Every query gets the class of the
 nearest prototype under the model's test-time rule (`bml.classifier`; `--vote` chooses how the views'
-logits are combined, as in the evaluation's results), its confidence (softmax of the combined logits)
+logits are combined, as in the evaluation's results; `--head` how each view's are made), its confidence (softmax of the combined logits)
 and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
 When the query folder is laid out by class (sub-folders named like support classes), the accuracy is
 reported and wrong predictions are marked on the contact sheet.
@@ -25,7 +25,7 @@ from bml.checkpoint import CheckpointError
 from bml.classifier import FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import SheetQuery, draw_contact_sheet
 from bml.datasets import TRANSFORM_IDS, DatasetError
-from bml.scoring import COMBINED, VOTES
+from bml.scoring import COMBINED, HEADS, PROTO, VOTES
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
@@ -51,6 +51,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="how the views' logits are combined: "
                              + "; ".join(f"{name}: {vote.description}" for name, vote in VOTES.items())
                              + "; or a view's name (global, local): that view alone. Default: %(default)s")
+    inputs.add_argument("--head", choices=tuple(HEADS), default=PROTO,
+                        help="how each view's logits are made: "
+                             + "; ".join(f"{name}: {head.description}" for name, head in HEADS.items())
+                             + ". Default: %(default)s")
+    inputs.add_argument("--data_root", default=None,
+                        help="data root of the checkpoint's training split, whose mean embedding cl2n centres on "
+                             "(default: $BML_DATA_ROOT, else data/)")
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
@@ -171,8 +178,9 @@ def predict(args: argparse.Namespace) -> None:
     classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.batch_size,
                                                    num_workers=args.num_workers, image_size=args.image_size,
                                                    transform_id=args.transform, progress=not args.no_progress,
-                                                   vote=args.vote)
-    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}), "
+                                                   vote=args.vote, head=args.head, data_root=args.data_root)
+    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}, "
+          f"head {classifier.head}), "
           f"{classifier.image_size} px input, "
           f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files",
           flush=True)
