@@ -6,8 +6,8 @@
 `support/` holds one sub-folder per class with one or more images each (shots may differ between
 classes); `--query` is an image or a folder, searched recursively. Every query gets the class of the
 nearest prototype under the model's test-time rule (`bml.classifier`; `--vote` chooses how the views'
-logits are combined, as in the evaluation's results; `--head` how each view's are made), its confidence (softmax of the combined logits)
-and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
+logits are combined, as in the evaluation's results; `--head` how each view's are made), its confidence
+(softmax of the combined logits) and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
 When the query folder is laid out by class (sub-folders named like support classes), the accuracy is
 reported and wrong predictions are marked on the contact sheet.
 """
