@@ -31,12 +31,15 @@ from tqdm import tqdm
 
 from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, input_transform_settings
 from bml.scoring import (COMBINED, HEADS, PROTO, SCALED, ViewScores, centered_prototype_logits, class_prototypes,
-                         episode_labels, nearest_prototype, votes_for)
+                         episode_labels, nearest_prototype, support_span_coordinates, votes_for)
 from bml.utils.io import atomic_write
 
 AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Working memory of one scoring chunk; on a CPU a chunk near the L3 cache size is several times faster.
 DEFAULT_CHUNK_MB = {"cpu": 48, "cuda": 2048}
+# Episodes a head fitted in the support's span (logreg) fits in one optimisation: about 10 kB each (5-way
+# 5-shot 15-query, per view), where a gathered chunk holds a few episodes of 16,000-dimensional rows.
+SPAN_FIT_EPISODES = 4096
 
 
 STORAGE_FALLBACK_NOTE = "the embeddings exceed the float16 range (65504)"
@@ -259,12 +262,21 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
     votes = votes_for(names)
     correct = {name: torch.empty(num_episodes, dtype=torch.long) for name in votes}
     finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def record(first: int, views: dict[str, ViewScores]) -> None:
+        for name, vote in votes.items():
+            logits = vote(views)
+            correct[name][first:first + len(logits)] = (logits.argmax(-1) == query_labels).sum(1).cpu()
+            finite.logical_and_(torch.isfinite(logits).all())
+
+    pending: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []   # in the support's span, not yet fitted
+    pending_start = 0
     with tqdm(total=num_episodes, desc="score", unit="episode", disable=not progress) as bar:
         for start in range(0, num_episodes, chunk):
             indices = torch.from_numpy(np.ascontiguousarray(episodes[start:start + chunk])).long()
             query_indices = indices[:, way * shot:].to(device)
             count = len(indices)
-            views = {}
+            views, reduced = {}, {}
             for name, cache, features, statistic, (gathered, rows) in zip(names, embeddings, view_features,
                                                                             statistics, buffers):
                 flat_indices = indices.flatten().to(cache.device)
@@ -272,18 +284,29 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
                 rows[:count].view(len(flat_indices), -1).copy_(gathered[:len(flat_indices)], non_blocking=True)
                 episode_rows = rows[:count] if features is None else features(rows[:count])
                 support, queries = episode_rows[:, :way * shot], episode_rows[:, way * shot:]
-                if statistic is None:
+                if rule.in_support_span:
+                    reduced[name] = support_span_coordinates(support, queries)
+                elif statistic is None:
                     views[name] = rule.classify(support, support_labels, queries, way)
-                    continue
-                center, squared_norms = statistic
-                prototypes = class_prototypes(support, way)
-                logits = centered_prototype_logits(queries, squared_norms[query_indices], center, prototypes)
-                views[name] = ViewScores(logits, prototypes)
-            for name, vote in votes.items():
-                logits = vote(views)
-                correct[name][start:start + count] = (logits.argmax(-1) == query_labels).sum(1).cpu()
-                finite &= torch.isfinite(logits).all()
-            bar.update(count)
+                else:
+                    center, squared_norms = statistic
+                    prototypes = class_prototypes(support, way)
+                    logits = centered_prototype_logits(queries, squared_norms[query_indices], center, prototypes)
+                    views[name] = ViewScores(logits, prototypes)
+            if not rule.in_support_span:
+                record(start, views)
+                bar.update(count)
+                continue
+            pending.append(reduced)
+            fitted = start + count - pending_start
+            if fitted >= SPAN_FIT_EPISODES or start + count == num_episodes:
+                # One optimisation over the whole stack of pending episodes, in S, not D, dimensions.
+                record(pending_start, {name: rule.classify(torch.cat([part[name][0] for part in pending]),
+                                                           support_labels,
+                                                           torch.cat([part[name][1] for part in pending]), way)
+                                       for name in names})
+                pending, pending_start = [], start + count
+                bar.update(fitted)
     if not finite:
         raise EvaluationError("the distances between embeddings overflowed (non-finite scores): the checkpoint "
                               "has diverged or its features are too large to compare; no accuracy is reported")

@@ -210,6 +210,14 @@ def logistic_regression(support: torch.Tensor, labels: torch.Tensor, queries: to
     return ViewScores(logits, labelled_prototypes(support.float(), labels, way))
 
 
+def support_span_coordinates(support: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., S, D) support and (..., Q, D) queries in an orthonormal basis of the support's span: (..., S, S) and
+    (..., Q, S). Inner products with the support and distances between support points are kept; the queries
+    lose only their component orthogonal to the span, which no classifier fitted in the span can see."""
+    basis, _ = torch.linalg.qr(support.transpose(-1, -2))
+    return support @ basis, queries @ basis
+
+
 @dataclass(frozen=True)
 class Head:
     """How one view's logits are made: a per-image feature map, then a classifier fitted on the support."""
@@ -218,6 +226,9 @@ class Head:
     description: str
     features: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None   # (x, base mean); None: as is
     needs_base_mean: bool = False   # the base classes' mean embedding per view (`features`' second argument)
+    # `classify` sees the features only through inner products with the support (and is rotation invariant):
+    # the evaluation may then fit it on `support_span_coordinates`, S dimensions instead of D, many episodes at once.
+    in_support_span: bool = False
 
 
 HEADS: dict[str, Head] = {
@@ -225,7 +236,8 @@ HEADS: dict[str, Head] = {
     "cl2n": Head(nearest_prototype, "centred on the base classes' mean embedding, L2-normalised, nearest prototype",
                  centered_l2_normalized, needs_base_mean=True),
     "logreg": Head(logistic_regression, f"logistic regression on the L2-normalised support (C={LOGREG_C:g}, "
-                                        f"{LOGREG_ITERATIONS} accelerated gradient steps)", l2_normalized),
+                                        f"{LOGREG_ITERATIONS} accelerated gradient steps)", l2_normalized,
+                      in_support_span=True),
 }
 """The heads, in the order they are reported."""
 

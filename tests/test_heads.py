@@ -116,6 +116,23 @@ def test_logreg_stack_is_each_episode_fitted_alone():
     torch.testing.assert_close(bias[2], alone_bias, rtol=1e-5, atol=1e-5)
 
 
+def test_logreg_in_the_support_span_over_blocks_of_chunks_equals_the_full_features(monkeypatch):
+    """The evaluation fits logreg in the support's span, on stacks of several gathered chunks: the same
+    predictions as the head on the full features, episode by episode."""
+    data = clustered_points(per_class=30)
+    cache = tuple(view.clone() for view in TwoViews().embed(data.points))
+    episodes = sample_episodes(data.labels, WAY, SHOT, QUERY, episodes=200, seeds=[0])
+    monkeypatch.setattr(evaluation, "SPAN_FIT_EPISODES", 50)   # chunks of 1 MB hold ~180 episodes
+    scores = score_episodes(cache, episodes, WAY, SHOT, names=VIEWS, head="logreg", progress=False, chunk_mb=1)
+    index = torch.from_numpy(episodes)
+    views = {name: head_scores("logreg", view[index[:, :WAY * SHOT]], episode_labels(WAY, WAY * SHOT),
+                               view[index[:, WAY * SHOT:]], WAY) for name, view in zip(VIEWS, cache)}
+    labels = episode_labels(WAY, WAY * QUERY)
+    for name, vote in votes_for(VIEWS).items():
+        expected = (vote(views).argmax(-1) == labels).double().mean(1).numpy() * 100
+        np.testing.assert_allclose(scores[name], expected, err_msg=name)
+
+
 def test_cl2n_centres_on_a_known_base_mean(tmp_path, monkeypatch):
     """base_class_means is the mean embedding of the base split, computed once and then read from its file;
     cl2n's logits are those of the centred, unit-length features."""
