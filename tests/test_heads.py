@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from bml import FewShotClassifier, evaluation
 from bml.engine import evaluate
 from bml.evaluation import base_class_means, sample_episodes, score_episodes
-from bml.models import BML
 from bml.scoring import (COMBINED, HEADS, LOGREG_C, PROTO, episode_labels, fit_logistic_regression, head_scores,
                          votes_for)
-from fixtures import make_pickle_split_dataset, save_released_checkpoint
+from fixtures import make_cifar_fs_bml_checkpoint
 from test_evaluation import load_entry_script
 
 WAY, SHOT, QUERY, DIM = 5, 2, 4, 12
@@ -157,10 +156,7 @@ def test_cl2n_centres_on_a_known_base_mean(tmp_path, monkeypatch):
 
 def test_eval_bml_scores_every_head_from_one_embedding_pass(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
-    data_root = make_pickle_split_dataset(tmp_path / "data", "CIFAR-FS", classes=(6, 5, 5), images_per_class=12,
-                                          image_size=32)
-    checkpoint = save_released_checkpoint(tmp_path / "bml.pth", BML(num_classes=6, width=0.125),
-                                          dataset="CIFAR-FS", backbone="Res12", image_size=32)
+    checkpoint, data_root = make_cifar_fs_bml_checkpoint(tmp_path, images_per_class=12)
     embedded = []
     embed_dataset = evaluation.embed_dataset
     monkeypatch.setattr(evaluation, "embed_dataset",
