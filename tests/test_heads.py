@@ -3,6 +3,7 @@ with a known base mean, and every head of eval_bml.py from one embedding pass.""
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bml import FewShotClassifier, evaluation
+from bml.datasets import build_dataset
 from bml.engine import evaluate
 from bml.evaluation import base_class_means, sample_episodes, score_episodes
 from bml.scoring import (COMBINED, HEADS, LOGREG_C, PROTO, episode_labels, fit_logistic_regression, head_scores,
@@ -211,3 +213,15 @@ def test_heads_reach_validation_and_the_classifier(tmp_path):
         FewShotClassifier(model, transform=None, image_size=DIM, head="nope")
     with pytest.raises(ValueError, match="cl2n.*base_means"):
         FewShotClassifier(model, transform=None, image_size=DIM, head="cl2n")
+
+
+def test_classifier_from_checkpoint_centres_cl2n_on_its_training_split(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the base means file goes
+    torch.manual_seed(0)
+    checkpoint, data_root = make_cifar_fs_bml_checkpoint(tmp_path, images_per_class=6)
+    classifier = FewShotClassifier.from_checkpoint(checkpoint, device="cpu", head="cl2n", data_root=str(data_root),
+                                                   progress=False)
+    base = build_dataset("CIFAR-FS", "train", data_root, 32, train=False)
+    expected = base_class_means(classifier.model, base, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(classifier.base_means, expected))
+    assert len(list(tmp_path.glob("bml_base_means_*.pt"))) == 1
