@@ -6,9 +6,11 @@
 Each image of the split is embedded once and all seeds x episodes are scored from those embeddings
 (`bml.evaluation`): the published 10 x 2,000 episodes cost little more than one pass over the split.
 Writes `<output_dir>/<dataset>_bml_eval_results_<K>shot.txt` and a JSON beside it with every view and
-every vote's expected calibration error. `--calibrate` first fits each vote's temperature on val
-episodes (`bml.calibration`) and reports the error before and after; `--save_calibration PATH` writes
-a copy of the checkpoint carrying the temperatures (the checkpoint given is never modified).
+every vote's expected calibration error. `--head proto cl2n logreg` scores every head from the same
+embeddings (`bml.scoring.HEADS`); the text file reports `proto`, the published rule, and the JSON has every
+head. `--calibrate` first fits each vote's temperature on val episodes (`bml.calibration`) and reports the
+error before and after; `--save_calibration PATH` writes a copy of the checkpoint carrying the temperatures
+(the checkpoint given is never modified).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,8 +28,9 @@ from bml.calibration import ECE_BINS, CalibrationMeter, calibrate
 from bml.checkpoint import (CheckpointError, model_config, model_from_state, read_calibration, read_checkpoint,
                             save_checkpoint, with_calibration)
 from bml.datasets import DatasetError, TRANSFORM_IDS, input_transform_settings
-from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_episodes,
+from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_heads,
                             parse_seed_range, results_paths, write_results)
+from bml.scoring import HEADS, PROTO
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
@@ -61,6 +65,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     episodes.add_argument("--seeds", type=parse_seed_range, nargs="+", default=[list(range(10))],
                           metavar="SEED", help="seeds, e.g. '0 1 2' or '0-9' (default 0-9)")
 
+    parser.add_argument("--head", nargs="+", choices=tuple(HEADS), default=[PROTO], metavar="HEAD",
+                        help="how each view's logits are made, scored from one embedding pass: "
+                             + "; ".join(f"{name}: {head.description}" for name, head in HEADS.items())
+                             + f". {PROTO} is always included: the results file reports it (default: %(default)s)")
+
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
     compute.add_argument("--batch_size", type=argtypes.positive_int, default=128,
@@ -71,7 +80,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                          help="dtype of the cached embeddings (scores are always float32)")
     compute.add_argument("--max_memory_gb", type=argtypes.number(0, above_minimum=True), default=None,
                          help="larger caches are memory-mapped (default: half of the available RAM)")
-    compute.add_argument("--cache_dir", default=None, help="folder of a memory-mapped cache (default: temp)")
+    compute.add_argument("--cache_dir", default=None,
+                         help="folder of a memory-mapped cache and of the base-class means of cl2n (default: temp)")
 
     calibration = parser.add_argument_group("calibration (temperature scaling of each vote's confidence)")
     calibration.add_argument("--calibrate", action="store_true",
@@ -124,6 +134,9 @@ def main(args: argparse.Namespace) -> int:
         check_output_file(text_path, "--output_dir")
         check_output_file(json_path, "--json")
         check_calibration_output(args)
+        heads = list(dict.fromkeys([PROTO, *args.head]))
+        base_dataset = (build_evaluation_dataset(dataset_name, "train", args.data_root, image_size, transform)
+                        if any(HEADS[head].needs_base_mean for head in heads) else None)
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         print(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
               f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
@@ -143,12 +156,13 @@ def main(args: argparse.Namespace) -> int:
                 print(f"wrote {args.save_calibration}: {args.ckp_path} with the temperatures", flush=True)
         meter = CalibrationMeter(calibration["temperatures"] if calibration else None)
         storage: dict = {}
-        results = evaluate_episodes(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes, seeds,
-                                    batch_size=args.batch_size, device=args.device, amp=args.amp,
-                                    num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
-                                    max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
-                                    progress=not args.no_progress and sys.stderr.isatty(), report=storage,
-                                    logits_sink=meter)
+        head_results = evaluate_heads(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes,
+                                      seeds, heads, base_dataset, args.cache_dir or tempfile.gettempdir(),
+                                      batch_size=args.batch_size, device=args.device, amp=args.amp,
+                                      num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
+                                      max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
+                                      progress=not args.no_progress and sys.stderr.isatty(), report=storage,
+                                      logits_sink=meter)
     except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError,
             OutputError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -156,19 +170,22 @@ def main(args: argparse.Namespace) -> int:
     metadata = {"checkpoint": str(args.ckp_path), "model": config["model"], "dataset": dataset_name,
                 "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
                 "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
-                "seeds": seeds, "storage": args.storage, **storage, "amp": args.amp, "device": str(args.device),
+                "seeds": seeds, "heads": {head: HEADS[head].description for head in heads},
+                "storage": args.storage, **storage, "amp": args.amp, "device": str(args.device),
                 "uncropped_cub": dataset.name == "CUB" and "CUB_test" not in Path(str(dataset.paths[0])).parts,
                 "seconds": round(time.perf_counter() - start, 1)}
     metadata["calibration"] = {**(calibration or {}), "source": source if calibration else None,
                                "ece_bins": ECE_BINS, "ece": meter.summary()}
-    for name, summary in results.items():
-        print(f"{name:>10}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
+    for head, results in head_results.items():
+        for name, summary in results.items():
+            print(f"{head:>7} {name:>10}: {summary['acc']:.2f} +- {summary['ci95']:.2f}")
+    results = head_results.pop(PROTO)
     print(f"==> Mean ACC on {label}: {results[COMBINED]['acc']:.2f}", flush=True)
     for name, errors in meter.summary().items():
         after = f", {errors['calibrated']:.4f} calibrated" if "calibrated" in errors else ""
         print(f"{name:>10}: ECE ({ECE_BINS} bins) {errors['uncalibrated']:.4f} uncalibrated{after}")
     try:
-        write_results(results, label, args.n_shots, args.output_dir, args.json, metadata)
+        write_results(results, label, args.n_shots, args.output_dir, args.json, metadata, head_results)
     except OSError as error:
         print(f"error: the results above could not be written: {error}", file=sys.stderr)
         return 1

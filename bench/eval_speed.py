@@ -2,11 +2,15 @@
 
     python bench/eval_speed.py                                  # 12,000 images, full width: long on a CPU
     python bench/eval_speed.py --images 2000 --per_episode 5    # what docs/BENCHMARKS.md reports
+    python bench/eval_speed.py --images 2000 --per_episode 1 --heads proto cl2n logreg   # the heads' cost
 
 Both protocols run the same model on the same synthetic miniImageNet-like test set (84 px uint8
 images, the miniImageNet test transform). The per-episode protocol is timed on its first
 `--per_episode` episodes; the cached one embeds the whole set once, then scores all seeds x episodes.
-Prints one JSON object: throughputs, the speed-up, and how often the two protocols agree.
+`--heads` then scores the same cached episodes with each test-time head (`bml.scoring.HEADS`; cl2n
+centres on the test set's own mean here, which costs the same as the base classes'), one after the other.
+Prints one JSON object: throughputs, the speed-up, how often the two protocols agree, and each head's
+seconds per 20,000 episodes with its ratio to proto's.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from torch.utils.data import Subset
 from bml.datasets import ArrayDataset, build_transform
 from bml.evaluation import COMBINED, embed_dataset, sample_episodes, score_episodes
 from bml.models import BML
+from bml.scoring import HEADS, PROTO
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -35,6 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_episode", type=int, default=5, help="episodes timed with the per-episode protocol")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--heads", nargs="*", choices=tuple(HEADS), default=[],
+                        help="also time the scoring of each of these heads on the same cache")
     return parser
 
 
@@ -77,6 +84,15 @@ def main(args: argparse.Namespace) -> dict:
     scores, score_seconds = timed(score_episodes, cache, episodes, 5, args.shot, device=args.device,
                                   names=model.view_names)
     total = len(episodes)
+    heads = {}
+    base_means = [view.float().mean(0) for view in cache]
+    for head in args.heads:
+        _, seconds = timed(score_episodes, cache, episodes, 5, args.shot, device=args.device, names=model.view_names,
+                           head=head, base_means=base_means)
+        heads[head] = {"seconds": round(seconds, 1), "seconds_per_20000_episodes": round(seconds * 20000 / total, 1)}
+    for result in heads.values():
+        if PROTO in heads:
+            result["ratio_to_proto"] = round(result["seconds"] / heads[PROTO]["seconds"], 2)
     per_episode_rate = args.per_episode / per_episode_seconds
     cached_rate = total / (embed_seconds + score_seconds)
     return {
@@ -92,6 +108,7 @@ def main(args: argparse.Namespace) -> dict:
         "speedup": round(cached_rate / per_episode_rate),
         "same_accuracy_on_timed_episodes": bool(np.array_equal(per_episode[COMBINED],
                                                                scores[COMBINED][:args.per_episode])),
+        **({"heads": heads} if heads else {}),
     }
 
 

@@ -11,7 +11,9 @@ squared Euclidean distances to the prototypes; a vote combines the views' logits
 default: their sum, BML's global + local; `'bml_scaled'`, or one view alone). The probabilities are the
 softmax of the combined logits divided by the vote's temperature, fitted on val episodes and stored in
 the checkpoint (`bml.calibration`); a checkpoint without one is uncalibrated (`temperature` None: T = 1),
-and its probabilities are far too close to 0 and 1.
+and its probabilities are far too close to 0 and 1. `head` chooses how each view's logits are made
+(`bml.scoring.HEADS`: `'proto'`, the default, as above; `'cl2n'`, which needs the base classes' mean
+embeddings, from the checkpoint's training split or given as `base_means`; `'logreg'`).
 
 Images may be PIL images, file paths (str or Path) or numpy uint8 arrays (H x W or H x W x C): these go
 through the checkpoint's test transform (its data set's resize/crop and normalisation, at its input
@@ -21,6 +23,7 @@ size). Torch tensors are taken as model input that is already transformed: float
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,9 +34,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from bml.checkpoint import model_config, model_from_state, read_calibration, read_checkpoint
-from bml.datasets import build_transform, input_transform_settings
+from bml.datasets import build_dataset, build_transform, input_transform_settings
 from bml.datasets.base import image_problem, image_to_rgb
-from bml.scoring import COMBINED, ViewScores, prototype_logits, votes_for
+from bml.evaluation import base_class_means
+from bml.scoring import COMBINED, HEADS, PROTO, head_scores, votes_for
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -124,7 +128,7 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None]]
 
 
 class FewShotClassifier:
-    """Nearest-prototype classification of new images with a trained BML or baseline model.
+    """Few-shot classification of new images with a trained BML or baseline model (nearest prototype, or `head`).
 
     `fit` sets the classes from labelled support images (any hashable labels, any number of shots
     per class); `classes_` is their sorted order (first-seen order when the labels are not mutually
@@ -134,32 +138,44 @@ class FewShotClassifier:
 
     def __init__(self, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], image_size: int,
                  device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0,
-                 progress: bool = True, vote: str = COMBINED, temperature: float | None = None) -> None:
+                 progress: bool = True, vote: str = COMBINED, temperature: float | None = None,
+                 head: str = PROTO, base_means: Sequence[torch.Tensor] | None = None) -> None:
         votes = votes_for(model.view_names)
         if vote not in votes:
             raise FewShotInputError(f"unknown vote {vote!r} for a model with views {', '.join(model.view_names)}: "
                                     f"choose one of {', '.join(votes)}")
+        if head not in HEADS:
+            raise FewShotInputError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+        if HEADS[head].needs_base_mean and base_means is None:
+            raise FewShotInputError(f"head {head!r} centres on the base classes' mean embedding: pass base_means "
+                                    f"(bml.evaluation.base_class_means), or use from_checkpoint")
         self.vote, self._combine = vote, votes[vote]
         self.temperature = temperature
+        self.head = head
+        self.base_means = None if base_means is None else tuple(mean.to(device) for mean in base_means)
         self.model = model.to(device).eval()
         self.transform, self.image_size = transform, int(image_size)
         self.device = torch.device(device)
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
         self.classes_: list[Hashable] | None = None
-        self.prototypes_: tuple[torch.Tensor, ...] | None = None
+        self.support_: tuple[torch.Tensor, ...] | None = None
+        self.support_labels_: torch.Tensor | None = None
         self.shots_: list[int] | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         batch_size: int = 64, num_workers: int = 0, image_size: int | None = None,
                         transform_id: str | None = None, progress: bool = True,
-                        vote: str = COMBINED) -> FewShotClassifier:
+                        vote: str = COMBINED, head: str = PROTO, data_root: str | None = None) -> FewShotClassifier:
         """A released or own checkpoint with its data set's test transform and input size.
 
         `device` defaults to CUDA when available. `image_size` and `transform_id` ('A'..'E', 'O')
         override what the checkpoint records (with a warning when they differ from it). `vote`
         names how the views' logits are combined (`bml.scoring.votes_for`); its temperature is the
-        checkpoint's calibration of that vote, None when it has none. Raises FileNotFoundError
+        checkpoint's calibration of that vote, None when it has none. `head` names how each view's logits
+        are made (`bml.scoring.HEADS`); a head that centres on the base classes' mean embeds the training split
+        of the checkpoint's data set (under `data_root`) once, its means then kept in the temp folder
+        (`bml.evaluation.base_class_means`). Raises FileNotFoundError
         for a missing file and `bml.checkpoint.CheckpointError` for a file that is not a matching
         model checkpoint.
         """
@@ -167,9 +183,18 @@ class FewShotClassifier:
         state = read_checkpoint(path)
         transform_id, size = input_transform_settings(model_config(state), image_size, transform_id)
         model = model_from_state(state, device=device, source=str(path))
+        base_means = None
+        if head in HEADS and HEADS[head].needs_base_mean:
+            dataset = model_config(state).get("dataset")
+            if dataset is None:
+                raise FewShotInputError(f"{path} does not record its data set, whose training split head {head!r} "
+                                        f"centres on: pass base_means to FewShotClassifier")
+            base_set = build_dataset(dataset, "train", data_root, size, train=False, transform=transform_id)
+            base_means = base_class_means(model, base_set, batch_size=batch_size, device=device,
+                                          num_workers=num_workers, means_dir=tempfile.gettempdir(), progress=progress)
         temperatures = (read_calibration(state) or {}).get("temperatures", {})
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
-                   num_workers, progress, vote, temperatures.get(vote))
+                   num_workers, progress, vote, temperatures.get(vote), head, base_means)
 
     @property
     def view_names(self) -> tuple[str, ...]:
@@ -177,7 +202,7 @@ class FewShotClassifier:
 
     def fit(self, images: Sequence[ImageLike] | torch.Tensor, labels: Sequence[Hashable],
             skip_unreadable: bool = False) -> FewShotClassifier:
-        """Set the classes and their prototypes (mean support embedding per class and view).
+        """Set the classes and keep the support embeddings the head fits on (`proto`: their class means).
 
         Unreadable image files raise FewShotInputError naming all of them, or with
         `skip_unreadable` are left out with one warning; a class left without images is an error.
@@ -191,33 +216,33 @@ class FewShotClassifier:
                                     f"got {len(classes)}: {classes}")
         column = {label: c for c, label in enumerate(classes)}
         targets = torch.tensor([column[label] for label in labels], dtype=torch.long)
-        sums: list[torch.Tensor] = []
-        counts = torch.zeros(len(classes), dtype=torch.long)
+        kept: list[int] = []
+        batches: list[tuple[torch.Tensor, ...]] = []
         unreadable: list[tuple[int, str]] = []
         for indices, views in self._embedded_batches(items, unreadable, "support"):
-            batch_targets = targets[indices]
-            counts += torch.bincount(batch_targets, minlength=len(classes))
-            sums = sums or [torch.zeros(len(classes), view.shape[1], device=self.device) for view in views]
-            for total, view in zip(sums, views):
-                total.index_add_(0, batch_targets.to(self.device), view)
+            kept += indices
+            batches.append(views)
         self._report_unreadable(items, unreadable, skip_unreadable, "support")
+        counts = torch.bincount(targets[kept], minlength=len(classes))
         empty = [classes[c] for c in torch.nonzero(counts == 0).flatten().tolist()]
         if empty:
             raise FewShotInputError(f"no readable support image for class(es) {empty}: give every class at "
                                     f"least one image")
         self.classes_, self.shots_ = classes, counts.tolist()
-        self.prototypes_ = tuple(total / counts.to(self.device).unsqueeze(1) for total in sums)
+        self.support_ = tuple(torch.cat(view) for view in zip(*batches))
+        self.support_labels_ = targets[kept].to(self.device)
         return self
 
     def score(self, images: Sequence[ImageLike] | torch.Tensor, skip_unreadable: bool = False) -> Scores:
         """The vote's logits of every readable image (unreadable ones: as in `fit`)."""
-        if self.prototypes_ is None:
+        if self.support_ is None:
             raise RuntimeError("this FewShotClassifier is not fitted yet: call fit(support_images, labels) first")
         items = self._as_items(images)
         logits, kept, unreadable = [], [], []
         for indices, embeddings in self._embedded_batches(items, unreadable, "query"):
-            views = {name: ViewScores(prototype_logits(embedding, prototypes), prototypes)
-                     for name, embedding, prototypes in zip(self.view_names, embeddings, self.prototypes_)}
+            views = {name: head_scores(self.head, support, self.support_labels_, embedding, len(self.classes_),
+                                       None if self.base_means is None else self.base_means[v])
+                     for v, (name, embedding, support) in enumerate(zip(self.view_names, embeddings, self.support_))}
             logits.append(self._combine(views).cpu())
             kept += indices
         named_failures = self._report_unreadable(items, unreadable, skip_unreadable, "query")

@@ -13,14 +13,15 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from bml.evaluation import COMBINED, evaluate_episodes
+from bml.evaluation import COMBINED, evaluate_heads
+from bml.scoring import PROTO
 from bml.utils.distributed import all_reduce_sum, get_world_size
 from bml.utils.logger import RunLogger, SmoothedValue
 
@@ -213,15 +214,23 @@ def epoch_stats(state: TrainingState, optimizer: torch.optim.Optimizer) -> dict[
 
 
 def evaluate(model: nn.Module, dataset, *, way: int, shot: int, query: int, episodes: int, seed: int,
-             device: torch.device, amp: str = "off", num_workers: int = 0, progress: bool = False) -> dict[str, float]:
+             device: torch.device, amp: str = "off", num_workers: int = 0, progress: bool = False,
+             heads: Sequence[str] = (PROTO,), base_dataset=None) -> dict[str, float]:
     """Validation accuracy (%) with its 95% interval: 'acc'/'ci95' of the model's prediction (BML: the
-    sum of both views), 'acc_<view>' of each view alone and, for BML, 'acc_bml_scaled' of the scaled vote.
+    sum of both views), 'acc_<view>' of each view alone and, for BML, 'acc_bml_scaled' of the scaled vote;
+    for every other head of `heads` (`bml.scoring.HEADS`; `base_dataset`: the training split, for cl2n),
+    'acc_<head>' of its prediction and 'acc_<head>_<vote>' of the other votes.
 
-    Uses the fast protocol of `bml.evaluation` (embed the split once, score every episode from the
-    cache); the model's training mode is restored afterwards.
+    Uses the fast protocol of `bml.evaluation` (embed the split once, score every episode of every head
+    from the cache); the model's training mode is restored afterwards.
     """
-    results = evaluate_episodes(model, dataset, way, shot, query, episodes, seeds=[seed], device=device, amp=amp,
-                                num_workers=num_workers, progress=progress)
+    head_results = evaluate_heads(model, dataset, way, shot, query, episodes, seeds=[seed],
+                                  heads=list(dict.fromkeys([PROTO, *heads])), base_dataset=base_dataset,
+                                  device=device, amp=amp, num_workers=num_workers, progress=progress)
+    results = head_results.pop(PROTO)
     summary = {"acc": results[COMBINED]["acc"], "ci95": results[COMBINED]["ci95"]}
     summary.update({f"acc_{view}": results[view]["acc"] for view in results if view != COMBINED})
+    for head, results in head_results.items():
+        summary.update({f"acc_{head}" + ("" if vote == COMBINED else f"_{vote}"): result["acc"]
+                        for vote, result in results.items()})
     return summary

@@ -6,11 +6,12 @@
 `support/` holds one sub-folder per class with one or more images each (shots may differ between
 classes); `--query` is an image or a folder, searched recursively. Every query gets the class of the
 nearest prototype under the model's test-time rule (`bml.classifier`; `--vote` chooses how the views'
-logits are combined, as in the evaluation's results), its confidence (softmax of the combined logits,
-divided by the vote's temperature when the checkpoint is calibrated: `bml.calibration`) and the
-runner-up class, written to a CSV `path,prediction,confidence,runner_up`. With `--reject CONFIDENCE`
-a query whose confidence is below it is labelled `unknown` (in the CSV, the summary and the sheet);
-`eval_bml.py --calibrate` reports, on val, the fraction kept and its accuracy at several thresholds.
+logits are combined, as in the evaluation's results; `--head` how each view's are made), its confidence
+(softmax of the combined logits, divided by the vote's temperature when the checkpoint is calibrated:
+`bml.calibration`) and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
+With `--reject CONFIDENCE` a query whose confidence is below it is labelled `unknown` (in the CSV, the
+summary and the sheet); `eval_bml.py --calibrate` reports, on val, the fraction kept and its accuracy at
+several thresholds.
 When the query folder is laid out by class (sub-folders named like support classes), the accuracy is
 reported and wrong predictions are marked on the contact sheet.
 """
@@ -28,7 +29,7 @@ from bml.checkpoint import CheckpointError
 from bml.classifier import FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import UNKNOWN, SheetQuery, draw_contact_sheet
 from bml.datasets import TRANSFORM_IDS, DatasetError
-from bml.scoring import COMBINED, VOTES
+from bml.scoring import COMBINED, HEADS, PROTO, VOTES
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
@@ -58,6 +59,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help=f"label '{UNKNOWN}' every query whose confidence is below CONFIDENCE (calibrated "
                              f"when the checkpoint holds a temperature for the vote; eval_bml.py --calibrate shows, "
                              f"on val, the fraction kept and its accuracy at several thresholds)")
+    inputs.add_argument("--head", choices=tuple(HEADS), default=PROTO,
+                        help="how each view's logits are made: "
+                             + "; ".join(f"{name}: {head.description}" for name, head in HEADS.items())
+                             + ". Default: %(default)s")
+    inputs.add_argument("--data_root", default=None,
+                        help="data root of the checkpoint's training split, whose mean embedding cl2n centres on "
+                             "(default: $BML_DATA_ROOT, else data/)")
 
     compute = parser.add_argument_group("compute")
     compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
@@ -196,8 +204,9 @@ def predict(args: argparse.Namespace) -> None:
     classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.batch_size,
                                                    num_workers=args.num_workers, image_size=args.image_size,
                                                    transform_id=args.transform, progress=not args.no_progress,
-                                                   vote=args.vote)
-    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}), "
+                                                   vote=args.vote, head=args.head, data_root=args.data_root)
+    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}, "
+          f"head {classifier.head}), "
           f"{classifier.image_size} px input, "
           f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files",
           flush=True)

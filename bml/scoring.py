@@ -7,9 +7,14 @@ bottom of the package and imports nothing else of `bml`.
 
 The votes are the entries of `VOTES` plus each view alone (named after the view): a new vote is one
 `VOTES` entry, and it then appears in `eval_bml.py`'s results, in validation's log and as a
-`--vote` choice of `python -m bml.predict`. A vote sees every view's `ViewScores`, so a later
-scoring head (e.g. logistic regression instead of nearest prototype) only changes how a view's
-logits are made, not the votes.
+`--vote` choice of `python -m bml.predict`. A vote sees every view's `ViewScores`.
+
+How one view's logits are made is a *head*, the entries of `HEADS`: `proto` (nearest prototype, the
+published rule), `cl2n` (SimpleShot's centred L2: features centred on the base classes' mean
+embedding, L2-normalised, then nearest prototype) and `logreg` (RFS's multinomial logistic regression
+fitted on the support set of L2-normalised features). A new head is one `HEADS` entry; it then appears
+in `eval_bml.py --head`, in validation and as a `--head` choice of `python -m bml.predict`. Every
+vote applies to every head.
 
 Episodes are shot-major: position i * way + c of an episode holds the i-th image of its class c.
 """
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 COMBINED = "bml"
 """The published vote: the sum of the views' logits."""
@@ -128,3 +134,118 @@ def votes_for(view_names: Sequence[str]) -> dict[str, Callable[[Mapping[str, Vie
     votes.update({name: vote.combine for name, vote in VOTES.items() if len(view_names) >= vote.min_views})
     return votes
 
+
+
+PROTO = "proto"
+"""The published head: nearest prototype on the embeddings as they are."""
+LOGREG_C = 1.0
+"""Inverse L2 strength of `logreg`, as in RFS (scikit-learn's default C): minimise
+sum_i CE_i + ||W||^2 / (2 C), the bias unpenalised."""
+LOGREG_ITERATIONS = 100
+"""Accelerated gradient steps of `logreg`; with unit-norm features the error shrinks by about
+1 - 1/sqrt(C * support images + 1) a step: below float32 resolution after 100 steps for 5-way 5-shot."""
+
+
+def labelled_prototypes(support: torch.Tensor, labels: torch.Tensor, way: int) -> torch.Tensor:
+    """Mean support embedding per class for any labels (any shots per class): (..., S, D), (S,) -> (..., way, D)."""
+    one_hot = F.one_hot(labels, way).to(support.dtype).transpose(-1, -2)
+    return (one_hot @ support) / one_hot.sum(-1, keepdim=True)
+
+
+def l2_normalized(features: torch.Tensor, base_mean: torch.Tensor | None = None) -> torch.Tensor:
+    """Each embedding scaled to unit length (float32)."""
+    return F.normalize(features.float(), dim=-1)
+
+
+def centered_l2_normalized(features: torch.Tensor, base_mean: torch.Tensor | None) -> torch.Tensor:
+    """Each embedding minus the base classes' mean embedding, then scaled to unit length (float32)."""
+    if base_mean is None:
+        raise ValueError("this head centres on the base classes' mean embedding: pass base_mean")
+    return F.normalize(features.float() - base_mean.to(features.device, torch.float32), dim=-1)
+
+
+def nearest_prototype(support: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, way: int) -> ViewScores:
+    """Minus squared distances of (..., Q, D) queries to the class means of the (..., S, D) support."""
+    prototypes = labelled_prototypes(support.float(), labels, way)
+    return ViewScores(prototype_logits(queries, prototypes), prototypes)
+
+
+def fit_logistic_regression(support: torch.Tensor, labels: torch.Tensor, way: int, c: float = LOGREG_C,
+                            iterations: int = LOGREG_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression of every episode of a (..., S, D) support stack at once: (..., way, D)
+    weights and (..., way) biases minimising sum_i CE_i + ||W||^2 / (2 c).
+
+    One vectorised optimisation over the whole stack (the episodes' problems are independent), run in the
+    support's span: W = A^T X, so each step costs (S, S) products, not (S, D) ones. Nesterov's accelerated
+    gradient with the step 1/L of the gradient's Lipschitz bound L = (max ||x||^2 + 1) / 2 + 1 / (c S) and
+    momentum (sqrt(k) - 1) / (sqrt(k) + 1), k = L c S: the iterates are those of the same method on each
+    episode alone.
+    """
+    support = support.float()
+    count = support.shape[-2]
+    targets = F.one_hot(labels, way).float().expand(*support.shape[:-1], way)
+    gram = support @ support.transpose(-1, -2)
+    strength = 1.0 / (c * count)   # the penalty per sample: mean CE + strength / 2 ||W||^2
+    lipschitz = (gram.diagonal(dim1=-2, dim2=-1).amax(-1) + 1) / 2 + strength
+    step = (1 / lipschitz)[..., None, None]
+    root = (lipschitz / strength).sqrt()[..., None, None]
+    momentum = (root - 1) / (root + 1)
+    coefficients = support.new_zeros(targets.shape)                # A: W = A^T X
+    bias = support.new_zeros((*targets.shape[:-2], 1, way))
+    previous_coefficients, previous_bias = coefficients, bias
+    for _ in range(iterations):
+        ahead_coefficients = coefficients + momentum * (coefficients - previous_coefficients)
+        ahead_bias = bias + momentum * (bias - previous_bias)
+        residual = ((gram @ ahead_coefficients + ahead_bias).softmax(-1) - targets) / count
+        previous_coefficients, previous_bias = coefficients, bias
+        coefficients = ahead_coefficients - step * (residual + strength * ahead_coefficients)
+        bias = ahead_bias - step * residual.sum(-2, keepdim=True)
+    return coefficients.transpose(-1, -2) @ support, bias.squeeze(-2)
+
+
+def logistic_regression(support: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, way: int) -> ViewScores:
+    """The logits of (..., Q, D) queries under `fit_logistic_regression` of the (..., S, D) support."""
+    weights, bias = fit_logistic_regression(support, labels, way)
+    logits = queries.float() @ weights.transpose(-1, -2) + bias.unsqueeze(-2)
+    return ViewScores(logits, labelled_prototypes(support.float(), labels, way))
+
+
+def support_span_coordinates(support: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., S, D) support and (..., Q, D) queries in an orthonormal basis of the support's span: (..., S, S) and
+    (..., Q, S). Inner products with the support and distances between support points are kept; the queries
+    lose only their component orthogonal to the span, which no classifier fitted in the span can see."""
+    basis, _ = torch.linalg.qr(support.transpose(-1, -2))
+    return support @ basis, queries @ basis
+
+
+@dataclass(frozen=True)
+class Head:
+    """How one view's logits are made: a per-image feature map, then a classifier fitted on the support."""
+
+    classify: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], ViewScores]   # support, labels, queries, way
+    description: str
+    features: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None   # (x, base mean); None: as is
+    needs_base_mean: bool = False   # the base classes' mean embedding per view (`features`' second argument)
+    # `classify` sees the features only through inner products with the support (and is rotation invariant):
+    # the evaluation may then fit it on `support_span_coordinates`, S dimensions instead of D, many episodes at once.
+    in_support_span: bool = False
+
+
+HEADS: dict[str, Head] = {
+    PROTO: Head(nearest_prototype, "nearest prototype (the published rule)"),
+    "cl2n": Head(nearest_prototype, "centred on the base classes' mean embedding, L2-normalised, nearest prototype",
+                 centered_l2_normalized, needs_base_mean=True),
+    "logreg": Head(logistic_regression, f"logistic regression on the L2-normalised support (C={LOGREG_C:g}, "
+                                        f"{LOGREG_ITERATIONS} accelerated gradient steps)", l2_normalized,
+                      in_support_span=True),
+}
+"""The heads, in the order they are reported."""
+
+
+def head_scores(head: str, support: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, way: int,
+                base_mean: torch.Tensor | None = None) -> ViewScores:
+    """One view's scores of (..., Q, D) queries under `HEADS[head]`, fitted on the (..., S, D) labelled support."""
+    rule = HEADS[head]
+    if rule.features is not None:
+        support, queries = rule.features(support, base_mean), rule.features(queries, base_mean)
+    return rule.classify(support, labels, queries, way)

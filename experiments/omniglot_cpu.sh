@@ -74,6 +74,7 @@ for MODEL in $MODELS; do
             timed "eval_${MODEL}_${WAY}w${SHOT}s" python eval_bml.py --ckp_path "$OUT/$MODEL/best.pth" \
                 --data_root "$DATA_ROOT" --split test --n_ways "$WAY" --n_shots "$SHOT" --n_queries 15 \
                 --episodes "$EPISODES" --seeds "$SEEDS" --device cpu --num_workers 1 --no_progress \
+                --head proto cl2n logreg \
                 --output_dir "$OUT/eval" --json "$OUT/eval/${MODEL}_${WAY}w${SHOT}s.json"
         done
     done

@@ -63,6 +63,24 @@ def results_table(run: Path) -> str:
     return "\n".join(rows)
 
 
+def heads_table(run: Path) -> str:
+    """One row per model and test-time head (`eval_bml.py --head`; the model's prediction: BML's summed
+    views, a baseline's one view), one column per task; empty when the evaluations have no other head."""
+    rows = []
+    for model in trained_models(run):
+        saved = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text()) for way, shot in TASKS]
+        per_head = {"proto": [entry["results"] for entry in saved]}
+        for head in saved[0].get("head_results", {}):
+            per_head[head] = [entry["head_results"][head] for entry in saved]
+        name = "BML" if model == "bml" else f"baseline-{model}"
+        rows += [f"| {name} | {head} | " + " | ".join(cell(results["bml"]) for results in per_task) + " |"
+                 for head, per_task in per_head.items()]
+    if len(rows) <= len(trained_models(run)):
+        return ""
+    header = "| model | head | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS) + " |"
+    return "\n".join([header, "|" + "---|" * (len(TASKS) + 2), *rows])
+
+
 def seeds_table(runs: list[Path]) -> str:
     """Mean test accuracy over runs that differ only in their training seed, each run's value in brackets."""
     header = "| model | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS) + " |"
@@ -134,8 +152,9 @@ def main(args: argparse.Namespace) -> None:
     times = read_times(run / "times.txt")
     timing = ", ".join(f"{model} {times[model] / 60:.1f} min" for model in MODELS if model in times)
     evaluation_time = sum(seconds for name, seconds in times.items() if name.startswith("eval_"))
+    heads = heads_table(run)
     report = (f"{results_table(run)}\n\nTraining wall time: {timing}; all evaluations: "
-              f"{evaluation_time / 60:.1f} min.\n")
+              f"{evaluation_time / 60:.1f} min.\n" + (f"\nTest-time heads:\n\n{heads}\n" if heads else ""))
     (run / "report.md").write_text(report)
     plot_curves(run, run / CURVES)
     print(report)

@@ -103,6 +103,18 @@ def make_pickle_split_dataset(root: str | Path, name: str, classes: tuple[int, i
     return Path(root)
 
 
+def make_cifar_fs_bml_checkpoint(folder: str | Path, images_per_class: int = 16) -> tuple[Path, Path]:
+    """A width-0.125 BML released checkpoint of CIFAR-FS (6 base classes, 32 px) and its data root."""
+    from bml.models import BML   # here: the fixtures of the data tests do not need the models
+
+    folder = Path(folder)
+    data_root = make_pickle_split_dataset(folder / "data", "CIFAR-FS", classes=(6, 5, 5),
+                                          images_per_class=images_per_class, image_size=32)
+    checkpoint = save_released_checkpoint(folder / "bml.pth", BML(num_classes=6, width=0.125),
+                                          dataset="CIFAR-FS", backbone="Res12", image_size=32)
+    return checkpoint, data_root
+
+
 def make_tiered(root: str | Path, classes: tuple[int, int, int] = (4, 3, 5), images_per_class: int = 6,
                 image_size: int = 8, compressed: bool = False, seed: int = 0) -> Path:
     """make_tiered(root, classes=(4, 3, 5), images_per_class=6, image_size=8, compressed=False, seed=0) -> root

@@ -233,7 +233,7 @@ def eval_args(checkpoint: Path, out: Path, *extra: str) -> argparse.Namespace:
 
 
 def test_eval_checks_its_outputs_before_embedding(tmp_path, checkpoint_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_bml, "evaluate_episodes", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr(eval_bml, "evaluate_heads", lambda *a, **k: pytest.fail("evaluated"))
     (tmp_path / "file").write_text("")
     assert eval_bml.main(eval_args(checkpoint_path, tmp_path / "file")) == 1
     assert "is a file, not a folder" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from bml.models import BML, BaselineLocal
 from bml.predict import get_args_parser, main as predict_main
 from bml.scoring import (COMBINED, SCALED, ViewScores, class_prototypes, prototype_logits, prototype_spread,
                          votes_for)
-from fixtures import make_pickle_split_dataset, save_released_checkpoint
+from fixtures import make_cifar_fs_bml_checkpoint, save_released_checkpoint
 from test_evaluation import load_entry_script
 from test_predict import COLOURS, make_support, solid
 
@@ -59,10 +59,7 @@ def test_votes_on_hand_made_scores():
 
 def test_a_vote_added_to_the_table_reaches_eval_bml_and_predict(tmp_path, toy_vote, capsys):
     torch.manual_seed(0)
-    data_root = make_pickle_split_dataset(tmp_path / "data", "CIFAR-FS", classes=(6, 5, 5), images_per_class=16,
-                                          image_size=32)
-    checkpoint = save_released_checkpoint(tmp_path / "bml.pth", BML(num_classes=6, width=0.125),
-                                          dataset="CIFAR-FS", backbone="Res12", image_size=32)
+    checkpoint, data_root = make_cifar_fs_bml_checkpoint(tmp_path)
     eval_bml = load_entry_script()
     args = eval_bml.get_args_parser().parse_args(
         ["--ckp_path", str(checkpoint), "--data_root", str(data_root), "--n_shots", "1", "--episodes", "5",
