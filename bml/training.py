@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from bml import cli
 from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
 from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_step_loader,
                           canonical_name, default_num_workers, shuffled_batches)
@@ -42,7 +43,7 @@ from bml.evaluation import AMP_DTYPES, EvaluationError
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, get_recipe, lr_factor, lr_schedule
 from bml.utils import argtypes, distributed
-from bml.utils.device import AMP_CHOICES, check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
+from bml.utils.device import check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
 from bml.utils.io import OutputError, check_output_folder, folder_lock, remove_orphan_temporaries
 from bml.utils.logger import RunLogger
 from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
@@ -69,40 +70,18 @@ class SettingsError(ValueError):
 # Command line: the flags both entry scripts share
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default unless it is None (recipe flags, whose help says where the value comes from) or a switch."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.nargs == 0:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_common_parser(description: str) -> argparse.ArgumentParser:
     """Flags shared by BML and the baselines. Recipe flags default to None: `apply_recipe` fills them."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="glyphs",
-                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download; the "
-                           "default, as in train_bml.sh), omniglot, or the name of an image folder "
-                           "<data_root>/<name>/<split>/<class>/<image>")
-    data.add_argument("--data_root", default=None,
-                      help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
-    data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
-                      help="transform id (docs/ARCHITECTURE.md, Transforms); default: the data set's published one")
-    data.add_argument("--image_size", type=argtypes.image_size, default=None,
-                      help="input size in pixels; default: the data set's (84; glyphs 32, omniglot 28)")
-    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=None,
-                      help="data-loading processes per training process; default: the CPUs left after the "
-                           "training processes, shared between them (1 to 8)")
+    parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter,
+                                     parents=[cli.dataset_parser(), cli.input_parser(), cli.episode_parser(),
+                                              cli.device_parser(), cli.precision_parser()])
+    parser.set_defaults(dataset="glyphs")   # the embedded set, as in train_bml.sh
+    data = parser.add_argument_group("training data")
     data.add_argument("--augment", default=None, choices=AUGMENT_MODES,
                       help="where training images are augmented: 'host' (each worker runs the whole transform "
                            "in PIL) or 'device' (workers send uint8 images and their random parameters; crop, "
                            "colour jitter, flips and normalisation run batched on the training device); default: "
                            "device on a GPU, host on a CPU")
-    data.add_argument("--allow_uncropped_cub", action="store_true",
-                      help="CUB: validate on the uncropped CUB_200_2011 images when the bounding-box crops "
-                           "(CUB_test/) are missing; not the published protocol (warns, recorded in config.json)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
@@ -132,12 +111,6 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                                "warns)")
 
     validation = parser.add_argument_group("validation (on the val split)")
-    validation.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None,
-                            help="classes per validation episode (recipe: 5)")
-    validation.add_argument("--n_shots", type=argtypes.positive_int, default=None,
-                            help="support images per class (recipe: 1)")
-    validation.add_argument("--n_queries", type=argtypes.positive_int, default=None,
-                            help="query images per class (recipe: 15)")
     validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None,
                             help="validation episodes (recipe: 2000)")
     validation.add_argument("--eval_freq", type=argtypes.non_negative_int, default=None,
@@ -172,12 +145,6 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                      help="also keep epoch_<N>.pth every this many epochs; 0: only best.pth and last.pth")
     run.add_argument("--print_freq", type=argtypes.positive_int, default=50,
                      help="steps between log lines and TensorBoard points")
-    run.add_argument("--device", default=None,
-                     help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
-    run.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                     help="autocast precision: off = fp32, the published recipe (default); bf16 (native from "
-                          "compute capability 8.0; older GPUs get fp16 with a warning); fp16 with a gradient "
-                          "scaler. Mixed precision is faster and lighter, at slightly different numerics")
     run.add_argument("--amp_opt_level", default=None, choices=("O0", "O1", "O2"),
                      help="the original's Apex level, used when --amp is not given: O0 = --amp off (the "
                           "original's default); O1 (Apex autocast with fp32 weights) = --amp fp16; O2 (Apex's "
