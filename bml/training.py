@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from bml import cli
-from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
+from bml.checkpoint import CheckpointError, checkpoint_state, resume, save_checkpoint
 from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_step_loader,
                           canonical_name, default_num_workers, shuffled_batches)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
@@ -46,7 +46,7 @@ from bml.utils import argtypes, distributed
 from bml.utils.device import check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
 from bml.utils.io import OutputError, check_output_folder, folder_lock, remove_orphan_temporaries
 from bml.utils.logger import RunLogger
-from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
+from bml.utils.rng import derive_seed, restore_rng_state, seed_everything
 
 BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
 LAST_CHECKPOINT = "last.pth"
@@ -470,97 +470,6 @@ def wrap_for_training(args: argparse.Namespace, model: nn.Module, context: distr
 # Checkpoints
 
 
-def checkpoint_state(args: argparse.Namespace, parts: TrainComponents, state: TrainingState) -> dict:
-    """The released format (model, max_accuracy, epoch, config) plus what an exact resume needs.
-
-    Collective under DDP (every process contributes its RNG state): call it on all processes.
-    """
-    rng_states = distributed.all_gather_objects(capture_rng_state())
-    return {
-        "model": parts.model.state_dict(),
-        "max_accuracy": float(state.max_accuracy),
-        "epoch": int(state.epoch),
-        "config": argparse.Namespace(**vars(args)),
-        "optimizer": parts.optimizer.state_dict(),
-        "scaler": parts.scaler.state_dict(),
-        "scheduler": {"base_lr": args.lr, "milestones": list(args.lr_milestones), "gammas": list(args.lr_gammas),
-                      "lr": parts.optimizer.param_groups[0]["lr"]},
-        "rng": rng_states,
-        "dropblock_step": int(state.step),
-        "step": int(state.step),
-        "training_state": asdict(state),
-    }
-
-
-def resume(args: argparse.Namespace, parts: TrainComponents, path: Path) -> tuple[TrainingState, list | None]:
-    """Load `path` into the model, optimiser and scaler; return the counters and the saved RNG states.
-
-    Raises CheckpointError, saying what to do, for anything that cannot be resumed exactly.
-    """
-    checkpoint = read_checkpoint(path)
-    missing = [key for key in ("optimizer", "training_state") if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}), like a "
-                              "released checkpoint. --is_continue continues a run this project's training wrote; "
-                              "move the file away (or choose another -s) to start afresh")
-    weights = model_state_dict(checkpoint)
-    check_state_dict(parts.model, weights)
-    non_finite = [key for key, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
-    if non_finite:
-        raise CheckpointError(f"{path} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
-                              "it cannot be resumed. Copy an earlier epoch_<N>.pth over it, or delete the folder to "
-                              "start afresh")
-    parts.model.load_state_dict(weights, strict=True)
-    load_optimizer_state(parts.optimizer, checkpoint["optimizer"], path)
-    if checkpoint.get("scaler"):
-        parts.scaler.load_state_dict(checkpoint["scaler"])
-    state = restore_training_state(checkpoint["training_state"], path)
-    parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
-    saved = vars(checkpoint["config"])
-    changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
-                                     "seed", "episodes_per_epoch", "episodes_per_step", "world_size", "augment")
-                     if key in saved and saved[key] != getattr(args, key, None))
-    if changed:
-        warn("resuming with settings that differ from the checkpoint's (the run will not match an uninterrupted "
-             "one): " + ", ".join(f"{key} {saved[key]!r} -> {getattr(args, key, None)!r}" for key in changed))
-    return state, checkpoint.get("rng")
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Path) -> None:
-    """`optimizer.load_state_dict`, refusing a state saved for other parameters (torch does not compare
-    the buffers' shapes, and a mismatch would only fail at the first step)."""
-    mismatch = "it was saved for another model or optimiser (see --optim)"
-    try:
-        optimizer.load_state_dict(saved)
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({error})") from None
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            for name, value in optimizer.state.get(parameter, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
-                    raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({name} "
-                                          f"{tuple(value.shape)} for a parameter {tuple(parameter.shape)})")
-
-
-def restore_training_state(saved: object, path: Path) -> TrainingState:
-    """The counters of a checkpoint, checked field by field (an edited or foreign state is an error)."""
-    defaults = asdict(TrainingState())
-    problem = None
-    if not isinstance(saved, dict) or set(saved) - set(defaults):
-        problem = f"unexpected fields {sorted(set(saved) - set(defaults)) if isinstance(saved, dict) else saved!r}"
-    else:
-        for name, value in saved.items():
-            allowed = (int, float) if isinstance(defaults[name], float) else type(defaults[name])
-            if isinstance(value, bool) or not isinstance(value, allowed) \
-                    or (allowed is not dict and not (np.isfinite(value) and value >= 0)):
-                problem = f"{name} = {value!r}"
-                break
-    if problem:
-        raise CheckpointError(f"the training_state of {path} is not one a training run writes ({problem}): restore "
-                              "the file, or delete the folder to start afresh")
-    return TrainingState(**saved)
-
-
 def weight_norm(model: nn.Module) -> float:
     """The norm of all floating-point parameters together."""
     norms = torch._foreach_norm([p.detach().float() for p in model.parameters()])
@@ -731,7 +640,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     state, saved_rng = TrainingState(), None
     last_path = save_folder / LAST_CHECKPOINT
     if args.is_continue and last_path.is_file():
-        state, saved_rng = resume(args, parts, last_path)
+        state, saved_rng, warnings = resume(args, parts, last_path)
+        for warning in warnings:
+            warn(warning)
         info(f"Resuming {last_path}: epoch {state.epoch + 1}, {state.epoch_step} of {steps} steps done")
     elif args.is_continue:
         info(f"--is_continue: no {last_path} yet, starting afresh")

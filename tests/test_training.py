@@ -22,6 +22,7 @@ import torch
 import train_baseline
 import train_bml
 from bml.checkpoint import read_checkpoint
+from bml.datasets import dataset_defaults
 from bml.models import BML
 from bml.recipes import apply_recipe, get_recipe, lr_factor
 from bml.training import SettingsError, default_save_folder, parse_weights, step_plan
@@ -304,7 +305,7 @@ def test_train_bml_sh_default_trains_glyphs_and_validates(tmp_path):
     assert "Validation accuracy (5-way 1-shot" in result.stdout
     (folder,) = (tmp_path / "output").iterdir()
     shape = f"{recipe.n_train_ways}w{recipe.n_train_shots}s{recipe.n_train_queries}q"
-    assert folder.name.startswith(f"glyphs_bml_Res12_w{recipe.width:g}_{recipe.image_size}px_{shape}")
+    assert folder.name.startswith(f"glyphs_bml_Res12_w{recipe.width:g}_{dataset_defaults('glyphs').image_size}px_{shape}")
     best = read_checkpoint(folder / "best.pth")
     assert best["epoch"] == 2 and best["max_accuracy"] > 25.0
     checkpoint = Path("output") / folder.name / "best.pth"
