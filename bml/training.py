@@ -22,9 +22,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -36,8 +34,8 @@ from torch.utils.data import Dataset
 
 from bml import cli
 from bml.checkpoint import CheckpointError, checkpoint_state, resume, save_checkpoint
-from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_step_loader,
-                          canonical_name, default_num_workers, shuffled_batches)
+from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_training_loader,
+                          canonical_name, default_num_workers, steps_per_epoch)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
 from bml.evaluation import AMP_DTYPES, EvaluationError
 from bml.models import build_model
@@ -351,55 +349,7 @@ def info(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: which images each step uses, and a loader whose augmentation is seeded per step
-
-
-def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
-    """Episodic training: --episodes_per_epoch; global baseline: one pass over the data per episode slot.
-
-    The original's global baseline gave each of its 2 GPUs a full shuffled pass per epoch in batches of
-    128: len(data) // 128 steps of 2 x 128 images (its last, partial batch is dropped here).
-    """
-    if args.model != "global":
-        return args.episodes_per_epoch
-    steps = num_images // args.batch_size
-    if steps < 1:
-        raise SettingsError(f"the training split has {num_images} images, fewer than one batch of --batch_size "
-                            f"{args.batch_size}: lower --batch_size")
-    return steps
-
-
-def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: int) -> np.ndarray:
-    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_process, B).
-
-    The plan of all `episodes_per_step` slots is drawn as by one process, and each rank takes its
-    consecutive slots: the step's episodes do not depend on how many processes share them, so 2
-    processes of 1 episode train exactly like 1 process of 2.
-    """
-    steps = steps_per_epoch(args, len(labels))
-    slots = args.episodes_per_step
-    if args.model == "global":
-        batches = np.stack([shuffled_batches(len(labels), args.batch_size, steps, seed=derive_seed(args.seed, slot),
-                                             epoch=epoch) for slot in range(slots)], axis=1)
-    else:
-        sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
-                                 episodes=steps * slots, seed=args.seed)
-        sampler.set_epoch(epoch)
-        batches = sampler.sample()
-        if args.model == "bml" and args.global_batch:
-            shuffled = shuffled_batches(len(labels), args.global_batch, steps * slots, seed=args.seed, epoch=epoch)
-            batches = np.concatenate([batches, shuffled], axis=1)
-    share = args.episodes_per_process
-    return batches.reshape(steps, slots, -1)[:, rank * share:(rank + 1) * share]
-
-
-def build_training_loader(args: argparse.Namespace, dataset: Dataset, state: TrainingState, steps: int, rank: int,
-                          device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every remaining step of the run, from where `state` stands (a resumed epoch skips the steps done)."""
-    plans = partial(step_plan, args, np.asarray(dataset.labels), rank=rank)
-    return iter(build_step_loader(dataset, plans, (args.seed, rank), first=(state.epoch + 1, state.epoch_step),
-                                  last_epoch=args.epochs, steps_per_epoch=steps, num_workers=args.num_workers,
-                                  augment=args.augment, device=device))
+# Loss settings
 
 
 def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
@@ -670,7 +620,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     last_validation: dict[str, float] = {}
     with StopOnSignal() as stop:
         try:
-            batches = build_training_loader(args, train_set, state, steps, context.rank, device)
+            batches = build_training_loader(args, train_set, (state.epoch + 1, state.epoch_step), steps,
+                                            context.rank, device)
             for epoch in range(state.epoch + 1, args.epochs + 1):
                 set_epoch_lr(args, optimizer, epoch - 1)
                 loader = islice(batches, steps - state.epoch_step)

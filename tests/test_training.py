@@ -22,10 +22,10 @@ import torch
 import train_baseline
 import train_bml
 from bml.checkpoint import read_checkpoint
-from bml.datasets import dataset_defaults
+from bml.datasets import dataset_defaults, step_plan
 from bml.models import BML
 from bml.recipes import apply_recipe, get_recipe, lr_factor
-from bml.training import SettingsError, default_save_folder, parse_weights, step_plan
+from bml.training import SettingsError, default_save_folder, parse_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BIN = Path(sys.executable).parent
