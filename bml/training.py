@@ -1,8 +1,8 @@
 """The training driver shared by `train_bml.py` and `train_baseline.py`.
 
-One loop trains BML and both baselines; what differs is the model (`args.model`), its loss
-settings and how a step's images are drawn (episodes, or shuffled batches for the global
-baseline). Around the loop: the per-dataset recipe, DDP, mixed precision, checkpoints with exact
+One loop trains BML and both baselines; what differs is the method (`args.model`, its entry in
+`bml.methods`): its model, its loss settings and how a step's images are drawn (episodes, or
+shuffled batches for the global baseline). Around the loop: the per-dataset recipe, DDP, mixed precision, checkpoints with exact
 resume, validation, logging and clean stops on SIGINT/SIGTERM.
 
 Resume semantics: `last.pth` is written at the end of every epoch and, on SIGINT/SIGTERM, after
@@ -38,6 +38,7 @@ from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dat
                           canonical_name, default_num_workers, steps_per_epoch)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
 from bml.evaluation import AMP_DTYPES, EvaluationError
+from bml.methods import get_method
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, get_recipe, lr_factor, lr_schedule
 from bml.utils import argtypes, distributed
@@ -178,18 +179,9 @@ def parse_weights(text: str) -> tuple[float, float, float]:
 
 def default_save_folder(args: argparse.Namespace) -> Path:
     """output/<name>, the name recording the settings that distinguish runs (as the original did)."""
-    parts = [args.dataset, {"bml": "bml", "global": "baseline-global", "local": "baseline-local"}[args.model],
-             args.backbone, f"w{args.width:g}", f"{args.image_size}px"]
-    if args.model == "global":
-        parts.append(f"b{args.batch_size}")
-    else:
-        parts.append(f"{args.n_train_ways}w{args.n_train_shots}s{args.n_train_queries}q")
-    if args.model == "bml":
-        parts += [f"wt{args.weights}", f"a{args.alpha_1:g}_{args.alpha_2:g}", f"T{args.T:g}"]
-        if args.global_batch:
-            parts.append(f"gb{args.global_batch}")
-    elif args.spatial:
-        parts.append("spatial")
+    method = get_method(args)
+    parts = [args.dataset, method.run_name, args.backbone, f"w{args.width:g}", f"{args.image_size}px",
+             *method.run_name_parts(args)]
     if args.episodes_per_step != get_recipe(args.dataset).episodes_per_step:
         parts.append(f"x{args.episodes_per_step}")
     parts += [args.optim, f"lr{args.lr:g}"]
@@ -234,7 +226,7 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     """
     args.dataset = canonical_name(args.dataset)
     apply_recipe(args)
-    if args.model == "bml":
+    if "weights" in get_method(args).loss_flags:
         parse_weights(args.weights)
     check_cuda_arch(context.device)
     warnings = resolve_episodes(args, context.world_size)
@@ -271,10 +263,10 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
         "episodes_per_step": args.episodes_per_step, "episodes_per_process": args.episodes_per_process,
         "amp": args.amp, "tf32": tf32_active(args.tf32, device), "validation_amp": args.validation_amp,
         "epochs": args.epochs,
-        "steps_per_epoch": None if args.model == "global" else args.episodes_per_epoch,
+        "steps_per_epoch": None if get_method(args).batches else args.episodes_per_epoch,
         **({"steps_per_epoch_rule": f"training images // {args.batch_size} (--batch_size): each episode slot "
                                     "of a step passes once over the training split per epoch"}
-           if args.model == "global" else {}),
+           if get_method(args).batches else {}),
         "lr_schedule": lr_schedule(args.lr, args.lr_milestones, args.lr_gammas), "optim": args.optim,
         "val_split": args.val_split, "transform": args.transform, "image_size": args.image_size,
         "save_folder": args.save_folder, "warnings": warnings,
@@ -360,9 +352,9 @@ def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
     """
     settings = {"way": args.n_train_ways, "shot": args.n_train_shots, "query": args.n_train_queries,
                 "epoch": torch.tensor(float(epoch), dtype=torch.float64), "max_epoch": args.epochs}
-    if args.model == "bml":
-        settings.update(alpha_1=args.alpha_1, alpha_2=args.alpha_2, T=args.T, weights=parse_weights(args.weights),
-                        global_batch=args.global_batch)
+    settings.update({flag: getattr(args, flag) for flag in get_method(args).loss_flags})
+    if "weights" in settings:
+        settings["weights"] = parse_weights(settings["weights"])
     return settings
 
 

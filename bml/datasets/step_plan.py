@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..methods import get_method
 from ..utils.rng import derive_seed
 from .base import DatasetError
 from .sampler import EpisodeSampler, build_step_loader, shuffled_batches
@@ -26,7 +27,7 @@ def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
     The original's global baseline gave each of its 2 GPUs a full shuffled pass per epoch in batches of
     128: len(data) // 128 steps of 2 x 128 images (its last, partial batch is dropped here).
     """
-    if args.model != "global":
+    if not get_method(args).batches:
         return args.episodes_per_epoch
     steps = num_images // args.batch_size
     if steps < 1:
@@ -44,7 +45,8 @@ def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: in
     """
     steps = steps_per_epoch(args, len(labels))
     slots = args.episodes_per_step
-    if args.model == "global":
+    method = get_method(args)
+    if method.batches:
         batches = np.stack([shuffled_batches(len(labels), args.batch_size, steps, seed=derive_seed(args.seed, slot),
                                              epoch=epoch) for slot in range(slots)], axis=1)
     else:
@@ -52,8 +54,9 @@ def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: in
                                  episodes=steps * slots, seed=args.seed)
         sampler.set_epoch(epoch)
         batches = sampler.sample()
-        if args.model == "bml" and args.global_batch:
-            shuffled = shuffled_batches(len(labels), args.global_batch, steps * slots, seed=args.seed, epoch=epoch)
+        extra = getattr(args, method.extra_batch_flag) if method.extra_batch_flag else 0
+        if extra:
+            shuffled = shuffled_batches(len(labels), extra, steps * slots, seed=args.seed, epoch=epoch)
             batches = np.concatenate([batches, shuffled], axis=1)
     share = args.episodes_per_process
     return batches.reshape(steps, slots, -1)[:, rank * share:(rank + 1) * share]
