@@ -2,8 +2,9 @@
 
 One loop trains BML and both baselines; what differs is the method (`args.model`, its entry in
 `bml.methods`): its model, its loss settings and how a step's images are drawn (episodes, or
-shuffled batches for the global baseline). Around the loop: the per-dataset recipe, DDP, mixed precision, checkpoints with exact
-resume, validation, logging and clean stops on SIGINT/SIGTERM.
+shuffled batches for the global baseline). Around the loop: the per-dataset recipe, DDP, mixed
+precision, checkpoints with exact resume (`bml.checkpoint`), validation, logging and clean stops on
+SIGINT/SIGTERM.
 
 Resume semantics: `last.pth` is written at the end of every epoch and, on SIGINT/SIGTERM, after
 the step in progress (`epoch_step` > 0 then). It holds everything the run depends on (weights,

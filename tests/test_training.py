@@ -305,7 +305,8 @@ def test_train_bml_sh_default_trains_glyphs_and_validates(tmp_path):
     assert "Validation accuracy (5-way 1-shot" in result.stdout
     (folder,) = (tmp_path / "output").iterdir()
     shape = f"{recipe.n_train_ways}w{recipe.n_train_shots}s{recipe.n_train_queries}q"
-    assert folder.name.startswith(f"glyphs_bml_Res12_w{recipe.width:g}_{dataset_defaults('glyphs').image_size}px_{shape}")
+    image_size = dataset_defaults("glyphs").image_size
+    assert folder.name.startswith(f"glyphs_bml_Res12_w{recipe.width:g}_{image_size}px_{shape}")
     best = read_checkpoint(folder / "best.pth")
     assert best["epoch"] == 2 and best["max_accuracy"] > 25.0
     checkpoint = Path("output") / folder.name / "best.pth"
