@@ -24,11 +24,12 @@ from pathlib import Path
 
 import torch
 
+from bml import cli
 from bml.calibration import ECE_BINS, CalibrationMeter, calibrate
 from bml.checkpoint import (CheckpointError, model_config, model_from_state, read_calibration, read_checkpoint,
                             save_checkpoint, with_calibration)
-from bml.datasets import DatasetError, TRANSFORM_IDS, input_transform_settings
-from bml.evaluation import (AMP_DTYPES, COMBINED, EvaluationError, build_evaluation_dataset, evaluate_heads,
+from bml.datasets import DatasetError, input_transform_settings
+from bml.evaluation import (COMBINED, EvaluationError, build_evaluation_dataset, evaluate_heads,
                             parse_seed_range, results_paths, write_results)
 from bml.scoring import HEADS, PROTO
 from bml.utils import argtypes
@@ -39,28 +40,16 @@ STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Evaluate a BML or baseline checkpoint on few-shot episodes", add_help=False)
-    parser.add_argument("--ckp_path", required=True, help="checkpoint (released or this project's)")
-    parser.add_argument("--dataset", default=None,
-                        help="data set the model was trained on and, without --test_dataset, is evaluated on "
-                             "(default: the checkpoint's)")
+    parser = argparse.ArgumentParser("Evaluate a BML or baseline checkpoint on few-shot episodes", add_help=False,
+                                     parents=[cli.embedding_parser(), cli.dataset_parser(), cli.input_parser(),
+                                              cli.episode_parser(), cli.device_parser(), cli.precision_parser()])
+    parser.set_defaults(n_ways=5, n_shots=5, n_queries=15, num_workers=4, amp="off")
     parser.add_argument("--test_dataset", default=None,
                         help="cross-domain: evaluate on this data set, with its resize/crop and the "
                              "normalisation of the model's transform")
-    parser.add_argument("--transform", choices=TRANSFORM_IDS, default=None,
-                        help="transform id (default: the checkpoint's, else the data set's)")
     parser.add_argument("--split", choices=("val", "test"), default="test")
-    parser.add_argument("--data_root", default=None, help="data root (default: $BML_DATA_ROOT, else data/)")
-    parser.add_argument("--allow_uncropped_cub", action="store_true",
-                        help="CUB: evaluate on the uncropped CUB_200_2011 images when the bounding-box crops "
-                             "(CUB_test/) are missing; not the published protocol (warns, recorded in the JSON)")
-    parser.add_argument("--image_size", type=argtypes.image_size, default=None,
-                        help="input size (default: the checkpoint's, else the data set's, 84 for the benchmarks)")
 
     episodes = parser.add_argument_group("episodes")
-    episodes.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=5)
-    episodes.add_argument("--n_shots", type=argtypes.positive_int, default=5)
-    episodes.add_argument("--n_queries", type=argtypes.positive_int, default=15)
     episodes.add_argument("--episodes", type=argtypes.positive_int, default=2000, help="episodes per seed")
     episodes.add_argument("--seeds", type=parse_seed_range, nargs="+", default=[list(range(10))],
                           metavar="SEED", help="seeds, e.g. '0 1 2' or '0-9' (default 0-9)")
@@ -71,11 +60,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                              + f". {PROTO} is always included: the results file reports it (default: %(default)s)")
 
     compute = parser.add_argument_group("compute")
-    compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
-    compute.add_argument("--batch_size", type=argtypes.positive_int, default=128,
-                         help="images per forward pass when embedding")
-    compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=4, help="data loading processes")
-    compute.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off", help="autocast while embedding")
     compute.add_argument("--storage", choices=tuple(STORAGE_DTYPES), default="float16",
                          help="dtype of the cached embeddings (scores are always float32)")
     compute.add_argument("--max_memory_gb", type=argtypes.number(0, above_minimum=True), default=None,
@@ -96,7 +80,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--output_dir", default="eval_results")
     output.add_argument("--json", default=None, help="JSON results path (default: beside the results file)")
-    output.add_argument("--no_progress", action="store_true", help="no progress bars (they are shown only when stderr is a terminal)")
     return parser
 
 
@@ -158,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
         storage: dict = {}
         head_results = evaluate_heads(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes,
                                       seeds, heads, base_dataset, args.cache_dir or tempfile.gettempdir(),
-                                      batch_size=args.batch_size, device=args.device, amp=args.amp,
+                                      batch_size=args.embed_batch_size, device=args.device, amp=args.amp,
                                       num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
                                       max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
                                       progress=not args.no_progress and sys.stderr.isatty(), report=storage,
@@ -194,5 +177,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
+                                     formatter_class=cli.HelpFormatter)
     sys.exit(main(parser.parse_args()))

@@ -16,7 +16,7 @@ from bml.utils import argtypes
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = get_common_parser("Train baseline-global (linear classifier over the base classes, shuffled batches) "
-                               "or baseline-local (prototypes on 15-way episodes, no margin). Flags left out "
+                               "or baseline-local (prototypes on the recipe's episodes, no margin). Flags left out "
                                "follow the dataset's published recipe.")
     baseline = parser.add_argument_group("baseline")
     baseline.add_argument("--mode", default="global", choices=("global", "local"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bml.recipes import BML_LOSSES
 from bml.training import get_common_parser, train
 from bml.utils import argtypes
 
@@ -19,13 +20,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                                "and a local view (episodic prototypes with an elastic margin) that learn "
                                "from each other. Flags left out follow the dataset's published recipe.")
     losses = parser.add_argument_group("BML losses")
-    losses.add_argument("--weights", type=argtypes.loss_weights, default="2_1_0.5",
+    losses.add_argument("--weights", type=argtypes.loss_weights, default=BML_LOSSES.weights,
                         help="weights of the global, local and mutual losses, joined by '_'")
-    losses.add_argument("--alpha_1", type=argtypes.number(minimum=0), default=5.5,
+    losses.add_argument("--alpha_1", type=argtypes.number(minimum=0), default=BML_LOSSES.alpha_1,
                         help="scale of the elastic margin of the local loss (0 disables the margin)")
-    losses.add_argument("--alpha_2", type=argtypes.number(), default=0.1,
+    losses.add_argument("--alpha_2", type=argtypes.number(), default=BML_LOSSES.alpha_2,
                         help="slope of the sigmoid of the distance gap in the elastic margin")
-    losses.add_argument("--T", type=argtypes.number(0, above_minimum=True), default=4.0,
+    losses.add_argument("--T", type=argtypes.number(0, above_minimum=True), default=BML_LOSSES.T,
                         help="temperature of the mutual (cross-view) KL loss")
     losses.add_argument("--global_batch", type=argtypes.non_negative_int, default=0,
                         help="shuffled images added to each episode that only the global and mutual terms see "

@@ -25,10 +25,11 @@ import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 
+from bml import cli
 from bml.checkpoint import CheckpointError
 from bml.classifier import FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import UNKNOWN, SheetQuery, draw_contact_sheet
-from bml.datasets import TRANSFORM_IDS, DatasetError
+from bml.datasets import DatasetError
 from bml.scoring import COMBINED, HEADS, PROTO, VOTES
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
@@ -38,8 +39,9 @@ CSV_COLUMNS = ("path", "prediction", "confidence", "runner_up")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Few-shot prediction on your own images", add_help=False)
-    parser.add_argument("--ckp_path", required=True, help="checkpoint (released or this project's)")
+    parser = argparse.ArgumentParser("Few-shot prediction on your own images", add_help=False,
+                                     parents=[cli.embedding_parser(), cli.input_parser(), cli.device_parser()])
+    parser.set_defaults(embed_batch_size=64, num_workers=2)
     parser.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
     parser.add_argument("--query", required=True, help="an image, or a folder searched recursively")
     parser.add_argument("--out", default="predictions.csv", help="CSV of path,prediction,confidence,runner_up")
@@ -47,10 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sheet_max", type=argtypes.positive_int, default=100,
                         help="most queries drawn on the sheet (evenly spaced over the queries when more)")
 
-    inputs = parser.add_argument_group("model input (default: what the checkpoint records)")
-    inputs.add_argument("--image_size", type=argtypes.image_size, default=None, help="input size in pixels")
-    inputs.add_argument("--transform", choices=TRANSFORM_IDS, default=None,
-                        help="test transform id (docs/ARCHITECTURE.md, Transforms)")
+    inputs = parser.add_argument_group("test-time rule")
     inputs.add_argument("--vote", default=COMBINED,
                         help="how the views' logits are combined: "
                              + "; ".join(f"{name}: {vote.description}" for name, vote in VOTES.items())
@@ -67,11 +66,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="data root of the checkpoint's training split, whose mean embedding cl2n centres on "
                              "(default: $BML_DATA_ROOT, else data/)")
 
-    compute = parser.add_argument_group("compute")
-    compute.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: a GPU if there is one)")
-    compute.add_argument("--batch_size", type=argtypes.positive_int, default=64, help="images per forward pass")
-    compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=2, help="image decoding processes")
-    compute.add_argument("--no_progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -201,7 +195,7 @@ def predict(args: argparse.Namespace) -> None:
         check_output_file(args.sheet, "--sheet")
     outputs = {Path(path).resolve() for path in (args.out, args.sheet) if path}
     query_paths = find_queries(query_root, outputs)
-    classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.batch_size,
+    classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.embed_batch_size,
                                                    num_workers=args.num_workers, image_size=args.image_size,
                                                    transform_id=args.transform, progress=not args.no_progress,
                                                    vote=args.vote, head=args.head, data_root=args.data_root)
@@ -238,5 +232,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
+                                     formatter_class=cli.HelpFormatter)
     sys.exit(main(parser.parse_args()))

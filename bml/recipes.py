@@ -42,6 +42,19 @@ TIERED_SCHEDULE = LRSchedule(fractions=(0.2, 0.4, 0.6, 0.8), gammas={"SGD": (0.1
 
 
 @dataclass(frozen=True)
+class BMLLosses:
+    """The published BML loss settings: `train_bml.py`'s defaults (the paper's, the same for every data set)."""
+
+    weights: str = "2_1_0.5"   # global, local and mutual loss weights, joined by '_'
+    alpha_1: float = 5.5       # scale of the local loss's elastic margin
+    alpha_2: float = 0.1       # slope of the margin's sigmoid of the distance gap
+    T: float = 4.0             # temperature of the mutual KL loss
+
+
+BML_LOSSES = BMLLosses()
+
+
+@dataclass(frozen=True)
 class Recipe:
     """Defaults for the flags a dataset's published (or CPU-sized) recipe decides."""
 
@@ -49,7 +62,7 @@ class Recipe:
     drop_rate: float = 0.1
     epochs: int = 100
     episodes_per_epoch: int = 500
-    n_train_ways: int = 15
+    n_train_ways: int = 15                # the published training episode: 15-way 5-shot 7-query
     n_train_shots: int = 5
     n_train_queries: int = 7
     n_ways: int = 5

@@ -1,9 +1,10 @@
 """The training driver shared by `train_bml.py` and `train_baseline.py`.
 
-One loop trains BML and both baselines; what differs is the model (`args.model`), its loss
-settings and how a step's images are drawn (episodes, or shuffled batches for the global
-baseline). Around the loop: the per-dataset recipe, DDP, mixed precision, checkpoints with exact
-resume, validation, logging and clean stops on SIGINT/SIGTERM.
+One loop trains BML and both baselines; what differs is the method (`args.model`, its entry in
+`bml.methods`): its model, its loss settings and how a step's images are drawn (episodes, or
+shuffled batches for the global baseline). Around the loop: the per-dataset recipe, DDP, mixed
+precision, checkpoints with exact resume (`bml.checkpoint`), validation, logging and clean stops on
+SIGINT/SIGTERM.
 
 Resume semantics: `last.pth` is written at the end of every epoch and, on SIGINT/SIGTERM, after
 the step in progress (`epoch_step` > 0 then). It holds everything the run depends on (weights,
@@ -22,9 +23,7 @@ import shlex
 import signal
 import sys
 import threading
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from functools import partial
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -34,19 +33,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from bml import cli
 from bml.calibration import calibrate_checkpoints
-from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint, save_checkpoint
-from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_step_loader,
-                          canonical_name, default_num_workers, shuffled_batches)
+from bml.checkpoint import CheckpointError, checkpoint_state, resume, save_checkpoint
+from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_training_loader,
+                          canonical_name, default_num_workers, steps_per_epoch)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
 from bml.evaluation import AMP_DTYPES, EvaluationError
+from bml.methods import get_method
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, get_recipe, lr_factor, lr_schedule
 from bml.utils import argtypes, distributed
-from bml.utils.device import AMP_CHOICES, check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
+from bml.utils.device import check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
 from bml.utils.io import OutputError, check_output_folder, folder_lock, remove_orphan_temporaries
 from bml.utils.logger import RunLogger
-from bml.utils.rng import capture_rng_state, derive_seed, restore_rng_state, seed_everything
+from bml.utils.rng import derive_seed, restore_rng_state, seed_everything
 
 BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
 LAST_CHECKPOINT = "last.pth"
@@ -70,40 +71,18 @@ class SettingsError(ValueError):
 # Command line: the flags both entry scripts share
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default unless it is None (recipe flags, whose help says where the value comes from) or a switch."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.nargs == 0:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_common_parser(description: str) -> argparse.ArgumentParser:
     """Flags shared by BML and the baselines. Recipe flags default to None: `apply_recipe` fills them."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="glyphs",
-                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download; the "
-                           "default, as in train_bml.sh), omniglot, or the name of an image folder "
-                           "<data_root>/<name>/<split>/<class>/<image>")
-    data.add_argument("--data_root", default=None,
-                      help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
-    data.add_argument("--transform", default=None, choices=("A", "B", "C", "D", "E", "O"),
-                      help="transform id (docs/ARCHITECTURE.md, Transforms); default: the data set's published one")
-    data.add_argument("--image_size", type=argtypes.image_size, default=None,
-                      help="input size in pixels; default: the data set's (84; glyphs 32, omniglot 28)")
-    data.add_argument("--num_workers", type=argtypes.non_negative_int, default=None,
-                      help="data-loading processes per training process; default: the CPUs left after the "
-                           "training processes, shared between them (1 to 8)")
+    parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter,
+                                     parents=[cli.dataset_parser(), cli.input_parser(), cli.episode_parser(),
+                                              cli.device_parser(), cli.precision_parser()])
+    parser.set_defaults(dataset="glyphs")   # the embedded set, as in train_bml.sh
+    data = parser.add_argument_group("training data")
     data.add_argument("--augment", default=None, choices=AUGMENT_MODES,
                       help="where training images are augmented: 'host' (each worker runs the whole transform "
                            "in PIL) or 'device' (workers send uint8 images and their random parameters; crop, "
                            "colour jitter, flips and normalisation run batched on the training device); default: "
                            "device on a GPU, host on a CPU")
-    data.add_argument("--allow_uncropped_cub", action="store_true",
-                      help="CUB: validate on the uncropped CUB_200_2011 images when the bounding-box crops "
-                           "(CUB_test/) are missing; not the published protocol (warns, recorded in config.json)")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
@@ -133,12 +112,6 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                                "warns)")
 
     validation = parser.add_argument_group("validation (on the val split)")
-    validation.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None,
-                            help="classes per validation episode (recipe: 5)")
-    validation.add_argument("--n_shots", type=argtypes.positive_int, default=None,
-                            help="support images per class (recipe: 1)")
-    validation.add_argument("--n_queries", type=argtypes.positive_int, default=None,
-                            help="query images per class (recipe: 15)")
     validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None,
                             help="validation episodes (recipe: 2000)")
     validation.add_argument("--eval_freq", type=argtypes.non_negative_int, default=None,
@@ -173,12 +146,6 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
                      help="also keep epoch_<N>.pth every this many epochs; 0: only best.pth and last.pth")
     run.add_argument("--print_freq", type=argtypes.positive_int, default=50,
                      help="steps between log lines and TensorBoard points")
-    run.add_argument("--device", default=None,
-                     help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
-    run.add_argument("--amp", default=None, choices=AMP_CHOICES,
-                     help="autocast precision: off = fp32, the published recipe (default); bf16 (native from "
-                          "compute capability 8.0; older GPUs get fp16 with a warning); fp16 with a gradient "
-                          "scaler. Mixed precision is faster and lighter, at slightly different numerics")
     run.add_argument("--amp_opt_level", default=None, choices=("O0", "O1", "O2"),
                      help="the original's Apex level, used when --amp is not given: O0 = --amp off (the "
                           "original's default); O1 (Apex autocast with fp32 weights) = --amp fp16; O2 (Apex's "
@@ -214,18 +181,9 @@ def parse_weights(text: str) -> tuple[float, float, float]:
 
 def default_save_folder(args: argparse.Namespace) -> Path:
     """output/<name>, the name recording the settings that distinguish runs (as the original did)."""
-    parts = [args.dataset, {"bml": "bml", "global": "baseline-global", "local": "baseline-local"}[args.model],
-             args.backbone, f"w{args.width:g}", f"{args.image_size}px"]
-    if args.model == "global":
-        parts.append(f"b{args.batch_size}")
-    else:
-        parts.append(f"{args.n_train_ways}w{args.n_train_shots}s{args.n_train_queries}q")
-    if args.model == "bml":
-        parts += [f"wt{args.weights}", f"a{args.alpha_1:g}_{args.alpha_2:g}", f"T{args.T:g}"]
-        if args.global_batch:
-            parts.append(f"gb{args.global_batch}")
-    elif args.spatial:
-        parts.append("spatial")
+    method = get_method(args)
+    parts = [args.dataset, method.run_name, args.backbone, f"w{args.width:g}", f"{args.image_size}px",
+             *method.run_name_parts(args)]
     if args.episodes_per_step != get_recipe(args.dataset).episodes_per_step:
         parts.append(f"x{args.episodes_per_step}")
     parts += [args.optim, f"lr{args.lr:g}"]
@@ -270,7 +228,7 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     """
     args.dataset = canonical_name(args.dataset)
     apply_recipe(args)
-    if args.model == "bml":
+    if "weights" in get_method(args).loss_flags:
         parse_weights(args.weights)
     check_cuda_arch(context.device)
     warnings = resolve_episodes(args, context.world_size)
@@ -307,10 +265,10 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
         "episodes_per_step": args.episodes_per_step, "episodes_per_process": args.episodes_per_process,
         "amp": args.amp, "tf32": tf32_active(args.tf32, device), "validation_amp": args.validation_amp,
         "epochs": args.epochs,
-        "steps_per_epoch": None if args.model == "global" else args.episodes_per_epoch,
+        "steps_per_epoch": None if get_method(args).batches else args.episodes_per_epoch,
         **({"steps_per_epoch_rule": f"training images // {args.batch_size} (--batch_size): each episode slot "
                                     "of a step passes once over the training split per epoch"}
-           if args.model == "global" else {}),
+           if get_method(args).batches else {}),
         "lr_schedule": lr_schedule(args.lr, args.lr_milestones, args.lr_gammas), "optim": args.optim,
         "val_split": args.val_split, "transform": args.transform, "image_size": args.image_size,
         "save_folder": args.save_folder, "warnings": warnings,
@@ -385,55 +343,7 @@ def info(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: which images each step uses, and a loader whose augmentation is seeded per step
-
-
-def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
-    """Episodic training: --episodes_per_epoch; global baseline: one pass over the data per episode slot.
-
-    The original's global baseline gave each of its 2 GPUs a full shuffled pass per epoch in batches of
-    128: len(data) // 128 steps of 2 x 128 images (its last, partial batch is dropped here).
-    """
-    if args.model != "global":
-        return args.episodes_per_epoch
-    steps = num_images // args.batch_size
-    if steps < 1:
-        raise SettingsError(f"the training split has {num_images} images, fewer than one batch of --batch_size "
-                            f"{args.batch_size}: lower --batch_size")
-    return steps
-
-
-def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: int) -> np.ndarray:
-    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_process, B).
-
-    The plan of all `episodes_per_step` slots is drawn as by one process, and each rank takes its
-    consecutive slots: the step's episodes do not depend on how many processes share them, so 2
-    processes of 1 episode train exactly like 1 process of 2.
-    """
-    steps = steps_per_epoch(args, len(labels))
-    slots = args.episodes_per_step
-    if args.model == "global":
-        batches = np.stack([shuffled_batches(len(labels), args.batch_size, steps, seed=derive_seed(args.seed, slot),
-                                             epoch=epoch) for slot in range(slots)], axis=1)
-    else:
-        sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
-                                 episodes=steps * slots, seed=args.seed)
-        sampler.set_epoch(epoch)
-        batches = sampler.sample()
-        if args.model == "bml" and args.global_batch:
-            shuffled = shuffled_batches(len(labels), args.global_batch, steps * slots, seed=args.seed, epoch=epoch)
-            batches = np.concatenate([batches, shuffled], axis=1)
-    share = args.episodes_per_process
-    return batches.reshape(steps, slots, -1)[:, rank * share:(rank + 1) * share]
-
-
-def build_training_loader(args: argparse.Namespace, dataset: Dataset, state: TrainingState, steps: int, rank: int,
-                          device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every remaining step of the run, from where `state` stands (a resumed epoch skips the steps done)."""
-    plans = partial(step_plan, args, np.asarray(dataset.labels), rank=rank)
-    return iter(build_step_loader(dataset, plans, (args.seed, rank), first=(state.epoch + 1, state.epoch_step),
-                                  last_epoch=args.epochs, steps_per_epoch=steps, num_workers=args.num_workers,
-                                  augment=args.augment, device=device))
+# Loss settings
 
 
 def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
@@ -444,9 +354,9 @@ def loss_settings(args: argparse.Namespace, epoch: int) -> dict:
     """
     settings = {"way": args.n_train_ways, "shot": args.n_train_shots, "query": args.n_train_queries,
                 "epoch": torch.tensor(float(epoch), dtype=torch.float64), "max_epoch": args.epochs}
-    if args.model == "bml":
-        settings.update(alpha_1=args.alpha_1, alpha_2=args.alpha_2, T=args.T, weights=parse_weights(args.weights),
-                        global_batch=args.global_batch)
+    settings.update({flag: getattr(args, flag) for flag in get_method(args).loss_flags})
+    if "weights" in settings:
+        settings["weights"] = parse_weights(settings["weights"])
     return settings
 
 
@@ -502,97 +412,6 @@ def wrap_for_training(args: argparse.Namespace, model: nn.Module, context: distr
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def checkpoint_state(args: argparse.Namespace, parts: TrainComponents, state: TrainingState) -> dict:
-    """The released format (model, max_accuracy, epoch, config) plus what an exact resume needs.
-
-    Collective under DDP (every process contributes its RNG state): call it on all processes.
-    """
-    rng_states = distributed.all_gather_objects(capture_rng_state())
-    return {
-        "model": parts.model.state_dict(),
-        "max_accuracy": float(state.max_accuracy),
-        "epoch": int(state.epoch),
-        "config": argparse.Namespace(**vars(args)),
-        "optimizer": parts.optimizer.state_dict(),
-        "scaler": parts.scaler.state_dict(),
-        "scheduler": {"base_lr": args.lr, "milestones": list(args.lr_milestones), "gammas": list(args.lr_gammas),
-                      "lr": parts.optimizer.param_groups[0]["lr"]},
-        "rng": rng_states,
-        "dropblock_step": int(state.step),
-        "step": int(state.step),
-        "training_state": asdict(state),
-    }
-
-
-def resume(args: argparse.Namespace, parts: TrainComponents, path: Path) -> tuple[TrainingState, list | None]:
-    """Load `path` into the model, optimiser and scaler; return the counters and the saved RNG states.
-
-    Raises CheckpointError, saying what to do, for anything that cannot be resumed exactly.
-    """
-    checkpoint = read_checkpoint(path)
-    missing = [key for key in ("optimizer", "training_state") if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}), like a "
-                              "released checkpoint. --is_continue continues a run this project's training wrote; "
-                              "move the file away (or choose another -s) to start afresh")
-    weights = model_state_dict(checkpoint)
-    check_state_dict(parts.model, weights)
-    non_finite = [key for key, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
-    if non_finite:
-        raise CheckpointError(f"{path} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
-                              "it cannot be resumed. Copy an earlier epoch_<N>.pth over it, or delete the folder to "
-                              "start afresh")
-    parts.model.load_state_dict(weights, strict=True)
-    load_optimizer_state(parts.optimizer, checkpoint["optimizer"], path)
-    if checkpoint.get("scaler"):
-        parts.scaler.load_state_dict(checkpoint["scaler"])
-    state = restore_training_state(checkpoint["training_state"], path)
-    parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
-    saved = vars(checkpoint["config"])
-    changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
-                                     "seed", "episodes_per_epoch", "episodes_per_step", "world_size", "augment")
-                     if key in saved and saved[key] != getattr(args, key, None))
-    if changed:
-        warn("resuming with settings that differ from the checkpoint's (the run will not match an uninterrupted "
-             "one): " + ", ".join(f"{key} {saved[key]!r} -> {getattr(args, key, None)!r}" for key in changed))
-    return state, checkpoint.get("rng")
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Path) -> None:
-    """`optimizer.load_state_dict`, refusing a state saved for other parameters (torch does not compare
-    the buffers' shapes, and a mismatch would only fail at the first step)."""
-    mismatch = "it was saved for another model or optimiser (see --optim)"
-    try:
-        optimizer.load_state_dict(saved)
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({error})") from None
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            for name, value in optimizer.state.get(parameter, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
-                    raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({name} "
-                                          f"{tuple(value.shape)} for a parameter {tuple(parameter.shape)})")
-
-
-def restore_training_state(saved: object, path: Path) -> TrainingState:
-    """The counters of a checkpoint, checked field by field (an edited or foreign state is an error)."""
-    defaults = asdict(TrainingState())
-    problem = None
-    if not isinstance(saved, dict) or set(saved) - set(defaults):
-        problem = f"unexpected fields {sorted(set(saved) - set(defaults)) if isinstance(saved, dict) else saved!r}"
-    else:
-        for name, value in saved.items():
-            allowed = (int, float) if isinstance(defaults[name], float) else type(defaults[name])
-            if isinstance(value, bool) or not isinstance(value, allowed) \
-                    or (allowed is not dict and not (np.isfinite(value) and value >= 0)):
-                problem = f"{name} = {value!r}"
-                break
-    if problem:
-        raise CheckpointError(f"the training_state of {path} is not one a training run writes ({problem}): restore "
-                              "the file, or delete the folder to start afresh")
-    return TrainingState(**saved)
 
 
 def weight_norm(model: nn.Module) -> float:
@@ -765,7 +584,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     state, saved_rng = TrainingState(), None
     last_path = save_folder / LAST_CHECKPOINT
     if args.is_continue and last_path.is_file():
-        state, saved_rng = resume(args, parts, last_path)
+        state, saved_rng, warnings = resume(args, parts, last_path)
+        for warning in warnings:
+            warn(warning)
         info(f"Resuming {last_path}: epoch {state.epoch + 1}, {state.epoch_step} of {steps} steps done")
     elif args.is_continue:
         info(f"--is_continue: no {last_path} yet, starting afresh")
@@ -793,7 +614,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     last_validation: dict[str, float] = {}
     with StopOnSignal() as stop:
         try:
-            batches = build_training_loader(args, train_set, state, steps, context.rank, device)
+            batches = build_training_loader(args, train_set, (state.epoch + 1, state.epoch_step), steps,
+                                            context.rank, device)
             for epoch in range(state.epoch + 1, args.epochs + 1):
                 set_epoch_lr(args, optimizer, epoch - 1)
                 loader = islice(batches, steps - state.epoch_step)

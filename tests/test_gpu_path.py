@@ -27,12 +27,12 @@ import torch.multiprocessing as mp
 import train_baseline
 import train_bml
 from bml import launch
-from bml.datasets import episode_labels
+from bml.datasets import episode_labels, step_plan
 from bml.engine import TrainComponents, TrainingState, forward_backward, train_one_epoch
 from bml.models import BML
 from bml.checkpoint import read_checkpoint
 from bml.recipes import apply_recipe
-from bml.training import SettingsError, build_optimizer, resolve_episodes, step_plan, wrap_for_training
+from bml.training import SettingsError, build_optimizer, resolve_episodes, wrap_for_training
 from bml.utils.device import build_runs_on, check_cuda_arch, resolve_amp, tf32_active
 from bml.utils.distributed import DeviceError, DistributedContext
 from bml.utils.logger import RunLogger

@@ -22,10 +22,10 @@ import torch
 import train_baseline
 import train_bml
 from bml.checkpoint import read_checkpoint
-from bml.datasets import dataset_defaults
+from bml.datasets import dataset_defaults, step_plan
 from bml.models import BML
 from bml.recipes import apply_recipe, get_recipe, lr_factor
-from bml.training import SettingsError, default_save_folder, parse_weights, step_plan
+from bml.training import SettingsError, default_save_folder, parse_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -338,3 +338,17 @@ def test_resnet18_trains_one_epoch_and_evaluates(tmp_path):
     assert eval_bml.main(args) == 0
     saved = json.loads(results.read_text())
     assert saved["model"] == "bml" and set(saved["results"]) == {"global", "local", "bml", "bml_scaled"}
+
+
+def test_a_new_training_method_is_one_entry(monkeypatch):
+    """A method added to bml.methods.METHODS names its runs and draws its steps without other edits."""
+    from bml import methods
+    from bml.datasets import steps_per_epoch
+
+    toy = methods.Method("toy", "baseline-toy", batches=True, run_name_parts=lambda args: ["toyparts"])
+    monkeypatch.setitem(methods.METHODS, "toy", toy)
+    args = apply_recipe(train_baseline.get_args_parser().parse_args(["--dataset", "glyphs", "--batch_size", "10"]))
+    args.model, args.episodes_per_process = "toy", args.episodes_per_step
+    assert "_baseline-toy_" in str(default_save_folder(args)) and "_toyparts_" in str(default_save_folder(args))
+    assert steps_per_epoch(args, 95) == 9
+    assert step_plan(args, np.arange(95) % 5, epoch=1, rank=0).shape == (9, args.episodes_per_process, 10)

@@ -1,0 +1,102 @@
+"""The command-line flags the entry points share, each defined once as an argparse parent (DeiT-style).
+
+`train_bml.py`, `train_baseline.py`, `eval_bml.py` and `python -m bml.predict` build their parsers
+with `parents=[...]` from these. A flag means the same everywhere; where an entry point needs
+another default it says so with `parser.set_defaults`, and `--help` shows it (`HelpFormatter`).
+Each function returns a new parser, so one entry point's defaults never leak into another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bml.datasets import TRANSFORM_IDS
+from bml.utils import argtypes
+from bml.utils.device import AMP_CHOICES
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default unless it is None (flags whose help says where the value comes from) or a switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def dataset_parser() -> argparse.ArgumentParser:
+    """Which data set, and where the data sets are (training and evaluation)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default=None,
+                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download), "
+                           "omniglot, or the name of an image folder <data_root>/<name>/<split>/<class>/<image>; "
+                           "evaluation: the data set the model was trained on (default there: the checkpoint's)")
+    data.add_argument("--data_root", default=None,
+                      help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
+    data.add_argument("--allow_uncropped_cub", action="store_true",
+                      help="CUB: evaluate (or validate) on the uncropped CUB_200_2011 images when the bounding-box "
+                           "crops (CUB_test/) are missing; not the published protocol (warns, recorded in the "
+                           "results)")
+    return parser
+
+
+def input_parser() -> argparse.ArgumentParser:
+    """The model's input settings: a checkpoint's when there is one, else the data set's."""
+    parser = argparse.ArgumentParser(add_help=False)
+    inputs = parser.add_argument_group("model input (default: the checkpoint's when there is one, else the "
+                                       "data set's)")
+    inputs.add_argument("--transform", default=None, choices=TRANSFORM_IDS,
+                        help="transform id (docs/ARCHITECTURE.md, Transforms)")
+    inputs.add_argument("--image_size", type=argtypes.image_size, default=None,
+                        help="input size in pixels (data sets: 84; glyphs 32, omniglot 28)")
+    return parser
+
+
+def device_parser() -> argparse.ArgumentParser:
+    """Where the model runs and how many processes load its images."""
+    parser = argparse.ArgumentParser(add_help=False)
+    compute = parser.add_argument_group("device")
+    compute.add_argument("--device", default=None,
+                         help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
+    compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=None,
+                         help="data-loading processes (per training process); training's default: the CPUs left "
+                              "after the training processes, shared between them (1 to 8)")
+    return parser
+
+
+def precision_parser() -> argparse.ArgumentParser:
+    """The autocast precision of training or of embedding."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument_group("precision").add_argument(
+        "--amp", default=None, choices=AMP_CHOICES,
+        help="autocast precision: off = fp32, the published recipe (training's default, unless --amp_opt_level); "
+             "bf16 (native from compute capability 8.0; older GPUs get fp16 with a warning); fp16 (training: with "
+             "a gradient scaler). Mixed precision is faster and lighter, at slightly different numerics")
+    return parser
+
+
+def episode_parser() -> argparse.ArgumentParser:
+    """The shape of the evaluation episodes: the test protocol, or validation during training."""
+    parser = argparse.ArgumentParser(add_help=False)
+    episodes = parser.add_argument_group("evaluation episodes (training: validation on the val split)")
+    episodes.add_argument("--n_ways", type=argtypes.integer(minimum=2), default=None,
+                          help="classes per episode (training: the recipe's, 5)")
+    episodes.add_argument("--n_shots", type=argtypes.positive_int, default=None,
+                          help="support images per class (training: the recipe's, 1)")
+    episodes.add_argument("--n_queries", type=argtypes.positive_int, default=None,
+                          help="query images per class (training: the recipe's, 15)")
+    return parser
+
+
+def embedding_parser() -> argparse.ArgumentParser:
+    """A trained checkpoint and how its images are embedded (evaluation and prediction)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--ckp_path", required=True, help="checkpoint (released or this project's)")
+    embedding = parser.add_argument_group("embedding")
+    embedding.add_argument("--embed_batch_size", "--batch_size", dest="embed_batch_size",
+                           type=argtypes.positive_int, default=128,
+                           help="images per forward pass when embedding (--batch_size: its former name)")
+    embedding.add_argument("--no_progress", action="store_true",
+                           help="no progress bars")
+    return parser

@@ -1,0 +1,72 @@
+"""Which images each training step uses: the step plan of a run, and the loader that serves it.
+
+Episodic training draws `--episodes_per_step` episodes per step from `EpisodeSampler`; the global
+baseline draws shuffled batches, one full pass over the training split per episode slot and epoch.
+The plan depends only on (seed, epoch), never on how many processes share it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..methods import get_method
+from ..utils.rng import derive_seed
+from .base import DatasetError
+from .sampler import EpisodeSampler, build_step_loader, shuffled_batches
+
+
+def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
+    """Episodic training: --episodes_per_epoch; global baseline: one pass over the data per episode slot.
+
+    The original's global baseline gave each of its 2 GPUs a full shuffled pass per epoch in batches of
+    128: len(data) // 128 steps of 2 x 128 images (its last, partial batch is dropped here).
+    """
+    if not get_method(args).batches:
+        return args.episodes_per_epoch
+    steps = num_images // args.batch_size
+    if steps < 1:
+        raise DatasetError(f"the training split has {num_images} images, fewer than one batch of --batch_size "
+                           f"{args.batch_size}: lower --batch_size")
+    return steps
+
+
+def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: int) -> np.ndarray:
+    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_process, B).
+
+    The plan of all `episodes_per_step` slots is drawn as by one process, and each rank takes its
+    consecutive slots: the step's episodes do not depend on how many processes share them, so 2
+    processes of 1 episode train exactly like 1 process of 2.
+    """
+    steps = steps_per_epoch(args, len(labels))
+    slots = args.episodes_per_step
+    method = get_method(args)
+    if method.batches:
+        batches = np.stack([shuffled_batches(len(labels), args.batch_size, steps, seed=derive_seed(args.seed, slot),
+                                             epoch=epoch) for slot in range(slots)], axis=1)
+    else:
+        sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
+                                 episodes=steps * slots, seed=args.seed)
+        sampler.set_epoch(epoch)
+        batches = sampler.sample()
+        extra = getattr(args, method.extra_batch_flag) if method.extra_batch_flag else 0
+        if extra:
+            shuffled = shuffled_batches(len(labels), extra, steps * slots, seed=args.seed, epoch=epoch)
+            batches = np.concatenate([batches, shuffled], axis=1)
+    share = args.episodes_per_process
+    return batches.reshape(steps, slots, -1)[:, rank * share:(rank + 1) * share]
+
+
+def build_training_loader(args: argparse.Namespace, dataset: Dataset, first: tuple[int, int], steps: int, rank: int,
+                          device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every remaining step of the run from `first` = (epoch, steps done in it): a resumed epoch skips the
+    steps done."""
+    plans = partial(step_plan, args, np.asarray(dataset.labels), rank=rank)
+    return iter(build_step_loader(dataset, plans, (args.seed, rank), first=first,
+                                  last_epoch=args.epochs, steps_per_epoch=steps, num_workers=args.num_workers,
+                                  augment=args.augment, device=device))
