@@ -24,16 +24,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def data_root_parser() -> argparse.ArgumentParser:
+    """Where the data sets are (training, evaluation, and prediction's cl2n head, which centres on the
+    checkpoint's training split)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument_group("data").add_argument(
+        "--data_root", default=None, help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
+    return parser
+
+
 def dataset_parser() -> argparse.ArgumentParser:
     """Which data set, and where the data sets are (training and evaluation)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    data = parser.add_argument_group("data")
+    parser = argparse.ArgumentParser(add_help=False, parents=[data_root_parser()])
+    data = parser.add_argument_group("data set")
     data.add_argument("--dataset", default=None,
                       help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download), "
                            "omniglot, or the name of an image folder <data_root>/<name>/<split>/<class>/<image>; "
                            "evaluation: the data set the model was trained on (default there: the checkpoint's)")
-    data.add_argument("--data_root", default=None,
-                      help="folder holding the data sets (default: $BML_DATA_ROOT, else data/)")
     data.add_argument("--allow_uncropped_cub", action="store_true",
                       help="CUB: evaluate (or validate) on the uncropped CUB_200_2011 images when the bounding-box "
                            "crops (CUB_test/) are missing; not the published protocol (warns, recorded in the "

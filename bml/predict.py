@@ -40,7 +40,8 @@ CSV_COLUMNS = ("path", "prediction", "confidence", "runner_up")
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Few-shot prediction on your own images", add_help=False,
-                                     parents=[cli.embedding_parser(), cli.input_parser(), cli.device_parser()])
+                                     parents=[cli.embedding_parser(), cli.input_parser(), cli.device_parser(),
+                                              cli.data_root_parser()])
     parser.set_defaults(embed_batch_size=64, num_workers=2)
     parser.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
     parser.add_argument("--query", required=True, help="an image, or a folder searched recursively")
@@ -62,9 +63,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="how each view's logits are made: "
                              + "; ".join(f"{name}: {head.description}" for name, head in HEADS.items())
                              + ". Default: %(default)s")
-    inputs.add_argument("--data_root", default=None,
-                        help="data root of the checkpoint's training split, whose mean embedding cl2n centres on "
-                             "(default: $BML_DATA_ROOT, else data/)")
 
     return parser
 
