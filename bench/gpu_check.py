@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from bml.datasets import episode_labels  # noqa: E402
 from bml.engine import TrainComponents, forward_backward  # noqa: E402
 from bml.models import BML  # noqa: E402
+from bml.recipes import BML_LOSSES  # noqa: E402
 from bml.training import wrap_for_training  # noqa: E402
 from bml.utils.device import build_runs_on, configure_tf32, gpu_info, resolve_amp  # noqa: E402
 from bml.utils.distributed import DistributedContext  # noqa: E402
@@ -99,7 +100,7 @@ def episode_batch(size: Size, episodes: int = 1) -> tuple[torch.Tensor, torch.Te
 
 def loss_settings(size: Size, epoch: int = 1) -> dict:
     return {"way": size.way, "shot": size.shot, "query": size.query,
-            "epoch": torch.tensor(float(epoch), dtype=torch.float64), "max_epoch": 100}
+            "epoch": torch.tensor(float(epoch), dtype=torch.float64), "max_epoch": 100, **BML_LOSSES.model_settings()}
 
 
 def build_parts(size: Size, device: torch.device, amp: str = "off", channels_last: bool = False,

@@ -23,6 +23,7 @@ import torch
 from bml.losses import local_prototype_loss
 from bml.losses.reference import looped_local_loss
 from bml.models import BML
+from bml.recipes import BML_LOSSES
 
 WAY, SHOT, QUERY = 15, 5, 7
 
@@ -62,7 +63,8 @@ def time_train_steps(backbone: str, variant: Variant, device: torch.device, args
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.amp):
-            losses = model.losses(images, base_labels, way=WAY, shot=SHOT, query=QUERY, epoch=50, max_epoch=100)
+            losses = model.losses(images, base_labels, way=WAY, shot=SHOT, query=QUERY, epoch=50, max_epoch=100,
+                                      **BML_LOSSES.model_settings())
         losses["total"].backward()
         optimizer.step()
         synchronize(device)

@@ -50,6 +50,11 @@ class BMLLosses:
     alpha_2: float = 0.1       # slope of the margin's sigmoid of the distance gap
     T: float = 4.0             # temperature of the mutual KL loss
 
+    def model_settings(self) -> dict:
+        """These settings as keyword arguments of `BML.losses` (the weights as numbers)."""
+        return {"alpha_1": self.alpha_1, "alpha_2": self.alpha_2, "T": self.T,
+                "weights": tuple(float(part) for part in self.weights.split("_"))}
+
 
 BML_LOSSES = BMLLosses()
 

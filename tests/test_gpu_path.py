@@ -31,7 +31,7 @@ from bml.datasets import episode_labels, step_plan
 from bml.engine import TrainComponents, TrainingState, forward_backward, train_one_epoch
 from bml.models import BML
 from bml.checkpoint import read_checkpoint
-from bml.recipes import apply_recipe
+from bml.recipes import BML_LOSSES, apply_recipe
 from bml.training import SettingsError, build_optimizer, resolve_episodes, wrap_for_training
 from bml.utils.device import build_runs_on, check_cuda_arch, resolve_amp, tf32_active
 from bml.utils.distributed import DeviceError, DistributedContext
@@ -43,7 +43,7 @@ PUBLISHED = ("miniImageNet", "tieredImageNet", "CIFAR-FS", "FC100", "CUB")
 CUDA = torch.device("cuda", 0)
 WAY, SHOT, QUERY, SIZE = 5, 2, 3, 32
 SETTINGS = {"way": WAY, "shot": SHOT, "query": QUERY, "epoch": torch.tensor(1.0, dtype=torch.float64),
-            "max_epoch": 4}
+            "max_epoch": 4, **BML_LOSSES.model_settings()}
 
 
 # ----------------------------------------------------------------------------------------------

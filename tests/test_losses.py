@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from bml.losses import global_position_loss, local_prototype_loss, mutual_kl_loss
 from bml.losses.reference import looped_local_loss
 from bml.models import BML
+from bml.recipes import BML_LOSSES
 from bml.scoring import class_prototypes, prototype_logits, squared_distances
 
 
@@ -38,8 +39,8 @@ def test_local_loss_matches_looped_reference(epoch, alpha_1):
 
 def test_margin_changes_the_loss_only_when_active():
     features = episode_features(3, 2, 3, seed=5)
-    plain = local_prototype_loss(features, 3, 2, 50, 100, alpha_1=0.0)
-    with_margin = local_prototype_loss(features, 3, 2, 50, 100, alpha_1=5.5)
+    plain = local_prototype_loss(features, 3, 2, 50, 100, alpha_1=0.0, alpha_2=0.1)
+    with_margin = local_prototype_loss(features, 3, 2, 50, 100, alpha_1=5.5, alpha_2=0.1)
     assert with_margin > plain
 
 
@@ -101,7 +102,7 @@ def test_bml_total_is_the_weighted_sum_of_its_terms():
     labels = torch.randint(0, 10, (images.shape[0],))
     weights = (2.0, 1.0, 0.5)
     losses = model.losses(images, labels, way=way, shot=shot, query=query, epoch=40, max_epoch=100,
-                          weights=weights, unused_setting=True)
+                          alpha_1=5.5, alpha_2=0.1, T=4.0, weights=weights, unused_setting=True)
     assert set(losses) == {"global", "local", "mutual", "total"}
     assert all(v.dim() == 0 for v in losses.values())
     global_map, local_map = model(images)
@@ -121,17 +122,19 @@ def test_global_batch_images_reach_only_the_global_and_mutual_terms():
     model = BML(num_classes=10, width=0.125).eval()
     images = torch.randn(way * (shot + query) + extra, 3, 32, 32)
     labels = torch.randint(0, 10, (images.shape[0],))
-    losses = model.losses(images, labels, way=way, shot=shot, query=query, global_batch=extra)
+    settings = dict(epoch=1, max_epoch=100, alpha_1=5.5, alpha_2=0.1, T=4.0, weights=(2.0, 1.0, 0.5))
+    losses = model.losses(images, labels, way=way, shot=shot, query=query, global_batch=extra, **settings)
     global_map, local_map = model(images)
     episode = way * (shot + query)
     torch.testing.assert_close(losses["global"], global_position_loss(model.global_w(global_map), labels))
     torch.testing.assert_close(losses["local"], local_prototype_loss(local_map[:episode], way, shot, 1, 100, 5.5, 0.1))
     torch.testing.assert_close(losses["mutual"], mutual_kl_loss(global_map.mean((2, 3)), local_map.mean((2, 3)), 4.0))
     with pytest.raises(ValueError, match="shot-major"):
-        model.losses(images, labels, way=way, shot=shot, query=query, global_batch=extra - 1)
+        model.losses(images, labels, way=way, shot=shot, query=query, global_batch=extra - 1, **settings)
 
 
 def test_losses_reject_a_batch_that_is_not_one_episode():
     model = BML(num_classes=4, width=0.125)
     with pytest.raises(ValueError, match="shot-major"):
-        model.losses(torch.randn(5, 3, 28, 28), torch.zeros(5, dtype=torch.long), way=2, shot=1, query=1)
+        model.losses(torch.randn(5, 3, 28, 28), torch.zeros(5, dtype=torch.long), way=2, shot=1, query=1, epoch=1,
+                     max_epoch=100, **BML_LOSSES.model_settings())

@@ -10,6 +10,7 @@ from bml.checkpoint import model_config, read_checkpoint, save_checkpoint
 from bml.models import BML, BaselineGlobal, BaselineLocal, build_model
 from bml.models.dropblock import DropBlock, expand_seeds, keep_probability
 from bml.models.resnet12 import ResNet12Block
+from bml.recipes import BML_LOSSES
 
 
 def test_keep_probability_ramps_linearly_over_40000_steps():
@@ -144,7 +145,8 @@ def test_bml_forward_backward(size, width, map_size):
     labels = torch.tensor([0, 5, 2, 3])
     global_map, local_map = model(images)
     assert global_map.shape == local_map.shape == (4, round(640 * width), map_size, map_size)
-    losses = model.losses(images, labels, way=way, shot=shot, query=query, epoch=3)
+    losses = model.losses(images, labels, way=way, shot=shot, query=query, epoch=3, max_epoch=100,
+                          **BML_LOSSES.model_settings())
     losses["total"].backward()
     for name in ("encoder.layer1.0.conv1.weight", "global_view.layer.0.conv1.weight",
                  "local_view.layer.0.conv1.weight", "global_w.weight"):

@@ -4,6 +4,7 @@ import torch
 
 from bml.checkpoint import load_model, model_config, read_checkpoint
 from bml.models import BML, BaselineGlobal
+from bml.recipes import BML_LOSSES
 from fixtures import save_released_checkpoint
 from test_checkpoint import bn_entries, random_state_dict
 
@@ -68,7 +69,8 @@ def test_resnet18_forward_backward_at_84px():
     images = torch.randn(4, 3, 84, 84)
     global_map, local_map = model(images)
     assert global_map.shape == local_map.shape == (4, 64, 5, 5)
-    losses = model.losses(images, torch.tensor([0, 1, 2, 3]), way=2, shot=1, query=1)
+    losses = model.losses(images, torch.tensor([0, 1, 2, 3]), way=2, shot=1, query=1, epoch=1, max_epoch=100,
+                          **BML_LOSSES.model_settings())
     losses["total"].backward()
     assert model.encoder.conv1.weight.grad.abs().sum() > 0
     assert model.local_view.layer4[0].conv1.weight.grad.abs().sum() > 0

@@ -40,8 +40,8 @@ def elastic_margin(distances: torch.Tensor, labels: torch.Tensor, epoch: int, ma
     return torch.where(active, margin, torch.zeros_like(margin))
 
 
-def local_prototype_loss(features: torch.Tensor, way: int, shot: int, epoch: int = 1, max_epoch: int = 100,
-                         alpha_1: float = 5.5, alpha_2: float = 0.1) -> torch.Tensor:
+def local_prototype_loss(features: torch.Tensor, way: int, shot: int, epoch: int | torch.Tensor, max_epoch: int,
+                         alpha_1: float, alpha_2: float) -> torch.Tensor:
     """Episodic loss on a shot-major episode's feature maps (B x D x h x w, support first).
 
     Prototypes average each class's support maps over shots and positions; every query position
@@ -70,6 +70,6 @@ def distillation_kl(student: torch.Tensor, teacher: torch.Tensor, T: float) -> t
     return kl * (T * T / student.shape[0])
 
 
-def mutual_kl_loss(global_features: torch.Tensor, local_features: torch.Tensor, T: float = 4.0) -> torch.Tensor:
+def mutual_kl_loss(global_features: torch.Tensor, local_features: torch.Tensor, T: float) -> torch.Tensor:
     """Cross-view mutual loss on pooled B x D features: KL_T(g, l) + KL_T(l, g)."""
     return distillation_kl(global_features, local_features, T) + distillation_kl(local_features, global_features, T)

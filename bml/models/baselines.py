@@ -67,13 +67,13 @@ class BaselineLocal(SingleViewModel):
 
     view_names = ("local",)
 
-    def losses(self, images: torch.Tensor, labels: torch.Tensor | None = None, way: int = 15,
-               shot: int = 5, query: int = 7, **unused) -> dict[str, torch.Tensor]:
+    def losses(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, way: int, shot: int, query: int,
+               **unused) -> dict[str, torch.Tensor]:
         """Prototype loss of one shot-major episode; ``labels`` and other keyword arguments are
         ignored (episode labels follow from the order)."""
         check_episode_batch(images, way, shot, query)
         feature_map = self.encoder(images)
         if not self.spatial:
             feature_map = feature_map.mean(dim=(2, 3), keepdim=True)
-        loss = local_prototype_loss(feature_map, way, shot, alpha_1=0.0)
+        loss = local_prototype_loss(feature_map, way, shot, epoch=1, max_epoch=1, alpha_1=0.0, alpha_2=0.0)  # no margin
         return {"local": loss, "total": loss}

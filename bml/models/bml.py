@@ -10,9 +10,6 @@ from bml.losses import global_position_loss, local_prototype_loss, mutual_kl_los
 from bml.models.backbones import backbone_channels, build_trunk, build_view, canonical_backbone
 from bml.models.base import FewShotModel, check_episode_batch, pooled
 
-LOSS_WEIGHTS = (2.0, 1.0, 0.5)
-
-
 class BML(FewShotModel):
     """Shared stages 1-3 (``encoder``), two private fourth stages (``global_view``, ``local_view``)
     and the global view's 1x1-conv classifier over base classes (``global_w``).
@@ -41,17 +38,17 @@ class BML(FewShotModel):
         shared = self.encoder(images)
         return self.global_view(shared), self.local_view(shared)
 
-    def losses(self, images: torch.Tensor, base_labels: torch.Tensor, way: int = 15, shot: int = 5,
-               query: int = 7, epoch: int = 1, max_epoch: int = 100, alpha_1: float = 5.5,
-               alpha_2: float = 0.1, T: float = 4.0, weights: tuple[float, float, float] = LOSS_WEIGHTS,
-               global_batch: int = 0, **unused) -> dict[str, torch.Tensor]:
+    def losses(self, images: torch.Tensor, base_labels: torch.Tensor, *, way: int, shot: int, query: int,
+               epoch: int | torch.Tensor, max_epoch: int, alpha_1: float, alpha_2: float, T: float,
+               weights: tuple[float, float, float], global_batch: int = 0, **unused) -> dict[str, torch.Tensor]:
         """The three loss terms of one shot-major episode and their weighted sum 'total'.
 
         ``base_labels`` are the images' base-class labels (for the global view); the local view
         uses the episode labels implied by the shot-major order. Epochs count from 1.
         ``global_batch`` images may follow the episode (e.g. a shuffled batch, our extension for
         base-class spaces far larger than an episode; 0 as published): only the global and the
-        mutual terms see them.
+        mutual terms see them. The loss settings have no defaults here: the published ones are stated
+        once, in `bml.recipes` (`BML_LOSSES.model_settings()`; the episode shape in `Recipe`).
         """
         episode_size = images.shape[0] - global_batch
         check_episode_batch(images[:episode_size], way, shot, query)
