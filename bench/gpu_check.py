@@ -50,7 +50,6 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bml.datasets import episode_labels  # noqa: E402
 from bml.engine import TrainComponents, forward_backward  # noqa: E402
 from bml.models import BML  # noqa: E402
 from bml.recipes import BML_LOSSES  # noqa: E402

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from bml.datasets import input_transform_settings
+from bml.utils import argtypes
 
 LR_BY_OPTIMIZER = {"SGD": 0.1, "adam": 1e-3}
 MOMENTUM = 0.9
@@ -53,7 +54,7 @@ class BMLLosses:
     def model_settings(self) -> dict:
         """These settings as keyword arguments of `BML.losses` (the weights as numbers)."""
         return {"alpha_1": self.alpha_1, "alpha_2": self.alpha_2, "T": self.T,
-                "weights": tuple(float(part) for part in self.weights.split("_"))}
+                "weights": argtypes.weight_values(self.weights)}
 
 
 BML_LOSSES = BMLLosses()

@@ -169,10 +169,7 @@ def get_common_parser(description: str) -> argparse.ArgumentParser:
 
 def parse_weights(text: str) -> tuple[float, float, float]:
     """'2_1_0.5' -> (2.0, 1.0, 0.5): the global, local and mutual loss weights."""
-    try:
-        weights = tuple(float(part) for part in str(text).split("_"))
-    except ValueError:
-        weights = ()
+    weights = argtypes.weight_values(text)
     if len(weights) != 3:
         raise SettingsError(f"--weights must be three numbers joined by '_' (global_local_mutual), e.g. 2_1_0.5; "
                          f"got {text!r}")

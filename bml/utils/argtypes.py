@@ -54,13 +54,18 @@ def number(minimum: float | None = None, maximum: float | None = None, above_min
     return _validator(float, "a number", minimum, maximum, above_minimum, below_maximum)
 
 
+def weight_values(text: str) -> tuple[float, ...]:
+    """'2_1_0.5' -> (2.0, 1.0, 0.5), the numbers of a '_'-joined weights text; () when one is not a number."""
+    try:
+        return tuple(float(part) for part in str(text).split("_"))
+    except ValueError:
+        return ()
+
+
 def loss_weights(text: str) -> str:
     """'2_1_0.5': three finite, non-negative loss weights (global_local_mutual), not all zero; kept as text
     (the run folder's name records it)."""
-    try:
-        weights = [float(part) for part in text.split("_")]
-    except ValueError:
-        weights = []
+    weights = weight_values(text)
     if len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
         raise argparse.ArgumentTypeError(f"expected three numbers >= 0 joined by '_' (global_local_mutual), not all "
                                          f"0, e.g. 2_1_0.5; got {text!r}")
