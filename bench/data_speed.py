@@ -2,16 +2,18 @@
 
 - host CPU microseconds per training image in one loader worker (one thread, no model), before
   (`--augment host`: the whole transform in PIL) and after (`--augment device`: the stored uint8
-  image and its drawn parameters; for E, whose CUB images are files of mixed sizes, the crop in PIL);
-  process CPU time, so other load on a shared machine matters less;
+  image and its drawn parameters; for E, CUB-like JPEG files of mixed sizes, the crop box cut out of
+  the decoded store); process CPU time, so other load on a shared machine matters less;
 - `DeviceAugment`'s images per second (crop and resize, colour jitter, flips, normalisation) on the
   CPU and, when present, on CUDA (the uint8 images copied from pinned memory included);
 - the images per second a BML training step consumes on the same device (`bench/train_step.py`'s
   step: 15-way 5-shot 7-query, width 1.0; fp32 on the CPU, bf16 + channels_last on CUDA).
 
 Stored images are random uint8 arrays of the data sets' stored sizes (84 px; 32 px for the CIFAR-based
-C and D, which are resized to 84 in training); E's images are decoded images of CUB-like mixed sizes
-(about 400 x 350 px) held in memory: its JPEG decoding, the same in both paths, is left out.
+C and D, which are resized to 84 in training). E's images are JPEG files of CUB's sizes (300-500 px a
+side, smooth content) written to a temporary folder: before, a worker decodes each file at every step
+(`host_us_per_image_decoding` says how much of its time that is); after, it reads the store
+the files were decoded into once (`bml.datasets.decoded`, built before timing).
 
     python bench/data_speed.py --json data_speed.json
 """
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import torch
 
 from PIL import Image
 
-from bml.datasets import ArrayDataset, DeviceAugment, FewShotDataset, StepBatches, build_transform
+from bml.datasets import ArrayDataset, DeviceAugment, FileDataset, StepBatches, build_transform
 from train_step import QUERY, SHOT, WAY, Variant, synchronize, time_train_steps
 
 TRANSFORMS = ("A", "B", "C", "D", "E")
@@ -37,33 +41,42 @@ IMAGES_PER_STEP = WAY * (SHOT + QUERY)
 MODEL_VARIANT = {"cpu": Variant("fp32", False, False), "cuda": Variant("bf16+channels_last", True, True)}
 
 
-class MixedSizeImages(FewShotDataset):
-    """Decoded images of different sizes (as CUB's files are): the workers must crop them."""
+def cub_like_files(folder: Path, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` JPEG files of 300-500 px a side with smooth content (upsampled noise), as CUB's photographs."""
+    paths = []
+    for i, (height, width) in enumerate(rng.integers(300, 500, (count, 2))):
+        coarse = Image.fromarray(rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8))
+        path = folder / f"{i}.jpg"
+        coarse.resize((int(width), int(height)), Image.BICUBIC).save(path, quality=90)
+        paths.append(str(path))
+    return np.array(paths)
 
-    def __init__(self, images: list[np.ndarray], labels: np.ndarray, **kwargs) -> None:
-        super().__init__(labels, [str(c) for c in range(labels.max() + 1)], **kwargs)
-        self.images_of_mixed_sizes = images
 
-    def load_image(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images_of_mixed_sizes[index])
-
-
-def step_loader(transform_id: str, image_size: int, augment: str) -> StepBatches:
+def step_loader(transform_id: str, image_size: int, augment: str, folder: Path) -> StepBatches:
     """One episode per step over random images, loaded as a training worker loads it."""
     rng = np.random.default_rng(0)
     labels = np.arange(IMAGES_PER_STEP) % WAY
-    settings = dict(transform=build_transform(transform_id, image_size, train=True), transform_id=transform_id,
-                    image_size=image_size)
+    settings = dict(class_names=[str(c) for c in range(WAY)], transform=build_transform(transform_id, image_size, True),
+                    name=f"transform {transform_id}", split="bench", transform_id=transform_id, image_size=image_size)
     if transform_id == "E":
-        sizes = rng.integers(300, 500, (IMAGES_PER_STEP, 2))
-        images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for height, width in sizes]
-        dataset = MixedSizeImages(images, labels, **settings)
+        paths = sorted(folder.glob("*.jpg")) or cub_like_files(folder, IMAGES_PER_STEP, rng)
+        dataset = FileDataset(np.array([str(path) for path in paths]), labels, **settings)
+        if augment == "device":
+            dataset.decode_once()
     else:
         size = STORED_SIZE[transform_id]
         images = rng.integers(0, 256, (IMAGES_PER_STEP, size, size, 3), dtype=np.uint8)
-        dataset = ArrayDataset(images, labels, [str(c) for c in range(WAY)], **settings)
+        dataset = ArrayDataset(images, labels, **settings)
     plan = np.arange(IMAGES_PER_STEP).reshape(1, 1, -1)
     return StepBatches(dataset, lambda epoch: plan, (0,), augment)
+
+
+def decoding_us_per_image(dataset: FileDataset) -> float:
+    """CPU microseconds per image of decoding the files alone."""
+    start = time.process_time()
+    for index in range(len(dataset)):
+        dataset.load_image(index)
+    return 1e6 * (time.process_time() - start) / len(dataset)
 
 
 def host_us_per_image(batches: StepBatches, steps: int) -> float:
@@ -109,24 +122,29 @@ def run(args: argparse.Namespace) -> dict:
     model = {device.type: model_images_per_s(device, args) for device in devices}
     training_device = devices[-1].type
     results = {}
-    print(f"{'id':2s} {'host us/img before':>18s} {'after':>8s} {'ratio':>6s} "
-          + " ".join(f"{'augment img/s ' + d.type:>20s}" for d in devices)
-          + f" {'model img/s ' + training_device:>18s}", flush=True)
-    for transform_id in TRANSFORMS:
-        before = host_us_per_image(step_loader(transform_id, args.image_size, "host"), args.steps)
-        device_batches = step_loader(transform_id, args.image_size, "device")
-        after = host_us_per_image(device_batches, args.steps)
-        augment = {device.type: device_images_per_s(device_batches, device, args.repeats) for device in devices}
-        results[transform_id] = {
-            "host_us_per_image_before": before, "host_us_per_image_after": after,
-            "device_images_per_s": augment[training_device], "device": training_device,
-            "model_images_per_s": model[training_device],
-            **{f"device_images_per_s_{name}": value for name, value in augment.items()},
-            **{f"model_images_per_s_{name}": value for name, value in model.items()},
-        }
-        print(f"{transform_id:2s} {before:18.0f} {after:8.0f} {before / after:5.1f}x "
-              + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.1f}",
-              flush=True)
+    with tempfile.TemporaryDirectory(prefix="bml_data_speed_") as folder:
+        os.environ["BML_CACHE_DIR"] = str(Path(folder) / "cache")   # E's decoded store, deleted with the folder
+        print(f"{'id':2s} {'host us/img before':>18s} {'after':>8s} {'ratio':>6s} "
+              + " ".join(f"{'augment img/s ' + d.type:>20s}" for d in devices)
+              + f" {'model img/s ' + training_device:>18s}", flush=True)
+        for transform_id in TRANSFORMS:
+            host_batches = step_loader(transform_id, args.image_size, "host", Path(folder))
+            before = host_us_per_image(host_batches, args.steps)
+            device_batches = step_loader(transform_id, args.image_size, "device", Path(folder))
+            after = host_us_per_image(device_batches, args.steps)
+            augment = {device.type: device_images_per_s(device_batches, device, args.repeats) for device in devices}
+            results[transform_id] = {
+                "host_us_per_image_before": before, "host_us_per_image_after": after,
+                "device_images_per_s": augment[training_device], "device": training_device,
+                "model_images_per_s": model[training_device],
+                **{f"device_images_per_s_{name}": value for name, value in augment.items()},
+                **{f"model_images_per_s_{name}": value for name, value in model.items()},
+            }
+            if transform_id == "E":
+                results[transform_id]["host_us_per_image_decoding"] = decoding_us_per_image(host_batches.dataset)
+            print(f"{transform_id:2s} {before:18.0f} {after:8.0f} {before / after:5.1f}x "
+                  + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.1f}",
+                  flush=True)
     return results
 
 

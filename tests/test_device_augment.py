@@ -2,7 +2,10 @@
 parameter and output distributions, the host/device split of the loader and the loader settings."""
 from __future__ import annotations
 
+import errno
 import itertools
+import pickle
+import shutil
 import warnings
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision.transforms import ColorJitter, RandomResizedCrop
 
 from bml.datasets import (NORMALIZATION, ArrayDataset, DeviceAugment, FileDataset, StepBatches, build_dataset,
@@ -21,7 +25,9 @@ from fixtures import make_image_folder
 
 import train_bml
 from bml.datasets import sampler as sampler_module
+from bml.datasets import decoded, device_augment
 from bml.datasets.device_augment import BOX, FACTORS, FLIP, ORDER, SHIFT, draw_resized_crops
+from bml.utils.rng import derive_seed, isolated_cpu_rng
 
 ADJUSTMENTS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
 PERMUTATIONS = list(itertools.permutations(range(3)))
@@ -235,18 +241,146 @@ def test_default_workers_raise_no_dataloader_warning():
     assert len(batches) == 3
 
 
-def test_images_of_mixed_sizes_are_cropped_on_the_host(tmp_path):
-    """Files of different sizes cannot be sent as one array: the workers crop them with the published
-    crop_transform (PIL) and the device only converts, jitters, flips and normalises."""
-    make_image_folder(tmp_path, "mixed", mixed_sizes=True, image_size=12)
-    dataset = build_dataset("mixed", "train", data_root=tmp_path, image_size=16, train=True)
-    assert isinstance(dataset, FileDataset) and dataset.transform_id == "A"
-    plans = {0: np.arange(8).reshape(1, 2, 4)}.__getitem__
-    crops, _, parameters = StepBatches(dataset, plans, (0, 0), augment="device")[0, 0]
-    assert crops.shape == (2, 4, 16, 16, 3) and crops.dtype == torch.uint8
-    assert (parameters[..., BOX] == torch.tensor([0.0, 0.0, 16, 16])).all() and (parameters[..., SHIFT] == 0).all()
-    images = DeviceAugment("A", 16)(crops, parameters)
-    assert images.shape == (2, 4, 3, 16, 16) and torch.isfinite(images).all()
+def mixed_size_dataset(root, transform_id: str = "E", size: int = 16) -> FileDataset:
+    """Six PNG files of six different sizes (smooth colours; written unless there), one class each, read as
+    CUB's files are."""
+    sizes = [(40, 30), (25, 52), (33, 33), (60, 21), (18, 44), (50, 47)]
+    paths = []
+    for k, (height, width) in enumerate(sizes):
+        path = root / f"class_{k}.png"
+        if not path.exists():
+            Image.fromarray(smooth_images(1, max(height, width), seed=k)[0][:height, :width]).save(path)
+        paths.append(str(path))
+    return FileDataset(np.array(paths), np.arange(6), [str(k) for k in range(6)],
+                       transform=build_transform(transform_id, size, train=True), name="mixed", split="train",
+                       transform_id=transform_id, image_size=size)
+
+
+def drawn_parameters(dataset: FileDataset, key: tuple[int, ...], count: int) -> torch.Tensor:
+    """The parameters a step drew, redrawn from its seed on the images' own sizes."""
+    sizes = torch.tensor([dataset.load_array(i).shape[:2] for i in range(count)])
+    with isolated_cpu_rng(derive_seed(*key)):
+        return draw_parameters(count, dataset.transform_id, sizes, dataset.image_size)
+
+
+def test_images_of_mixed_sizes_send_their_crop_boxes(tmp_path):
+    """Files of different sizes: each image's box is drawn on its own size and only its pixels are sent, in one
+    canvas as large as the largest box; the device's crop of what was sent equals torchvision's `resized_crop`
+    of the whole image with the drawn box (PIL, within 1 level, as for stored images)."""
+    dataset = mixed_size_dataset(tmp_path)
+    plans = {0: np.arange(6).reshape(1, 1, 6)}.__getitem__
+    sent, labels, parameters = StepBatches(dataset, plans, (3, 0), augment="device")[0, 0]
+    drawn = drawn_parameters(dataset, (3, 0, 0, 0), 6)
+    boxes = drawn[:, BOX].long()
+    assert sent.dtype == torch.uint8 and labels.tolist() == [list(range(6))]
+    assert sent.shape[1:] == (6, int(boxes[:, 2].max()), int(boxes[:, 3].max()), 3)
+    assert torch.equal(parameters[0, :, BOX], torch.cat([torch.zeros(6, 2), boxes[:, 2:].float()], dim=1))
+    assert torch.equal(parameters[0, :, SHIFT.start:], drawn[:, SHIFT.start:])    # colours, order and flips as drawn
+    cropped = DeviceAugment("E", 16).crop(sent[0].permute(0, 3, 1, 2).float(), parameters[0])
+    for image_index, box in enumerate(boxes.tolist()):
+        pil = np.asarray(TF.resized_crop(dataset.load_image(image_index), *box, [16, 16])).astype(np.float32)
+        difference = np.abs(cropped[image_index].permute(1, 2, 0).numpy() - pil)
+        assert difference.max() <= 1.0
+
+
+def test_large_boxes_are_resized_on_the_host(tmp_path, monkeypatch):
+    """A box above MAX_SENT_PIXELS (a large photograph) is cropped and resized to S x S in PIL on the host, as
+    torchvision does it, and the device leaves it as it is: exactly torchvision's crop, whatever the box."""
+    monkeypatch.setattr(device_augment, "MAX_SENT_PIXELS", 0)
+    dataset = mixed_size_dataset(tmp_path)
+    sent, _, parameters = StepBatches(dataset, {0: np.arange(6).reshape(1, 6)}.__getitem__, (3, 0), augment="device")[0, 0]
+    boxes = drawn_parameters(dataset, (3, 0, 0, 0), 6)[:, BOX].long().tolist()
+    assert sent.shape == (6, 16, 16, 3) and (parameters[:, BOX] == torch.tensor([0.0, 0.0, 16, 16])).all()
+    cropped = DeviceAugment("E", 16).crop(sent.permute(0, 3, 1, 2).float(), parameters).round()
+    expected = np.stack([np.asarray(TF.resized_crop(dataset.load_image(i), *box, [16, 16]))
+                         for i, box in enumerate(boxes)])
+    assert np.array_equal(cropped.permute(0, 2, 3, 1).numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("height, width", [(10, 200), (200, 10)])
+def test_boxes_of_narrow_images_fall_back_to_torchvision_centre_crop(height, width):
+    """No try fits an image 20 times wider than high (or higher than wide): the box is RandomResizedCrop's
+    centred fallback, per image, with the images' sizes given one per image."""
+    torch.manual_seed(0)
+    expected = RandomResizedCrop.get_params(torch.zeros(3, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+    boxes = draw_resized_crops(4, torch.tensor([height, 84, height, 84]), torch.tensor([width, 84, width, 84]))
+    assert boxes[0].tolist() == boxes[2].tolist() == list(expected)
+    assert (boxes[1::2, 2:] <= 84).all() and not torch.equal(boxes[1], boxes[0])
+
+
+def test_file_steps_do_not_depend_on_the_workers(tmp_path):
+    """Images of mixed sizes: a step's uint8 canvas and parameters come from its seed alone, as for stored
+    images (so resume stays exact): the same with 0 and 2 loader workers, and on a second pass."""
+    dataset = mixed_size_dataset(tmp_path, transform_id="A")
+    plans = {0: np.arange(12).reshape(3, 4) % 6}.__getitem__
+
+    def steps(workers: int) -> list:
+        loader = DataLoader(StepBatches(dataset, plans, (5,), augment="device"), batch_size=None,
+                            sampler=[(0, 0), (0, 1), (0, 2)], num_workers=workers)
+        return list(loader)
+
+    for first, second in zip(steps(0), steps(2)):
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(steps(0)[0][2], steps(0)[1][2])
+
+
+def test_files_are_decoded_once_into_a_store(tmp_path, monkeypatch):
+    """With --augment device the files are decoded once into a memory-mapped store: the same pixels as
+    decoding each file, pickled by path (workers map it, never copy it), reused by the next run, rebuilt
+    when a file changes."""
+    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
+    dataset = mixed_size_dataset(tmp_path)
+    build_step_loader(dataset, {0: np.arange(6).reshape(1, 6)}.__getitem__, (0,), first=(0, 0), last_epoch=0,
+                      steps_per_epoch=1, augment="device")
+    assert dataset.decoded is not None
+    for i in range(6):
+        assert np.array_equal(dataset.load_array(i), np.asarray(dataset.load_image(i)))
+    assert len(pickle.dumps(dataset.decoded)) < 2000 and not list((tmp_path / "cache").glob(".*"))
+    built = sorted((tmp_path / "cache").iterdir())
+    assert [path.suffixes for path in built] == [[".index", ".npy"], [".npy"]]
+
+    monkeypatch.setattr(decoded, "atomic_write", None)        # a second build would fail: the store is reused
+    again = mixed_size_dataset(tmp_path)
+    again.decode_once()
+    assert again.decoded.pixels_path == dataset.decoded.pixels_path
+    monkeypatch.undo()
+    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
+    Image.fromarray(smooth_images(1, 40, seed=9)[0][:40, :30]).save(tmp_path / "class_0.png")
+    changed = mixed_size_dataset(tmp_path)
+    changed.decode_once()
+    assert changed.decoded.pixels_path != dataset.decoded.pixels_path
+    assert np.array_equal(changed.load_array(0), np.asarray(changed.load_image(0)))
+
+
+def test_store_is_skipped_without_space_and_interrupted_builds_leave_nothing(tmp_path, monkeypatch, capsys):
+    """Pixels needing more than half the free space, or a disk that fills up: no store, a note, and the files
+    decoded at every access. A build interrupted (Ctrl-C) leaves no file behind."""
+    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
+    dataset = mixed_size_dataset(tmp_path)
+    monkeypatch.setattr(decoded.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
+    dataset.decode_once()
+    assert dataset.decoded is None and "more than half the free space" in capsys.readouterr().err
+    assert np.array_equal(dataset.load_array(2), np.asarray(dataset.load_image(2)))
+    monkeypatch.undo()
+    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
+
+    def full_disk(path, mode="wb"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(decoded, "atomic_write", full_disk)             # the disk fills up while writing
+    assert decoded.open_decoded_images(dataset.paths, dataset.load_array, "mixed train") is None
+    assert "No space left" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
+
+    def interrupted(index: int) -> np.ndarray:
+        if index == 3:
+            raise KeyboardInterrupt
+        return dataset.load_array(index)
+
+    with pytest.raises(KeyboardInterrupt):
+        decoded.open_decoded_images(dataset.paths, interrupted, "mixed train")
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_training_defaults_fit_the_device_and_the_machine(monkeypatch, simulate_gpu, tmp_path):

@@ -6,6 +6,7 @@ copying millions of Python objects (whose reference counts would touch every pag
 """
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -22,6 +23,11 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 COMPLETE_FILE_ENDINGS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",)}
 """How a complete file of these formats ends; a file that ends otherwise is decoded in full to find out."""
 BAD_IMAGES_LISTED = 10
+
+
+def cache_dir() -> Path:
+    """Where built data is kept (the glyphs set, decoded images): $BML_CACHE_DIR, default ~/.cache/bml."""
+    return Path(os.environ.get("BML_CACHE_DIR") or Path.home() / ".cache" / "bml")
 
 
 class DatasetError(ValueError):
@@ -157,6 +163,10 @@ class FewShotDataset(torch.utils.data.Dataset):
     def load_image(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def load_array(self, index: int) -> np.ndarray:
+        """Image `index` as an H x W x 3 uint8 array (what `--augment device` sends)."""
+        return np.asarray(self.load_image(index), dtype=np.uint8)
+
     def __getitem__(self, index: int):
         image = self.load_image(index)
         if self.transform is not None:
@@ -183,6 +193,9 @@ class ArrayDataset(FewShotDataset):
     def load_image(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
 
+    def load_array(self, index: int) -> np.ndarray:
+        return self.images[index]
+
 
 class FileDataset(FewShotDataset):
     """Images read from files on access, any mode converted to RGB (`image_to_rgb`).
@@ -190,12 +203,14 @@ class FileDataset(FewShotDataset):
     Every file is checked when the data set is opened (`check_image_files`), so that a bad image stops
     the run at once, naming it, not in the middle of an epoch. `image_shape` reads every file header
     the first time it is asked for (fast, no decoding) and is None when the sizes differ.
+    `decode_once()` decodes every file into one memory-mapped store that `load_array` then reads.
     """
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray, class_names: list[str], **kwargs):
         super().__init__(labels, class_names, **kwargs)
         self.paths = np.asarray(paths, dtype=np.str_)
         check_image_files(self.paths, f"{self.name} {self.split}")
+        self.decoded = None
 
     @cached_property
     def image_shape(self) -> tuple[int, int, int] | None:
@@ -204,3 +219,13 @@ class FileDataset(FewShotDataset):
     def load_image(self, index: int) -> Image.Image:
         with Image.open(Path(self.paths[index])) as image:
             return image_to_rgb(image)
+
+    def decode_once(self) -> None:
+        """Read `load_array` from a store of the decoded files (`bml.datasets.decoded`), built on first use."""
+        from .decoded import open_decoded_images
+
+        if self.decoded is None:
+            self.decoded = open_decoded_images(self.paths, super().load_array, f"{self.name} {self.split}")
+
+    def load_array(self, index: int) -> np.ndarray:
+        return self.decoded[index] if self.decoded is not None else super().load_array(index)

@@ -3,8 +3,9 @@ per-image random parameters, `DeviceAugment` crops, resizes, jitters, flips and 
 
 Host side, per image: for images held in one array (`ArrayDataset`: every published data set but CUB)
 the stored image is sent as it is, with its crop drawn as torchvision draws it (`draw_parameters`,
-vectorised over the step): a copy of the pixels and a few numbers. Images of mixed sizes (files)
-are cropped on the host with the published `crop_transform` in PIL and sent as S x S crops.
+vectorised over the step): a copy of the pixels and a few numbers. For images of mixed sizes (CUB's
+files, read from their decoded store, `bml.datasets.decoded`) the box is drawn on each image's own size
+and only its pixels are sent (`cut_regions`), so no resampling runs on the host either.
 
 Device side, batched: the crop and resize are one resampling matrix per image and axis with PIL's
 bilinear weights (antialiased when shrinking, taps clipped to the crop box, as torchvision's
@@ -24,10 +25,11 @@ hue being off), flip with probability 0.5.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .transforms import CROP_RATIO, CROP_SCALE, JITTER, NORMALIZATION, check_transform_id, has_jitter_and_flip, \
     shift_padding
@@ -40,59 +42,60 @@ BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 BOX, SHIFT, FACTORS, ORDER, FLIP = slice(0, 4), slice(4, 6), slice(6, 9), slice(9, 12), 12
 GEOMETRY_COLUMNS, ALL_COLUMNS = 6, 13
 _CROP_TRIES = 10
+MAX_SENT_PIXELS = 512 * 512
+"""Largest crop box sent to the device as it is (every CUB image fits); larger ones are resized on the host."""
 
 
 def parameter_columns(transform_id: str) -> int:
     return ALL_COLUMNS if has_jitter_and_flip(transform_id) else GEOMETRY_COLUMNS
 
 
-def draw_resized_crops(count: int, height: int, width: int) -> torch.Tensor:
-    """RandomResizedCrop.get_params for `count` images at once: (count, 4) boxes (top, left, h, w)."""
-    area = height * width
+def draw_resized_crops(count: int, height: int | torch.Tensor, width: int | torch.Tensor) -> torch.Tensor:
+    """RandomResizedCrop.get_params for `count` images at once: (count, 4) boxes (top, left, h, w).
+
+    `height` and `width`: one image size for all, or (count,) tensors, one per image."""
+    height = torch.as_tensor(height, dtype=torch.float32).expand(count)
+    width = torch.as_tensor(width, dtype=torch.float32).expand(count)
+    area = (height * width)[:, None]
     log_ratio = torch.log(torch.tensor(CROP_RATIO))
     target_area = area * torch.empty(count, _CROP_TRIES).uniform_(*CROP_SCALE)
     aspect = torch.exp(torch.empty(count, _CROP_TRIES).uniform_(log_ratio[0].item(), log_ratio[1].item()))
     w = torch.sqrt(target_area * aspect).round()
     h = torch.sqrt(target_area / aspect).round()
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.float().argmax(dim=1, keepdim=True)
     h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
     top = (torch.rand(count) * (height - h + 1)).floor()
     left = (torch.rand(count) * (width - w + 1)).floor()
     boxes = torch.stack([top, left, h, w], dim=1)
-    fallback = torch.tensor(centre_crop(height, width), dtype=torch.float32)
-    return torch.where(fits.any(dim=1, keepdim=True), boxes, fallback)
+    return torch.where(fits.any(dim=1, keepdim=True), boxes, centre_crops(height, width))
 
 
-def centre_crop(height: int, width: int) -> tuple[int, int, int, int]:
-    """RandomResizedCrop's box when none of its tries fits: the largest centred box within the ratio range."""
-    in_ratio = width / height
-    if in_ratio < min(CROP_RATIO):
-        w, h = width, int(round(width / min(CROP_RATIO)))
-    elif in_ratio > max(CROP_RATIO):
-        w, h = int(round(height * max(CROP_RATIO))), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def centre_crops(height: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """RandomResizedCrop's boxes when none of its tries fits, (count, 4): the largest centred box within
+    the ratio range (torch.round rounds halves to even, as Python's round in torchvision)."""
+    low, high = min(CROP_RATIO), max(CROP_RATIO)
+    ratio = width / height
+    w = torch.where(ratio > high, (height * high).round(), width)
+    h = torch.where(ratio < low, (width / low).round(), height)
+    return torch.stack([((height - h) / 2).floor(), ((width - w) / 2).floor(), h, w], dim=1)
 
 
-def draw_parameters(count: int, transform_id: str, stored_size: tuple[int, int] | None, image_size: int
+def draw_parameters(count: int, transform_id: str, stored_size: tuple[int, int] | torch.Tensor, image_size: int
                     ) -> torch.Tensor:
     """Parameters of `count` training images of transform `transform_id`, (count, 13) float32 ((count, 6)
     for 'O'), from torch's CPU generator (the loader seeds it per step).
 
-    `stored_size` (height, width) of the images sent; None: they are S x S crops already cropped on the
-    host, which the device then only converts.
+    `stored_size`: (height, width) of the images sent, or (count, 2) sizes, one per image.
     """
     check_transform_id(transform_id)
     size = int(image_size)
-    if stored_size is None:
-        geometry = torch.tensor([0.0, 0.0, size, size, 0.0, 0.0]).expand(count, GEOMETRY_COLUMNS)
-    elif transform_id in ("A", "E"):
-        geometry = torch.cat([draw_resized_crops(count, *stored_size), torch.zeros(count, 2)], dim=1)
+    sizes = torch.as_tensor(stored_size, dtype=torch.float32).expand(count, 2)
+    if transform_id in ("A", "E"):
+        geometry = torch.cat([draw_resized_crops(count, sizes[:, 0], sizes[:, 1]), torch.zeros(count, 2)], dim=1)
     else:   # Resize((S, S)) then RandomCrop(S, padding): offset i in the padded image is a shift of i - padding
         padding, _ = shift_padding(transform_id, size)
-        box = torch.tensor([0.0, 0.0, *stored_size]).expand(count, 4)
+        box = torch.cat([torch.zeros(count, 2), sizes], dim=1)
         geometry = torch.cat([box, torch.randint(0, 2 * padding + 1, (count, 2)).float() - padding], dim=1)
     if not has_jitter_and_flip(transform_id):
         return geometry.contiguous()
@@ -100,6 +103,32 @@ def draw_parameters(count: int, transform_id: str, stored_size: tuple[int, int] 
     order = torch.rand(count, 3).argsort(dim=1).float()
     flip = (torch.rand(count, 1) < 0.5).float()
     return torch.cat([geometry, factors, order, flip], dim=1)
+
+
+def cut_regions(images: Sequence[np.ndarray], parameters: torch.Tensor, image_size: int
+                ) -> tuple[np.ndarray, torch.Tensor]:
+    """Images of any sizes and their drawn parameters -> (N, H, W, 3) uint8 and the parameters of what is sent.
+
+    Each image's crop box is cut out (a copy of its pixels, no resampling) and placed at the top left of
+    one canvas, as large as the largest box of the batch (zero elsewhere: the device's taps never reach
+    outside a box). A box of more than MAX_SENT_PIXELS (a large photograph) is cropped and resized to
+    S x S here, in PIL as torchvision's `resized_crop` does, so a batch never grows with the photographs.
+    """
+    size = int(image_size)
+    boxes = parameters[:, BOX].long().tolist()
+    regions = []
+    for image, (top, left, height, width) in zip(images, boxes):
+        region = image[top:top + height, left:left + width]
+        if height * width > MAX_SENT_PIXELS:
+            region = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((size, size), Image.BILINEAR))
+        regions.append(region)
+    sent = torch.tensor([region.shape[:2] for region in regions], dtype=torch.float32).reshape(-1, 2)
+    canvas = np.zeros((len(regions), int(sent[:, 0].max()), int(sent[:, 1].max()), 3), dtype=np.uint8)
+    for slot, region in zip(canvas, regions):
+        slot[:region.shape[0], :region.shape[1]] = region
+    parameters = parameters.clone()
+    parameters[:, BOX] = torch.cat([torch.zeros_like(sent), sent], dim=1)
+    return canvas, parameters
 
 
 def resampling_matrices(start: torch.Tensor, length: torch.Tensor, shift: torch.Tensor, in_size: int, out_size: int,
@@ -170,11 +199,6 @@ def jitter_and_flip(images: torch.Tensor, parameters: torch.Tensor) -> torch.Ten
         base = torch.where(operation == BRIGHTNESS, torch.zeros_like(base), base)
         images = (factor * images + (1.0 - factor) * base).clamp(0, 1)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-def to_array(image) -> np.ndarray:
-    """A PIL RGB image as an H x W x 3 uint8 array (what the workers send)."""
-    return np.asarray(image, dtype=np.uint8)
 
 
 class DeviceAugmentLoader:

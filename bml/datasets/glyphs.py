@@ -14,7 +14,6 @@ would not draw the same way.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import zipfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from bml.utils.io import atomic_write
 
-from .base import DatasetError, SplitData
+from .base import DatasetError, SplitData, cache_dir
 
 GLYPHS_VERSION = 1
 IMAGE_SIZE = 32
@@ -57,10 +56,6 @@ FONT_FILES = tuple(
 
 _CANVAS = 4 * IMAGE_SIZE   # rendered at 4x, then downsampled with antialiasing
 _FONT_SIZE = 3 * IMAGE_SIZE
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("BML_CACHE_DIR") or Path.home() / ".cache" / "bml")
 
 
 def renderer_versions() -> dict[str, str]:

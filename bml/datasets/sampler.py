@@ -18,9 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..utils.rng import derive_seed, isolated_cpu_rng
-from .base import DatasetError
-from .device_augment import DeviceAugment, DeviceAugmentLoader, draw_parameters, to_array
-from .transforms import crop_transform
+from .base import DatasetError, FileDataset
+from .device_augment import DeviceAugment, DeviceAugmentLoader, cut_regions, draw_parameters
 
 _MAX_KEYS = 1 << 22   # random keys drawn at once when choosing images (32 MiB of float64)
 
@@ -113,17 +112,15 @@ class StepBatches(Dataset):
     run starts, and loading never shifts the training stream (dropout, DropBlock).
 
     augment 'device': the item is (uint8 images (*plan.shape[1:], H, W, 3), labels, parameters
-    (*plan.shape[1:], P)) for `DeviceAugment`: the stored images of an `ArrayDataset`, else S x S
-    crops made here by the transform's `crop_transform`. The dataset must be a `FewShotDataset`: its
-    images, `transform_id` and `image_size` are used (not its `transform`).
+    (*plan.shape[1:], P)) for `DeviceAugment`: the stored images of an `ArrayDataset`, else each image's
+    crop box cut out of it (`cut_regions`: images of mixed sizes). The dataset must be a `FewShotDataset`:
+    its images (`load_array`), `transform_id` and `image_size` are used (not its `transform`).
     """
 
     def __init__(self, dataset: Dataset, plans: Callable[[int], np.ndarray], seed_key: tuple[int, ...],
                  augment: str = "host") -> None:
         self.dataset, self.plans, self.seed_key, self.augment = dataset, plans, seed_key, augment
         self.stored = getattr(dataset, "images", None) if augment == "device" else None
-        self.crop = (crop_transform(dataset.transform_id, dataset.image_size, train=True)
-                     if augment == "device" and self.stored is None else None)
         self._plan_epoch, self._plan = None, None
 
     def plan(self, epoch: int) -> np.ndarray:
@@ -139,14 +136,14 @@ class StepBatches(Dataset):
             if self.augment == "host":
                 images = torch.stack([self.dataset[int(index)][0] for index in indices.reshape(-1)])
                 return images.reshape(*indices.shape, *images.shape[1:]), labels
+            transform_id, size = self.dataset.transform_id, self.dataset.image_size
             if self.stored is not None:
                 images = self.stored[indices.reshape(-1)]
-                stored_size = images.shape[1:3]
+                parameters = draw_parameters(len(images), transform_id, images.shape[1:3], size)
             else:
-                images = np.stack([to_array(self.crop(self.dataset.load_image(int(index))))
-                                   for index in indices.reshape(-1)])
-                stored_size = None
-            parameters = draw_parameters(len(images), self.dataset.transform_id, stored_size, self.dataset.image_size)
+                images = [self.dataset.load_array(int(index)) for index in indices.reshape(-1)]
+                sizes = torch.tensor([image.shape[:2] for image in images])
+                images, parameters = cut_regions(images, draw_parameters(len(images), transform_id, sizes, size), size)
         return (torch.from_numpy(images).reshape(*indices.shape, *images.shape[1:]), labels,
                 parameters.reshape(*indices.shape, -1))
 
@@ -180,9 +177,12 @@ def build_step_loader(dataset: Dataset, plans: Callable[[int], np.ndarray], seed
 
     One loader serves the whole run, so its workers start once and keep `prefetch_steps` steps ready
     across the ends of epochs and validation. On CUDA batches come in pinned memory. augment 'device':
-    the batches are uint8 images and parameters, augmented on `device` by `DeviceAugment`, and yielded there.
+    the batches are uint8 images and parameters, augmented on `device` by `DeviceAugment`, and yielded there;
+    the files of a `FileDataset` are then decoded once, into a store the workers read (`decode_once`).
     """
     device = torch.device(device)
+    if augment == "device" and isinstance(dataset, FileDataset):
+        dataset.decode_once()
     keys = step_keys(first, last_epoch, steps_per_epoch)
     loader = DataLoader(StepBatches(dataset, plans, seed_key, augment), batch_size=None, sampler=keys,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
