@@ -81,6 +81,29 @@ def heads_table(run: Path) -> str:
     return "\n".join([header, "|" + "---|" * (len(TASKS) + 2), *rows])
 
 
+def calibration_table(run: Path) -> str:
+    """Expected calibration error (15 bins) on the test episodes of every model's votes, before and after the
+    temperatures stored in its checkpoint (fitted on val at the end of training), one column per task; empty
+    when the evaluations report none."""
+    rows = []
+    for model in trained_models(run):
+        saved = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text()) for way, shot in TASKS]
+        calibrations = [entry.get("calibration", {}) for entry in saved]
+        if not all("ece" in calibration and "temperatures" in calibration for calibration in calibrations):
+            continue
+        fitted = calibrations[0].get("fitted_on", {})
+        name = "BML" if model == "bml" else f"baseline-{model}"
+        for vote in calibrations[0]["ece"] if model == "bml" else [model]:   # a baseline's one view
+            cells = [f"{c['ece'][vote]['uncalibrated']:.3f} → {c['ece'][vote]['calibrated']:.3f}" for c in calibrations]
+            rows.append(f"| {name} | `{vote}` | {calibrations[0]['temperatures'][vote]:.3g} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    setting = f"{fitted.get('way')}-way {fitted.get('shot')}-shot val" if fitted else "val"
+    header = (f"| model | vote | T (fitted on {setting}) | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS)
+              + " |")
+    return "\n".join([header, "|" + "---|" * (len(TASKS) + 3), *rows])
+
+
 def seeds_table(runs: list[Path]) -> str:
     """Mean test accuracy over runs that differ only in their training seed, each run's value in brackets."""
     header = "| model | " + " | ".join(f"{way}-way {shot}-shot" for way, shot in TASKS) + " |"
@@ -152,9 +175,11 @@ def main(args: argparse.Namespace) -> None:
     times = read_times(run / "times.txt")
     timing = ", ".join(f"{model} {times[model] / 60:.1f} min" for model in MODELS if model in times)
     evaluation_time = sum(seconds for name, seconds in times.items() if name.startswith("eval_"))
-    heads = heads_table(run)
+    heads, calibration = heads_table(run), calibration_table(run)
     report = (f"{results_table(run)}\n\nTraining wall time: {timing}; all evaluations: "
-              f"{evaluation_time / 60:.1f} min.\n" + (f"\nTest-time heads:\n\n{heads}\n" if heads else ""))
+              f"{evaluation_time / 60:.1f} min.\n" + (f"\nTest-time heads:\n\n{heads}\n" if heads else "")
+              + (f"\nExpected calibration error on the test episodes, uncalibrated → calibrated:\n\n{calibration}\n"
+                 if calibration else ""))
     (run / "report.md").write_text(report)
     plot_curves(run, run / CURVES)
     print(report)
