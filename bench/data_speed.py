@@ -7,7 +7,10 @@
 - `DeviceAugment`'s images per second (crop and resize, colour jitter, flips, normalisation) on the
   CPU and, when present, on CUDA (the uint8 images copied from pinned memory included);
 - the images per second a BML training step consumes on the same device (`bench/train_step.py`'s
-  step: 15-way 5-shot 7-query, width 1.0; fp32 on the CPU, bf16 + channels_last on CUDA).
+  step: 15-way 5-shot 7-query, width 1.0; fp32 on the CPU, bf16 + channels_last on CUDA);
+- for evaluation, host CPU microseconds per test image (the deterministic resize and crop) sent as
+  normalised floats (`eval_host_us_per_image_float`) and as uint8 crops normalised on the device
+  (`eval_host_us_per_image_uint8`, what `embed_dataset` sends).
 
 Stored images are random uint8 arrays of the data sets' stored sizes (84 px; 32 px for the CIFAR-based
 C and D, which are resized to 84 in training). E's images are JPEG files of CUB's sizes (300-500 px a
@@ -33,6 +36,7 @@ import torch
 from PIL import Image
 
 from bml.datasets import ArrayDataset, DeviceAugment, FileDataset, StepBatches, build_transform
+from bml.datasets.device_augment import EvalCrops
 from train_step import QUERY, SHOT, WAY, Variant, synchronize, time_train_steps
 
 TRANSFORMS = ("A", "B", "C", "D", "E")
@@ -52,23 +56,41 @@ def cub_like_files(folder: Path, count: int, rng: np.random.Generator) -> np.nda
     return np.array(paths)
 
 
-def step_loader(transform_id: str, image_size: int, augment: str, folder: Path) -> StepBatches:
-    """One episode per step over random images, loaded as a training worker loads it."""
+def bench_dataset(transform_id: str, image_size: int, folder: Path, train: bool = True) -> ArrayDataset | FileDataset:
+    """IMAGES_PER_STEP random images of the transform's data set (E: JPEG files in `folder`), with its training
+    (`train`) or test transform."""
     rng = np.random.default_rng(0)
     labels = np.arange(IMAGES_PER_STEP) % WAY
-    settings = dict(class_names=[str(c) for c in range(WAY)], transform=build_transform(transform_id, image_size, True),
-                    name=f"transform {transform_id}", split="bench", transform_id=transform_id, image_size=image_size)
+    settings = dict(class_names=[str(c) for c in range(WAY)],
+                    transform=build_transform(transform_id, image_size, train), name=f"transform {transform_id}", split="bench", transform_id=transform_id, image_size=image_size,
+                    train=train)
     if transform_id == "E":
         paths = sorted(folder.glob("*.jpg")) or cub_like_files(folder, IMAGES_PER_STEP, rng)
-        dataset = FileDataset(np.array([str(path) for path in paths]), labels, **settings)
-        if augment == "device":
-            dataset.decode_once()
-    else:
-        size = STORED_SIZE[transform_id]
-        images = rng.integers(0, 256, (IMAGES_PER_STEP, size, size, 3), dtype=np.uint8)
-        dataset = ArrayDataset(images, labels, **settings)
+        return FileDataset(np.array([str(path) for path in paths]), labels, **settings)
+    size = STORED_SIZE[transform_id]
+    return ArrayDataset(rng.integers(0, 256, (IMAGES_PER_STEP, size, size, 3), dtype=np.uint8), labels, **settings)
+
+
+def step_loader(transform_id: str, image_size: int, augment: str, folder: Path) -> StepBatches:
+    """One episode per step over random images, loaded as a training worker loads it."""
+    dataset = bench_dataset(transform_id, image_size, folder)
+    if augment == "device" and isinstance(dataset, FileDataset):
+        dataset.decode_once()
     plan = np.arange(IMAGES_PER_STEP).reshape(1, 1, -1)
     return StepBatches(dataset, lambda epoch: plan, (0,), augment)
+
+
+def evaluation_us_per_image(items: torch.utils.data.Dataset) -> float:
+    """CPU microseconds per image of loading evaluation items one by one (as `embed_dataset`'s loader does),
+    on one thread; the second of two passes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(2):
+        start = time.process_time()
+        for index in range(len(items)):
+            items[index]
+    torch.set_num_threads(threads)
+    return 1e6 * (time.process_time() - start) / len(items)
 
 
 def decoding_us_per_image(dataset: FileDataset) -> float:
@@ -126,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         os.environ["BML_CACHE_DIR"] = str(Path(folder) / "cache")   # E's decoded store, deleted with the folder
         print(f"{'id':2s} {'host us/img before':>18s} {'after':>8s} {'ratio':>6s} "
               + " ".join(f"{'augment img/s ' + d.type:>20s}" for d in devices)
-              + f" {'model img/s ' + training_device:>18s}", flush=True)
+              + f" {'model img/s ' + training_device:>18s} {'eval us/img float':>14s} {'uint8':>8s}", flush=True)
         for transform_id in TRANSFORMS:
             host_batches = step_loader(transform_id, args.image_size, "host", Path(folder))
             before = host_us_per_image(host_batches, args.steps)
@@ -142,9 +164,13 @@ def run(args: argparse.Namespace) -> dict:
             }
             if transform_id == "E":
                 results[transform_id]["host_us_per_image_decoding"] = decoding_us_per_image(host_batches.dataset)
+            test_set = bench_dataset(transform_id, args.image_size, Path(folder), train=False)
+            results[transform_id]["eval_host_us_per_image_float"] = evaluation_us_per_image(test_set)
+            results[transform_id]["eval_host_us_per_image_uint8"] = evaluation_us_per_image(EvalCrops(test_set))
+            evaluation = [results[transform_id][f"eval_host_us_per_image_{kind}"] for kind in ("float", "uint8")]
             print(f"{transform_id:2s} {before:18.0f} {after:8.0f} {before / after:5.1f}x "
-                  + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.1f}",
-                  flush=True)
+                  + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.1f}"
+                  + f" {evaluation[0]:14.0f} {evaluation[1]:8.0f}", flush=True)
     return results
 
 

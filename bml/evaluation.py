@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, input_transform_settings
+from bml.datasets.device_augment import EvalCrops, to_model_input
 from bml.scoring import (COMBINED, HEADS, PROTO, SCALED, ViewScores, centered_prototype_logits, class_prototypes,
                          episode_labels, nearest_prototype, support_span_coordinates, votes_for)
 from bml.utils.io import atomic_write
@@ -103,10 +104,12 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
     The model runs in eval mode (its previous mode is restored). float16 storage halves the cache;
     near-ties between two prototypes may then rarely resolve differently than in float32. Values
     float16 cannot hold (above 65504) are never stored as inf: the cache then switches to float32
-    (the dtype of the returned tensors says which was used).
+    (the dtype of the returned tensors says which was used). A data set built with its test transform is
+    loaded as uint8 crops and converted and normalised on `device` (`EvalCrops`: the same inputs).
     """
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    crops = EvalCrops(dataset) if EvalCrops.applies_to(dataset) else None   # uint8 to the device, normalised there
+    loader = torch.utils.data.DataLoader(crops if crops is not None else dataset, batch_size=batch_size, shuffle=False,
                                          num_workers=num_workers, pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
@@ -114,8 +117,11 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
     start = 0
     try:
         for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress):
+            images = images.to(device, non_blocking=True)
+            if crops is not None:
+                images = to_model_input(images, crops.transform_id)
             with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "off"):
-                embeddings = model.embed(images.to(device, non_blocking=True))
+                embeddings = model.embed(images)
             if not cache:
                 cache = allocate_cache(len(dataset), [e.shape[1] for e in embeddings], storage_dtype,
                                        max_memory_gb, cache_dir)

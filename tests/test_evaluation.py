@@ -14,11 +14,12 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from bml.datasets import NORMALIZATION, ArrayDataset, DatasetError, build_transform, episode_labels
+from bml.datasets import NORMALIZATION, ArrayDataset, DatasetError, build_dataset, build_transform, episode_labels
+from bml.datasets.device_augment import EvalCrops, to_model_input
 from bml.evaluation import (COMBINED, SCALED, build_evaluation_dataset, embed_dataset, evaluate_episodes,
                             parse_seed_range, sample_episodes, score_episodes, write_results)
 from bml.models import BML, BaselineGlobal
-from fixtures import make_cub, make_pickle_split_dataset, save_released_checkpoint
+from fixtures import make_cub, make_image_folder, make_pickle_split_dataset, save_released_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WAY, QUERY, IMAGE_SIZE, CLASSES, PER_CLASS = 5, 15, 32, 8, 20
@@ -125,6 +126,24 @@ def test_chunking_device_and_memory_map_do_not_change_scores(model, dataset):
     chunked = score_episodes(mapped, episodes, WAY, 5, chunk_mb=1, progress=False)
     for name in whole:
         np.testing.assert_array_equal(whole[name], chunked[name])
+
+
+@pytest.mark.parametrize("transform_id", ["A", "B", "D", "O"])
+def test_test_images_travel_as_uint8_and_give_the_same_inputs(tmp_path, model, transform_id):
+    """A data set built with its test transform is loaded as uint8 crops and normalised on the device:
+    bit-identical model inputs to the float transform's (images of mixed sizes included), so the same
+    embeddings; a data set whose transform is not known to be the test one keeps the float path."""
+    make_image_folder(tmp_path, "mixed", mixed_sizes=True, image_size=40)
+    dataset = build_dataset("mixed", "test", data_root=tmp_path, image_size=32, transform=transform_id)
+    crops = EvalCrops(dataset)
+    assert EvalCrops.applies_to(dataset) and crops[0][0].dtype == torch.uint8
+    for index in range(len(dataset)):
+        assert torch.equal(to_model_input(crops[index][0][None], transform_id)[0], dataset[index][0])
+    uint8_path = embed_dataset(model, dataset, batch_size=4, storage_dtype=torch.float32)
+    dataset.train = None
+    assert not EvalCrops.applies_to(dataset)
+    float_path = embed_dataset(model, dataset, batch_size=4, storage_dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(uint8_path, float_path))
 
 
 def test_evaluate_episodes_summarises_seeds_and_restores_training_mode(model, dataset):

@@ -146,12 +146,14 @@ class FewShotDataset(torch.utils.data.Dataset):
     """A split of a few-shot data set: `ds[i]` is (normalised 3 x S x S tensor, int label)."""
 
     def __init__(self, labels: np.ndarray, class_names: list[str], transform: Callable | None = None,
-                 name: str = "", split: str = "", transform_id: str | None = None, image_size: int | None = None):
+                 name: str = "", split: str = "", transform_id: str | None = None, image_size: int | None = None,
+                 train: bool | None = None):
         self.labels = np.ascontiguousarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
         self.transform = transform
         self.name, self.split = name, split
-        self.transform_id, self.image_size = transform_id, image_size   # what `transform` was built from
+        # what `transform` was built from: transform id, input size, training (True) or test (False) transform
+        self.transform_id, self.image_size, self.train = transform_id, image_size, train
 
     @property
     def num_classes(self) -> int:

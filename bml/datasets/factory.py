@@ -153,7 +153,7 @@ def build_dataset(name: str, split: str, data_root: str | Path | None = None, im
     transform_id, image_size = input_transform_settings({"dataset": name}, image_size, transform)
     data = read_split(name, split, data_root, image_size, allow_uncropped_cub=allow_uncropped_cub)
     common = dict(class_names=data.class_names, transform=build_transform(transform_id, image_size, train),
-                  name=canonical_name(name), split=split, transform_id=transform_id, image_size=image_size)
+                  name=canonical_name(name), split=split, transform_id=transform_id, image_size=image_size, train=train)
     if data.images is not None:
         return ArrayDataset(data.images, data.labels, **common)
     return FileDataset(data.paths, data.labels, **common)
