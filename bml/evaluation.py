@@ -119,7 +119,7 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
         for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress):
             images = images.to(device, non_blocking=True)
             if crops is not None:
-                images = to_model_input(images, crops.transform_id)
+                images = to_model_input(images, crops.mean, crops.std)
             with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "off"):
                 embeddings = model.embed(images)
             if not cache:

@@ -138,12 +138,25 @@ def test_test_images_travel_as_uint8_and_give_the_same_inputs(tmp_path, model, t
     crops = EvalCrops(dataset)
     assert EvalCrops.applies_to(dataset) and crops[0][0].dtype == torch.uint8
     for index in range(len(dataset)):
-        assert torch.equal(to_model_input(crops[index][0][None], transform_id)[0], dataset[index][0])
+        assert torch.equal(to_model_input(crops[index][0][None], crops.mean, crops.std)[0], dataset[index][0])
     uint8_path = embed_dataset(model, dataset, batch_size=4, storage_dtype=torch.float32)
     dataset.train = None
     assert not EvalCrops.applies_to(dataset)
     float_path = embed_dataset(model, dataset, batch_size=4, storage_dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(uint8_path, float_path))
+
+
+def test_cross_domain_uint8_inputs_keep_the_model_normalisation(tmp_path):
+    """Cross-domain (a miniImageNet model on CIFAR-FS): the uint8 crops are CIFAR-FS's test geometry and are
+    normalised with the model's statistics, as the float transform does; a transform that is not the test
+    transform (another resize) keeps the float path."""
+    make_pickle_split_dataset(tmp_path, "CIFAR-FS", classes=(5, 5, 5), images_per_class=4, image_size=8)
+    dataset = build_evaluation_dataset("miniImageNet", "test", tmp_path, image_size=32, test_dataset="CIFAR-FS")
+    crops = EvalCrops(dataset)
+    assert EvalCrops.applies_to(dataset) and (crops.mean, crops.std) == NORMALIZATION["A"]
+    assert torch.equal(to_model_input(crops[3][0][None], crops.mean, crops.std)[0], dataset[3][0])
+    dataset.transform = T.Compose([T.Resize((16, 16)), *dataset.transform.transforms[1:]])
+    assert not EvalCrops.applies_to(dataset)
 
 
 def test_evaluate_episodes_summarises_seeds_and_restores_training_mode(model, dataset):

@@ -171,7 +171,7 @@ class DeviceAugment:
         images = self.crop(images, parameters).div(255)
         if self.jitter_and_flip:
             images = jitter_and_flip(images, parameters)
-        return normalize(images, self.transform_id).reshape(*leading, channels, self.size, self.size)
+        return normalize(images, *NORMALIZATION[self.transform_id]).reshape(*leading, channels, self.size, self.size)
 
     def crop(self, images: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
         """Crop, resize and shift (N, 3, H, W) to (N, 3, S, S): one matrix product per axis."""
@@ -199,33 +199,44 @@ def jitter_and_flip(images: torch.Tensor, parameters: torch.Tensor) -> torch.Ten
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
-def normalize(images: torch.Tensor, transform_id: str) -> torch.Tensor:
-    """(N, 3, H, W) floats in [0, 1] normalised as transform `transform_id` normalises (torchvision's
-    Normalize: the same two operations, so the same values)."""
-    mean, std = (torch.tensor(values, device=images.device).view(3, 1, 1) for values in NORMALIZATION[transform_id])
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(N, 3, H, W) floats in [0, 1] normalised per channel (torchvision's Normalize: the same two operations,
+    so the same values)."""
+    mean, std = (torch.tensor(values, dtype=torch.float32, device=images.device).view(3, 1, 1) for values in (mean, std))
     return images.sub(mean).div(std)
 
 
-def to_model_input(images: torch.Tensor, transform_id: str) -> torch.Tensor:
-    """uint8 (N, H, W, 3) test crops -> the normalised (N, 3, H, W) float input of `build_transform(train=False)`:
-    torchvision's ToTensor and Normalize, on the images' device, in the same (contiguous) memory layout."""
-    return normalize(images.permute(0, 3, 1, 2).contiguous().float().div(255), transform_id)
+def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, H, W, 3) test crops -> normalised (N, 3, H, W) floats: torchvision's ToTensor and Normalize,
+    on the images' device, in the same (contiguous) memory layout."""
+    return normalize(images.permute(0, 3, 1, 2).contiguous().float().div(255), mean, std)
 
 
 class EvalCrops(torch.utils.data.Dataset):
     """Item i of a `FewShotDataset` built with its test transform, as the uint8 S x S crop (the deterministic
     resize and crop in PIL) and its label: 4 times less to copy to the device than floats, and no
-    conversion on the host; `to_model_input` finishes it there."""
+    conversion on the host; `to_model_input(images, crops.mean, crops.std)` finishes it there. The mean and
+    std are those of the dataset's own Normalize step (a cross-domain evaluation replaces them with the
+    model's)."""
 
     def __init__(self, dataset) -> None:
-        self.dataset, self.transform_id = dataset, dataset.transform_id
+        self.dataset = dataset
         self.crop = crop_transform(dataset.transform_id, dataset.image_size, train=False)
+        normalization = dataset.transform.transforms[-1]
+        self.mean, self.std = tuple(normalization.mean), tuple(normalization.std)
 
     @staticmethod
     def applies_to(dataset) -> bool:
-        """Whether `dataset` is a FewShotDataset whose transform is its test transform (then its items equal
-        `to_model_input` of these crops)."""
-        return getattr(dataset, "train", None) is False and getattr(dataset, "transform_id", None) is not None
+        """Whether `dataset` is a FewShotDataset built with its test transform (its items are then
+        `to_model_input` of these crops): the geometry of `crop_transform`, then ToTensor and Normalize."""
+        if getattr(dataset, "train", None) is not False or getattr(dataset, "transform_id", None) is None:
+            return False
+        import torchvision.transforms as T
+
+        steps = getattr(dataset.transform, "transforms", [])
+        geometry = crop_transform(dataset.transform_id, dataset.image_size, train=False).transforms
+        return (len(steps) == len(geometry) + 2 and isinstance(steps[-2], T.ToTensor)
+                and isinstance(steps[-1], T.Normalize) and all(repr(a) == repr(b) for a, b in zip(steps, geometry)))
 
     def __len__(self) -> int:
         return len(self.dataset)
