@@ -23,11 +23,13 @@ the files were decoded into once (`bml.datasets.decoded`, built before timing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -83,13 +85,11 @@ def step_loader(transform_id: str, image_size: int, augment: str, folder: Path) 
 def evaluation_us_per_image(items: torch.utils.data.Dataset) -> float:
     """CPU microseconds per image of loading evaluation items one by one (as `embed_dataset`'s loader does),
     on one thread; the second of two passes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for _ in range(2):
-        start = time.process_time()
-        for index in range(len(items)):
-            items[index]
-    torch.set_num_threads(threads)
+    with one_thread():
+        for _ in range(2):
+            start = time.process_time()
+            for index in range(len(items)):
+                items[index]
     return 1e6 * (time.process_time() - start) / len(items)
 
 
@@ -101,17 +101,26 @@ def decoding_us_per_image(dataset: FileDataset) -> float:
     return 1e6 * (time.process_time() - start) / len(dataset)
 
 
-def host_us_per_image(batches: StepBatches, steps: int) -> float:
-    """Median CPU microseconds per image of loading one step, on one thread as in a loader worker."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread while the block runs, as in a loader worker."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def host_us_per_image(batches: StepBatches, steps: int) -> float:
+    """Median CPU microseconds per image of loading one step, on one thread as in a loader worker."""
     times = []
-    for step in range(steps + 1):
-        start = time.process_time()
-        batches[0, 0]
-        if step:   # the first step warms up
-            times.append(time.process_time() - start)
-    torch.set_num_threads(threads)
+    with one_thread():
+        for step in range(steps + 1):
+            start = time.process_time()
+            batches[0, 0]
+            if step:   # the first step warms up
+                times.append(time.process_time() - start)
     return 1e6 * statistics.median(times) / IMAGES_PER_STEP
 
 

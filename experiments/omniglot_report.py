@@ -43,10 +43,14 @@ def row_label(model: str, name: str) -> str:
             "global": "bml, global view alone", "local": "bml, local view alone"}[name]
 
 
+def saved_evaluations(run: Path, model: str) -> list[dict]:
+    """The evaluation JSON of `model` on every task, in TASKS order."""
+    return [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text()) for way, shot in TASKS]
+
+
 def evaluations(run: Path, model: str) -> dict[str, list[dict]]:
     """For each prediction of `model` (BML: the votes and each view), its results on every task."""
-    per_task = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text())["results"]
-                for way, shot in TASKS]
+    per_task = [entry["results"] for entry in saved_evaluations(run, model)]
     names = ["bml", "bml_scaled", "global", "local"] if model == "bml" else ["bml"]
     return {name: [results[name] for results in per_task] for name in names if name in per_task[0]}
 
@@ -68,7 +72,7 @@ def heads_table(run: Path) -> str:
     views, a baseline's one view), one column per task; empty when the evaluations have no other head."""
     rows = []
     for model in trained_models(run):
-        saved = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text()) for way, shot in TASKS]
+        saved = saved_evaluations(run, model)
         per_head = {"proto": [entry["results"] for entry in saved]}
         for head in saved[0].get("head_results", {}):
             per_head[head] = [entry["head_results"][head] for entry in saved]
@@ -87,8 +91,7 @@ def calibration_table(run: Path) -> str:
     when the evaluations report none."""
     rows = []
     for model in trained_models(run):
-        saved = [json.loads((run / "eval" / f"{model}_{way}w{shot}s.json").read_text()) for way, shot in TASKS]
-        calibrations = [entry.get("calibration", {}) for entry in saved]
+        calibrations = [entry.get("calibration", {}) for entry in saved_evaluations(run, model)]
         if not all("ece" in calibration and "temperatures" in calibration for calibration in calibrations):
             continue
         fitted = calibrations[0].get("fitted_on", {})

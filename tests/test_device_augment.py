@@ -339,12 +339,11 @@ def test_files_are_decoded_once_into_a_store(tmp_path, monkeypatch):
     built = sorted((tmp_path / "cache").iterdir())
     assert [path.suffixes for path in built] == [[".index", ".npy"], [".npy"]]
 
-    monkeypatch.setattr(decoded, "atomic_write", None)        # a second build would fail: the store is reused
-    again = mixed_size_dataset(tmp_path)
-    again.decode_once()
-    assert again.decoded.pixels_path == dataset.decoded.pixels_path
-    monkeypatch.undo()
-    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
+    with monkeypatch.context() as patch:
+        patch.setattr(decoded, "atomic_write", None)        # a second build would fail: the store is reused
+        again = mixed_size_dataset(tmp_path)
+        again.decode_once()
+        assert again.decoded.pixels_path == dataset.decoded.pixels_path
     Image.fromarray(smooth_images(1, 40, seed=9)[0][:40, :30]).save(tmp_path / "class_0.png")
     changed = mixed_size_dataset(tmp_path)
     changed.decode_once()
@@ -357,21 +356,19 @@ def test_store_is_skipped_without_space_and_interrupted_builds_leave_nothing(tmp
     decoded at every access. A build interrupted (Ctrl-C) leaves no file behind."""
     monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
     dataset = mixed_size_dataset(tmp_path)
-    monkeypatch.setattr(decoded.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
-    dataset.decode_once()
+    with monkeypatch.context() as patch:
+        patch.setattr(decoded.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
+        dataset.decode_once()
     assert dataset.decoded is None and "more than half the free space" in capsys.readouterr().err
     assert np.array_equal(dataset.load_array(2), np.asarray(dataset.load_image(2)))
-    monkeypatch.undo()
-    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
 
     def full_disk(path, mode="wb"):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(decoded, "atomic_write", full_disk)             # the disk fills up while writing
-    assert decoded.open_decoded_images(dataset.paths, dataset.load_array, "mixed train") is None
+    with monkeypatch.context() as patch:
+        patch.setattr(decoded, "atomic_write", full_disk)             # the disk fills up while writing
+        assert decoded.open_decoded_images(dataset.paths, dataset.load_array, "mixed train") is None
     assert "No space left" in capsys.readouterr().err
-    monkeypatch.undo()
-    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path / "cache"))
 
     def interrupted(index: int) -> np.ndarray:
         if index == 3:
