@@ -1,0 +1,65 @@
+"""What the user is told: one place for the project's messages.
+
+Library code never calls `print` for the user; it calls `info`, `warn` or `error` here. Messages go
+to the terminal from the main process only (rank 0 of a distributed run: the other processes would
+repeat every line), info to stdout, warnings and errors to stderr, and also to a log file once
+`log_to(path)` is set (training sets its run folder's `messages.txt`), so that what a batch job
+printed is kept beside the run. Command-line front ends that print their own results (a JSON plan, a
+results table) still write those to stdout themselves: they are the command's output, not messages.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+INFO, WARNING, ERROR = "info", "warning", "error"
+_PREFIXES = {INFO: "", WARNING: "WARNING: ", ERROR: "ERROR: "}
+_log_file: TextIO | None = None
+
+
+def _is_main_process() -> bool:
+    """Rank 0, or a single process; imported lazily so that this module stays at the bottom layer."""
+    from bml.utils.distributed import is_main_process
+
+    return is_main_process()
+
+
+def log_to(path: str | Path | None) -> None:
+    """Also append every message (with a time stamp) to `path`; None stops it. Main process only."""
+    global _log_file
+    if _log_file is not None:
+        _log_file.close()
+        _log_file = None
+    if path is not None and _is_main_process():
+        _log_file = open(path, "a", encoding="utf-8")
+
+
+def emit(level: str, message: str, every_rank: bool = False) -> None:
+    """Show `message` at `level` (`INFO`, `WARNING`, `ERROR`); `every_rank` also on processes other than rank 0
+    (an error that only that process saw)."""
+    if not every_rank and not _is_main_process():
+        return
+    text = _PREFIXES[level] + message
+    stream = sys.stdout if level == INFO else sys.stderr
+    print(text, file=stream, flush=True)
+    if _log_file is not None:
+        try:
+            _log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+            _log_file.flush()
+        except OSError:   # a full disk must not turn a message into a crash; the terminal still has it
+            pass
+
+
+def info(message: str) -> None:
+    emit(INFO, message)
+
+
+def warn(message: str) -> None:
+    emit(WARNING, message)
+
+
+def error(message: str, every_rank: bool = False) -> None:
+    emit(ERROR, message, every_rank)
