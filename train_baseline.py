@@ -1,39 +1,13 @@
-"""Train a single-view baseline: `global` (base-class classifier on shuffled batches) or `local`
-(episodic prototypes), with the same backbone, recipe and training loop as BML.
+"""Train a single-view baseline (`--mode global` or `local`): the original's command, kept (the logic is
+`bml.train_baseline`).
 
     python train_baseline.py --dataset miniImageNet --mode global
     bash train_baseline.sh glyphs local
 """
 
-from __future__ import annotations
+from bml.train_baseline import command, get_args_parser, main
 
-import argparse
-import sys
-
-from bml.training import get_common_parser, train
-from bml.utils import argtypes
-
-
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = get_common_parser("Train baseline-global (linear classifier over the base classes, shuffled batches) "
-                               "or baseline-local (prototypes on the recipe's episodes, no margin). Flags left out "
-                               "follow the dataset's published recipe.")
-    baseline = parser.add_argument_group("baseline")
-    baseline.add_argument("--mode", default="global", choices=("global", "local"),
-                          help="global: classifier over base classes; local: episodic prototype loss")
-    baseline.add_argument("--batch_size", type=argtypes.positive_int, default=None,
-                          help="images per step and process for --mode global (recipe: 128)")
-    baseline.add_argument("--spatial", action="store_true",
-                          help="classify (global) or compare to prototypes (local) at every feature-map position "
-                               "instead of on the pooled feature")
-    return parser
-
-
-def main(args: argparse.Namespace) -> int:
-    """Train and return the exit code (0 done, 1 error, 130/143 stopped by SIGINT/SIGTERM, resumable)."""
-    args.model = args.mode
-    return train(args).exit_code
-
+__all__ = ["get_args_parser", "main"]
 
 if __name__ == "__main__":
-    sys.exit(main(get_args_parser().parse_args()))
+    command()

@@ -50,10 +50,11 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bml.engine import TrainComponents, forward_backward  # noqa: E402
+from bml.training.engine import forward_backward  # noqa: E402
+from bml.training.state import TrainComponents  # noqa: E402
 from bml.models import BML  # noqa: E402
 from bml.recipes import BML_LOSSES  # noqa: E402
-from bml.training import wrap_for_training  # noqa: E402
+from bml.training.wrappers import wrap_for_training  # noqa: E402
 from bml.utils.device import build_runs_on, configure_tf32, gpu_info, resolve_amp  # noqa: E402
 from bml.utils.distributed import DistributedContext  # noqa: E402
 

@@ -2,7 +2,8 @@
 
 A checkpoint is ``{'model': state_dict, 'max_accuracy', 'epoch', 'config': argparse.Namespace}``
 (the released format); training checkpoints add optimizer, scaler, RNG and step entries
-(`checkpoint_state` writes them, `resume` restores a run from them exactly).
+(`bml.training.state` writes them and resumes a run from them). This module is all that inference needs:
+it never imports training.
 Loading never unpickles arbitrary objects: tensors, containers, scalars and
 ``argparse.Namespace`` only (``torch.load(weights_only=True)``).
 """
@@ -15,19 +16,14 @@ import io
 import os
 import pickle
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from bml.engine import TrainComponents, TrainingState
 from bml.models import MODEL_KINDS, FewShotModel, build_model
 from bml.models.backbones import BACKBONE_CHANNELS, canonical_backbone
-from bml.utils import distributed
 from bml.utils.io import OutputError, atomic_write, disk_full_error
-from bml.utils.rng import capture_rng_state
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
@@ -232,100 +228,3 @@ def read_calibration(state: Mapping[str, Any]) -> dict[str, Any] | None:
 def with_calibration(state: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of the checkpoint `state` carrying the calibration `record` (an earlier one replaced)."""
     return {**state, CALIBRATION_KEY: dict(record)}
-
-
-# ----------------------------------------------------------------------------------------------
-# The training checkpoint: the released format plus what an exact resume needs
-
-
-def checkpoint_state(args: argparse.Namespace, parts: TrainComponents, state: TrainingState) -> dict:
-    """The released format (model, max_accuracy, epoch, config) plus what an exact resume needs.
-
-    Collective under DDP (every process contributes its RNG state): call it on all processes.
-    """
-    rng_states = distributed.all_gather_objects(capture_rng_state())
-    return {
-        "model": parts.model.state_dict(),
-        "max_accuracy": float(state.max_accuracy),
-        "epoch": int(state.epoch),
-        "config": argparse.Namespace(**vars(args)),
-        "optimizer": parts.optimizer.state_dict(),
-        "scaler": parts.scaler.state_dict(),
-        "scheduler": {"base_lr": args.lr, "milestones": list(args.lr_milestones), "gammas": list(args.lr_gammas),
-                      "lr": parts.optimizer.param_groups[0]["lr"]},
-        "rng": rng_states,
-        "dropblock_step": int(state.step),
-        "step": int(state.step),
-        "training_state": asdict(state),
-    }
-
-
-def resume(args: argparse.Namespace, parts: TrainComponents, path: Path
-           ) -> tuple[TrainingState, list | None, list[str]]:
-    """Load `path` into the model, optimiser and scaler; return the counters, the saved RNG states and
-    the warnings (settings of `args` that differ from the checkpoint's).
-
-    Raises CheckpointError, saying what to do, for anything that cannot be resumed exactly.
-    """
-    checkpoint = read_checkpoint(path)
-    missing = [key for key in ("optimizer", "training_state") if key not in checkpoint]
-    if missing:
-        raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}), like a "
-                              "released checkpoint. --is_continue continues a run this project's training wrote; "
-                              "move the file away (or choose another -s) to start afresh")
-    weights = model_state_dict(checkpoint)
-    check_state_dict(parts.model, weights)
-    non_finite = [key for key, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
-    if non_finite:
-        raise CheckpointError(f"{path} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
-                              "it cannot be resumed. Copy an earlier epoch_<N>.pth over it, or delete the folder to "
-                              "start afresh")
-    parts.model.load_state_dict(weights, strict=True)
-    load_optimizer_state(parts.optimizer, checkpoint["optimizer"], path)
-    if checkpoint.get("scaler"):
-        parts.scaler.load_state_dict(checkpoint["scaler"])
-    state = restore_training_state(checkpoint["training_state"], path)
-    parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
-    saved = vars(checkpoint["config"])
-    changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
-                                     "seed", "episodes_per_epoch", "episodes_per_step", "world_size", "augment")
-                     if key in saved and saved[key] != getattr(args, key, None))
-    warnings = [("resuming with settings that differ from the checkpoint's (the run will not match an "
-                 "uninterrupted one): " + ", ".join(f"{key} {saved[key]!r} -> {getattr(args, key, None)!r}"
-                                                   for key in changed))] if changed else []
-    return state, checkpoint.get("rng"), warnings
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Path) -> None:
-    """`optimizer.load_state_dict`, refusing a state saved for other parameters (torch does not compare
-    the buffers' shapes, and a mismatch would only fail at the first step)."""
-    mismatch = "it was saved for another model or optimiser (see --optim)"
-    try:
-        optimizer.load_state_dict(saved)
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
-        raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({error})") from None
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            for name, value in optimizer.state.get(parameter, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
-                    raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({name} "
-                                          f"{tuple(value.shape)} for a parameter {tuple(parameter.shape)})")
-
-
-def restore_training_state(saved: object, path: Path) -> TrainingState:
-    """The counters of a checkpoint, checked field by field (an edited or foreign state is an error)."""
-    defaults = asdict(TrainingState())
-    problem = None
-    if not isinstance(saved, dict) or set(saved) - set(defaults):
-        problem = f"unexpected fields {sorted(set(saved) - set(defaults)) if isinstance(saved, dict) else saved!r}"
-    else:
-        for name, value in saved.items():
-            allowed = (int, float) if isinstance(defaults[name], float) else type(defaults[name])
-            if isinstance(value, bool) or not isinstance(value, allowed) \
-                    or (allowed is not dict and not (np.isfinite(value) and value >= 0)):
-                problem = f"{name} = {value!r}"
-                break
-    if problem:
-        raise CheckpointError(f"the training_state of {path} is not one a training run writes ({problem}): restore "
-                              "the file, or delete the folder to start afresh")
-    return TrainingState(**saved)

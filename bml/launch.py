@@ -26,8 +26,8 @@ from types import ModuleType
 import torch
 
 from bml.datasets import canonical_name
-from bml.recipes import apply_recipe
-from bml.training import SettingsError, run_plan
+from bml.training import SettingsError, apply_recipe, run_plan
+from bml.utils import messages
 from bml.utils.distributed import DeviceError
 
 EXIT_FAILURE = 1
@@ -68,7 +68,6 @@ def main(argv: list[str]) -> int:
     script, script_argv = argv[0], argv[1:]
     module = load_script(script)
     args = module.get_args_parser().parse_args(script_argv)
-    args.model = getattr(args, "mode", "bml")    # train_baseline.py's --mode; train_bml.py trains BML
     filled = apply_recipe(argparse.Namespace(**{**vars(args), "dataset": canonical_name(args.dataset)}))
     processes = process_count(args, filled.episodes_per_step, torch.cuda.device_count())
     command = launch_command(script, [arg for arg in script_argv if arg != "--dry_run"], processes)
@@ -78,7 +77,7 @@ def main(argv: list[str]) -> int:
     try:
         plan = run_plan(args, world_size=processes)
     except (SettingsError, DeviceError) as error:
-        print(f"ERROR: {error}", file=sys.stderr, flush=True)
+        messages.error(str(error))
         return EXIT_FAILURE
     print(json.dumps({**plan, "launch": shlex.join(command)}, indent=2))
     return 0

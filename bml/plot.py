@@ -24,6 +24,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from bml.utils import messages
+
 EPOCH_LOG = "log.txt"
 STEP_LOG = "log_steps.txt"
 CURVES = "curves.png"
@@ -177,12 +179,17 @@ def main(args: argparse.Namespace) -> int:
     output = args.output or (Path(args.runs[0]) / CURVES if len(args.runs) == 1 else Path(CURVES))
     try:
         path = plot_runs(args.runs, output, args.labels)
-    except (PlotError, OSError, json.JSONDecodeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (PlotError, OSError, json.JSONDecodeError) as problem:
+        messages.error(str(problem))
         return 1
-    print(f"wrote {path}")
+    messages.info(f"wrote {path}")
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`python -m bml.plot` and the `bml-plot` command."""
     sys.exit(main(get_args_parser().parse_args()))
+
+
+if __name__ == "__main__":
+    command()

@@ -229,7 +229,12 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """`python -m bml.predict` and the `bml-predict` command."""
     parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
                                      formatter_class=cli.HelpFormatter)
     sys.exit(main(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    command()

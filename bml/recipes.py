@@ -2,18 +2,16 @@
 ones for the small sets.
 
 The entry scripts leave every recipe flag at None; `apply_recipe` fills what the user did not
-give, so `python train_bml.py --dataset CUB` trains exactly as published while any flag given
+give (`bml.training.settings.apply_recipe`), so `python train_bml.py --dataset CUB` trains exactly as published while any flag given
 on the command line still wins. A data set's transform and input size are not a recipe's: they
 come from its one table, `bml.datasets.dataset_defaults`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from bml.datasets import input_transform_settings
 from bml.utils import argtypes
 
 LR_BY_OPTIMIZER = {"SGD": 0.1, "adam": 1e-3}
@@ -115,26 +113,6 @@ RECIPES: dict[str, Recipe] = {
 
 def get_recipe(dataset: str) -> Recipe:
     return RECIPES.get(dataset, PUBLISHED)
-
-
-def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every recipe flag that `args` has and left at None from `args.dataset`'s recipe (in place, also
-    returned).
-
-    `args.transform` and `args.image_size` are filled from the data set's input settings;
-    `args.lr_milestones` and `args.lr_gammas` are added: the decay points of this run.
-    """
-    recipe = get_recipe(args.dataset)
-    for name in (f.name for f in dataclasses.fields(Recipe)):
-        if name != "schedule" and hasattr(args, name) and getattr(args, name) is None:
-            setattr(args, name, getattr(recipe, name))
-    args.transform, args.image_size = input_transform_settings(
-        {"dataset": args.dataset}, getattr(args, "image_size", None), getattr(args, "transform", None))
-    if getattr(args, "lr", None) is None:
-        args.lr = LR_BY_OPTIMIZER[args.optim]
-    args.lr_milestones = list(recipe.schedule.milestones(args.epochs))
-    args.lr_gammas = list(recipe.schedule.gammas[args.optim])
-    return args
 
 
 def lr_factor(completed_epochs: int, milestones: list[int], gammas: list[float]) -> float:

@@ -27,12 +27,15 @@ import torch.multiprocessing as mp
 import train_baseline
 import train_bml
 from bml import launch
-from bml.datasets import episode_labels, step_plan
-from bml.engine import TrainComponents, TrainingState, forward_backward, train_one_epoch
+from bml.datasets import episode_labels
+from bml.training.engine import forward_backward, train_one_epoch
+from bml.training.state import TrainComponents, TrainingState
+from bml.training.step_plan import step_plan
 from bml.models import BML
 from bml.checkpoint import read_checkpoint
-from bml.recipes import BML_LOSSES, apply_recipe
-from bml.training import SettingsError, build_optimizer, resolve_episodes, wrap_for_training
+from bml.recipes import BML_LOSSES
+from bml.training import SettingsError, apply_recipe, resolve_episodes
+from bml.training.wrappers import build_optimizer, wrap_for_training
 from bml.utils.device import build_runs_on, check_cuda_arch, resolve_amp, tf32_active
 from bml.utils.distributed import DeviceError, DistributedContext
 from bml.utils.logger import RunLogger
@@ -228,11 +231,11 @@ def test_tiered_chooses_nothing_on_val_it_trains_on(tmp_path, capsys):
 
 def test_validation_runs_at_eval_bml_precision(tmp_path, monkeypatch):
     """Training in bf16 still validates (and chooses best.pth) in fp32, eval_bml.py's default."""
-    import bml.training
+    import bml.training.driver
 
     seen = []
-    original = bml.training.evaluate
-    monkeypatch.setattr(bml.training, "evaluate", lambda *a, **k: seen.append(k["amp"]) or original(*a, **k))
+    original = bml.training.driver.evaluate
+    monkeypatch.setattr(bml.training.driver, "evaluate", lambda *a, **k: seen.append(k["amp"]) or original(*a, **k))
     assert train_bml.main(bml_args(tmp_path, "--epochs", "1", "--episodes_per_epoch", "1", "--eval_freq", "1",
                                    "--amp", "bf16")) == 0
     assert seen == ["off"] and read_checkpoint(tmp_path / "best.pth")["config"].amp == "bf16"
@@ -377,7 +380,7 @@ def test_fp16_resume_restores_the_scaler(tmp_path, monkeypatch):
 def test_compile_does_not_recompile_between_epochs(tmp_path, monkeypatch):
     """torch.compile through the driver, with a backend that counts the graphs it is given: the count after
     each epoch stays what the first epoch compiled (a new epoch must not specialise a new graph)."""
-    import bml.training
+    import bml.training.driver
 
     graphs = []
 
@@ -388,8 +391,8 @@ def test_compile_does_not_recompile_between_epochs(tmp_path, monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: compile_(module, backend=counting_backend))
     per_epoch = []
-    end_epoch = bml.training.end_epoch
-    monkeypatch.setattr(bml.training, "end_epoch", lambda *args: per_epoch.append(len(graphs)) or end_epoch(*args))
+    end_epoch = bml.training.driver.end_epoch
+    monkeypatch.setattr(bml.training.driver, "end_epoch", lambda *args: per_epoch.append(len(graphs)) or end_epoch(*args))
     torch._dynamo.reset()
     assert train_bml.main(bml_args(tmp_path, "--epochs", "3", "--episodes_per_epoch", "2", "--eval_freq", "3",
                                    "--compile")) == 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from bml import FewShotClassifier, evaluation
 from bml.datasets import build_dataset
-from bml.engine import evaluate
+from bml.training.engine import evaluate
 from bml.evaluation import base_class_means, sample_episodes, score_episodes
 from bml.scoring import (COMBINED, HEADS, LOGREG_C, PROTO, episode_labels, fit_logistic_regression, head_scores,
                          votes_for)

@@ -21,7 +21,8 @@ from PIL import Image
 import eval_bml
 import train_baseline
 import train_bml
-from bml import predict, training
+from bml import predict
+from bml.training import driver, guard, signals
 from bml.checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from bml.datasets import DatasetError, build_dataset, read_npz_arrays
 from bml.evaluation import COMBINED, EvaluationError, evaluate_episodes
@@ -184,7 +185,7 @@ def no_training(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("training started")
 
-    monkeypatch.setattr(training, "train_one_epoch", fail)
+    monkeypatch.setattr(driver, "train_one_epoch", fail)
 
 
 # 4. Check before the long work, not after it
@@ -210,7 +211,7 @@ def test_failing_validation_saves_the_epoch_first(tmp_path, capsys, monkeypatch)
     def diverged(*args, **kwargs):
         raise EvaluationError("the model produced non-finite embeddings")
 
-    monkeypatch.setattr(training, "evaluate", diverged)
+    monkeypatch.setattr(driver, "evaluate", diverged)
     assert train(tmp_path / "run", "--eval_freq", "1", "--epochs", "2") == 1
     error = capsys.readouterr().err
     assert "validation after epoch 1 failed" in error and "--is_continue" in error and "Traceback" not in error
@@ -401,7 +402,7 @@ def test_resume_errors_are_messages(trained_run, capsys, edit, message):
 
 
 def test_weights_growing_past_the_bound_stop_like_a_non_finite_loss(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(training, "WEIGHT_GROWTH_LIMIT", 0.5)   # any epoch "grows" past half the start
+    monkeypatch.setattr(guard, "WEIGHT_GROWTH_LIMIT", 0.5)   # any epoch "grows" past half the start
     monkeypatch.setattr(sys, "argv", ["train_bml.py", "--lr", "0.1", "--amp=off", "--epochs", "1"])
     assert train(tmp_path / "run") == 1
     error = capsys.readouterr().err
@@ -415,11 +416,11 @@ def test_weights_growing_past_the_bound_stop_like_a_non_finite_loss(tmp_path, ca
 
 
 def test_the_signal_message_is_printed_once_not_by_each_loader_worker(capsys, monkeypatch):
-    stop = training.StopOnSignal()
+    stop = signals.StopOnSignal()
     monkeypatch.setattr(os, "getpid", lambda: stop.pid + 1)   # as in a forked loader worker
     stop.handle(signal.SIGINT, None)
     assert stop.requested() and capsys.readouterr().out == ""
-    parent = training.StopOnSignal()
+    parent = signals.StopOnSignal()
     monkeypatch.setattr(os, "getpid", lambda: parent.pid)
     parent.handle(signal.SIGINT, None)
     assert capsys.readouterr().out.count("SIGINT received") == 1

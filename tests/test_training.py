@@ -22,10 +22,11 @@ import torch
 import train_baseline
 import train_bml
 from bml.checkpoint import read_checkpoint
-from bml.datasets import dataset_defaults, step_plan
+from bml.datasets import dataset_defaults
 from bml.models import BML
-from bml.recipes import apply_recipe, get_recipe, lr_factor
-from bml.training import SettingsError, default_save_folder, parse_weights
+from bml.recipes import get_recipe, lr_factor
+from bml.training import SettingsError, apply_recipe, default_save_folder, parse_weights
+from bml.training.step_plan import step_plan, steps_per_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON_BIN = Path(sys.executable).parent
@@ -343,7 +344,6 @@ def test_resnet18_trains_one_epoch_and_evaluates(tmp_path):
 def test_a_new_training_method_is_one_entry(monkeypatch):
     """A method added to bml.methods.METHODS names its runs and draws its steps without other edits."""
     from bml import methods
-    from bml.datasets import steps_per_epoch
 
     toy = methods.Method("toy", "baseline-toy", batches=True, run_name_parts=lambda args: ["toyparts"])
     monkeypatch.setitem(methods.METHODS, "toy", toy)

@@ -14,15 +14,14 @@ from .npz import read_npz_arrays
 from .safe_pickle import load_pickle
 from .device_augment import AUGMENT_MODES, DeviceAugment, draw_parameters
 from .sampler import EpisodeSampler, StepBatches, build_step_loader, default_num_workers, shuffled_batches
-from .step_plan import build_training_loader, step_plan, steps_per_epoch
 from .transforms import NORMALIZATION, TRANSFORM_IDS, build_transform, crop_transform
 
 __all__ = [
     "AUGMENT_MODES", "ArrayDataset", "DATASET_NAMES", "DatasetDefaults", "DatasetError", "DeviceAugment",
     "EpisodeSampler", "FewShotDataset", "FileDataset", "InputSettings", "NATURAL_IMAGES_DATASET", "NORMALIZATION",
     "SPLITS", "SplitData", "StepBatches", "TRANSFORM_IDS", "build_dataset", "build_step_loader",
-    "build_training_loader", "build_transform",
+    "build_transform",
     "canonical_name", "crop_transform", "dataset_defaults", "default_num_workers", "draw_parameters",
     "episode_labels", "input_transform_settings", "load_pickle", "read_npz_arrays", "read_split",
-    "resolve_data_root", "shuffled_batches", "step_plan", "steps_per_epoch", "summarize",
+    "resolve_data_root", "shuffled_batches", "summarize",
 ]

@@ -14,7 +14,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -22,51 +22,17 @@ from tqdm import tqdm
 
 from bml.evaluation import COMBINED, evaluate_heads
 from bml.scoring import PROTO
+from bml.training.guard import NonFiniteLossError
+from bml.training.state import TrainComponents, TrainingState
 from bml.utils.distributed import all_reduce_sum, get_world_size
 from bml.utils.logger import RunLogger, SmoothedValue
+from bml.utils.messages import info
 
 STEP_LOG_POINTS_PER_EPOCH = 10
 """Points of `log_steps.txt` per epoch (each the mean over its steps): enough for a curve of a short run."""
 MAX_CONSECUTIVE_SKIPPED_STEPS = 20
 """With fp16 the gradient scaler skips steps whose gradients overflow; this many in a row means
 the loss itself has diverged."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the weights of that step were not applied."""
-
-
-@dataclass
-class TrainingState:
-    """Counters saved with every checkpoint, so that a resumed run continues where it stopped."""
-
-    epoch: int = 0            # completed epochs
-    epoch_step: int = 0       # optimiser steps done in epoch `epoch + 1` (0 at an epoch boundary)
-    step: int = 0             # optimiser steps since the start; drives the DropBlock ramp
-    max_accuracy: float = 0.0
-    best_epoch: int = 0
-    epoch_sums: dict[str, float] = field(default_factory=dict)  # running sums of the current epoch
-    initial_weight_norm: float = 0.0   # norm of the weights at the start: the reference for divergence
-
-
-@dataclass
-class TrainComponents:
-    """What an optimiser step needs.
-
-    `loss_module(images, labels, settings)` returns the model's loss dict; it is the DDP- and/or
-    compile-wrapped module whose forward is `model.losses`. `ddp` is the DDP wrapper itself (for
-    `no_sync` while accumulating), None in a single process.
-    """
-
-    model: nn.Module
-    loss_module: Callable[..., dict[str, torch.Tensor]]
-    ddp: nn.parallel.DistributedDataParallel | None
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-    clip_grad: float = 0.0    # max norm of all the gradients of a step together; 0: no clipping
 
 
 @dataclass
@@ -179,9 +145,9 @@ def train_one_epoch(parts: TrainComponents, loader: Iterable, state: TrainingSta
             logger.scalars({**{f"train/{name}": m.median for name, m in meters.items()},
                             "train/lr": lr, "train/images_per_s": throughput.median}, state.step)
             if not show_bar:
-                print(f"Epoch [{epoch}/{epochs}] step [{state.epoch_step}/{steps_per_epoch}]  "
+                info(f"Epoch [{epoch}/{epochs}] step [{state.epoch_step}/{steps_per_epoch}]  "
                       + "  ".join(f"{name} {m.median:.4f} ({m.global_avg:.4f})" for name, m in meters.items())
-                      + f"  lr {lr:.3g}  {throughput.median:.0f} img/s", flush=True)
+                      + f"  lr {lr:.3g}  {throughput.median:.0f} img/s")
         if status[-1] > 0:
             progress.close()
             return EpochResult(epoch_stats(state, optimizer), interrupted=True)

@@ -1,4 +1,5 @@
-"""Which images each training step uses: the step plan of a run, and the loader that serves it.
+"""Which images each training step uses: the step plan of a run, and the loader that serves it (a training
+concern: the plan depends on the method; the data layer only samples and loads).
 
 Episodic training draws `--episodes_per_step` episodes per step from `EpisodeSampler`; the global
 baseline draws shuffled batches, one full pass over the training split per episode slot and epoch.
@@ -15,10 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..methods import get_method
-from ..utils.rng import derive_seed
-from .base import DatasetError
-from .sampler import EpisodeSampler, build_step_loader, shuffled_batches
+from bml.datasets import DatasetError, EpisodeSampler, build_step_loader, shuffled_batches
+from bml.methods import get_method
+from bml.utils.rng import derive_seed
 
 
 def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:

@@ -1,0 +1,108 @@
+"""The training flags that `train_bml.py` and `train_baseline.py` share (their own flags live in `bml.train`
+and `bml.train_baseline`; flags several commands share are in `bml.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from bml import cli
+from bml.datasets import AUGMENT_MODES
+from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY
+from bml.utils import argtypes
+
+BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
+
+
+def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
+    """Flags shared by BML and the baselines; `model` is the method trained by default (`bml.methods`).
+    Recipe flags default to None: `bml.training.settings.apply_recipe` fills them."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter,
+                                     parents=[cli.dataset_parser(), cli.input_parser(), cli.episode_parser(),
+                                              cli.device_parser(), cli.precision_parser()])
+    parser.set_defaults(dataset="glyphs", model=model)   # the embedded set, as in train_bml.sh
+    data = parser.add_argument_group("training data")
+    data.add_argument("--augment", default=None, choices=AUGMENT_MODES,
+                      help="where training images are augmented: 'host' (each worker runs the whole transform "
+                           "in PIL) or 'device' (workers send uint8 images and their random parameters; crop, "
+                           "colour jitter, flips and normalisation run batched on the training device); default: "
+                           "device on a GPU, host on a CPU")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
+    model.add_argument("--width", type=argtypes.number(0, above_minimum=True), default=None,
+                       help="channel-width multiplier (1.0 = the published model); default: the recipe's")
+    model.add_argument("--drop_rate", type=argtypes.number(0, 1, below_maximum=True), default=None,
+                       help="dropout / DropBlock rate of the ResNet-12 blocks (recipe: 0.1)")
+
+    episodes = parser.add_argument_group("training episodes")
+    episodes.add_argument("--n_train_ways", type=argtypes.integer(minimum=2), default=None,
+                          help="classes per training episode (recipe: 15)")
+    episodes.add_argument("--n_train_shots", type=argtypes.positive_int, default=None,
+                          help="support images per class (recipe: 5)")
+    episodes.add_argument("--n_train_queries", type=argtypes.positive_int, default=None,
+                          help="query images per class (recipe: 7)")
+    episodes.add_argument("--episodes_per_epoch", type=argtypes.positive_int, default=None,
+                          help="optimiser steps per epoch (recipe: 500); each step averages --episodes_per_step "
+                               "episodes")
+    episodes.add_argument("--episodes_per_step", type=argtypes.positive_int, default=None,
+                          help="episodes (global baseline: batches), each its own forward/backward pass with its own "
+                               "BatchNorm statistics, whose gradients are averaged into one optimiser step, over all "
+                               "processes together; each process runs its share (recipe: 2, as published on 2 "
+                               "GPUs; glyphs and omniglot 1)")
+    episodes.add_argument("--allow_more_processes", action="store_true",
+                          help="allow more processes than --episodes_per_step: each then runs one episode, so a "
+                               "step averages one episode per process at the same lr (not the published recipe; "
+                               "warns)")
+
+    validation = parser.add_argument_group("validation (on the val split)")
+    validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None,
+                            help="validation episodes (recipe: 2000)")
+    validation.add_argument("--eval_freq", type=argtypes.non_negative_int, default=None,
+                            help="validate every this many epochs and after the last one; 0: never (recipe: 20)")
+
+    optimisation = parser.add_argument_group("optimisation")
+    optimisation.add_argument("--epochs", type=argtypes.positive_int, default=None,
+                              help="training epochs (recipe: 100; tiered 200)")
+    optimisation.add_argument("--optim", default=None, choices=tuple(LR_BY_OPTIMIZER),
+                              help=f"SGD (momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}) or Adam (no weight "
+                                   "decay, as the original) (recipe: SGD)")
+    optimisation.add_argument("--lr", type=argtypes.number(minimum=0), default=None,
+                              help="initial learning rate (SGD 0.1, Adam 1e-3); decayed x0.06 after 50%% of the "
+                                   "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
+    optimisation.add_argument("--clip_grad", type=argtypes.number(minimum=0), default=None,
+                              help="clip the gradient norm of each step to this value; 0: off (recipe: 0 as "
+                                   "published; glyphs and Omniglot 10: keeps the local loss's large first gradients "
+                                   "from inflating the BatchNorm-followed conv weights, which stalls learning; see "
+                                   "docs/RESULTS.md)")
+    optimisation.add_argument("--seed", type=argtypes.non_negative_int, default=0,
+                              help="seed of initialisation, episodes and augmentation")
+
+    run = parser.add_argument_group("run")
+    run.add_argument("-s", "--save_folder", default=None,
+                     help="where checkpoints and logs go; default: output/<a name recording the main settings>. "
+                          "A fresh run refuses a folder given here that holds another run's checkpoints or log; "
+                          "in the default folder it takes the next free <name>-2, <name>-3, ...")
+    run.add_argument("--is_continue", action="store_true",
+                     help="resume from last.pth in the save folder (exactly: same lr, counters, RNG); starts "
+                          "afresh when there is none")
+    run.add_argument("--save_freq", type=argtypes.non_negative_int, default=None,
+                     help="also keep epoch_<N>.pth every this many epochs; 0: only best.pth and last.pth")
+    run.add_argument("--print_freq", type=argtypes.positive_int, default=50,
+                     help="steps between log lines and TensorBoard points")
+    run.add_argument("--amp_opt_level", default=None, choices=("O0", "O1", "O2"),
+                     help="the original's Apex level, used when --amp is not given: O0 = --amp off (the "
+                          "original's default); O1 (Apex autocast with fp32 weights) = --amp fp16; O2 (Apex's "
+                          "fp16 model with fp32 master weights) has no torch.amp equivalent and also becomes "
+                          "--amp fp16 (autocast, fp32 weights), with a warning")
+    run.add_argument("--tf32", default="on", choices=("on", "off"),
+                     help="on: PyTorch's default, cuDNN convolutions in fp32 may use TF32 on GPUs of compute "
+                          "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere")
+    run.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on GPUs)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the training step; compilation failures fall back to eager with a warning")
+    run.add_argument("--dry_run", action="store_true",
+                     help="print the resolved plan of the run (device, processes, episodes per step, precision, "
+                          "schedule, ...) as one JSON object and exit, without reading images or using the GPU")
+    return parser
+
+

@@ -1,0 +1,87 @@
+"""A run's folder: which files make it another run's, claiming it for one run, and the commands that
+continue the run or use what it made."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import sys
+from pathlib import Path
+
+from bml.training.settings import SettingsError
+from bml.utils.io import check_output_folder, folder_lock, remove_orphan_temporaries
+from bml.utils.messages import info
+
+LAST_CHECKPOINT = "last.pth"
+BEST_CHECKPOINT = "best.pth"
+RUN_RECORDS = (LAST_CHECKPOINT, BEST_CHECKPOINT, "epoch_*.pth", "log.txt")
+"""Files that make a folder another run's: a fresh run never overwrites or appends to them."""
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_records(folder: Path) -> list[str]:
+    """The files of another run in `folder` (checkpoints, log), by name."""
+    return sorted({path.name for pattern in RUN_RECORDS for path in folder.glob(pattern)})
+
+
+def claim_run_folder(args: argparse.Namespace, explicit: bool, resources: contextlib.ExitStack) -> Path:
+    """The folder this run writes to, checked writable and locked for the run (`resources` releases it).
+
+    A fresh run never takes a folder that holds another run's checkpoints or log: a folder given with
+    -s is refused, a default folder is replaced by the next free `<name>-2`, `<name>-3`, ... Orphan
+    temporary files of a killed save are removed once the lock is held.
+    """
+    folder = Path(args.save_folder)
+    if not args.is_continue and folder.is_dir() and run_records(folder):
+        if explicit:
+            raise SettingsError(f"{folder} already holds a run ({', '.join(run_records(folder))}): add "
+                                "--is_continue to continue it, or delete that folder (or pass another -s) to start "
+                                "afresh")
+        taken = folder
+        folder = next(candidate for candidate in (folder.with_name(f"{folder.name}-{n}") for n in range(2, 10**6))
+                      if not (candidate.is_dir() and run_records(candidate)))
+        info(f"{taken} already holds a run (continue it with --is_continue); this run goes to {folder}")
+    check_output_folder(folder, "--save_folder")
+    resources.enter_context(folder_lock(folder))
+    for orphan in remove_orphan_temporaries(folder):
+        info(f"removed {orphan}, left by a save that was killed")
+    return folder
+
+
+def resume_command(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> str:
+    """The command that continues this run (the current one plus --is_continue and its save folder),
+    without the flags in `leave_out` (and their values)."""
+    argv, drop_value = [], False
+    for arg in sys.argv[1:]:
+        if drop_value:
+            drop_value = False
+        elif arg.split("=", 1)[0] in leave_out:
+            drop_value = "=" not in arg
+        elif arg != "--is_continue":
+            argv.append(arg)
+    if "-s" not in argv and "--save_folder" not in argv:
+        argv += ["-s", args.save_folder]
+    launcher = ["torchrun", "--standalone", f"--nproc_per_node={args.world_size}"] if args.world_size > 1 else ["python"]
+    return shlex.join([*launcher, sys.argv[0], *argv, "--is_continue"])
+
+
+def next_steps(args: argparse.Namespace, checkpoint: Path) -> str:
+    """The commands that use the trained `checkpoint`: the published evaluation protocol on the test split,
+    and few-shot prediction on a folder of the user's own images."""
+    data_root = ["--data_root", args.data_root] if args.data_root else []
+    evaluate_script = REPOSITORY_ROOT / "eval_bml.sh"
+    if evaluate_script.is_file():   # a checkout: the original's command
+        if evaluate_script.is_relative_to(Path.cwd()):
+            evaluate_script = evaluate_script.relative_to(Path.cwd())
+        evaluate = ["bash", str(evaluate_script), args.dataset, args.transform, str(checkpoint), str(args.n_shots)]
+    else:   # an installed package: the console command, whose defaults are the published protocol
+        evaluate = ["bml-eval", "--dataset", args.dataset, "--transform", args.transform, "--ckp_path",
+                    str(checkpoint), "--n_shots", str(args.n_shots)]
+    evaluate_command = shlex.join([*evaluate, *data_root])
+    predict_command = shlex.join(["python", "-m", "bml.predict", "--ckp_path", str(checkpoint),
+                                  "--support", "SUPPORT/", "--query", "IMAGES/", "--sheet", "sheet.png"])
+    return (f"Evaluate it with the published protocol (10 seeds x 2,000 5-way {args.n_shots}-shot "
+            f"episodes of the test split):\n  {evaluate_command}\n"
+            "Classify your own images (SUPPORT/ holds one sub-folder of examples per class; IMAGES/ an image or "
+            f"a folder):\n  {predict_command}")
