@@ -142,12 +142,13 @@ def model_config(state: Mapping[str, Any]) -> dict[str, Any]:
 def infer_model_config(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """Model kind, backbone, width, num_classes and spatial read from state-dict keys and shapes, as the tables say:
     the kind whose identifying keys the weights have (`bml.models.MODELS`), the backbone whose signature key its
-    trunk has (`bml.models.backbones.BACKBONES`), the width from its fourth stage's channels, num_classes and
-    spatial from its classifier."""
+    trunk has (`bml.models.backbones.BACKBONES`), the width from its fourth stage's channels (where the weights
+    lack it, from any kind's fourth stage they have), num_classes and spatial from its classifier."""
     model = recognised_model(weights)
     backbone = recognised_backbone(weights, model.trunk_prefix)
-    last_stage = model.last_stage_key(BACKBONES[backbone])
-    width = weights[last_stage].shape[0] / BACKBONES[backbone].channels[-1] if last_stage in weights else 1.0
+    stage_keys = [kind.last_stage_key(BACKBONES[backbone]) for kind in (model, *MODELS.values())]
+    last_stage = next((key for key in stage_keys if key in weights), None)
+    width = weights[last_stage].shape[0] / BACKBONES[backbone].channels[-1] if last_stage else 1.0
     return {"model": model.kind, "backbone": backbone, "width": width, **model.settings_from_weights(weights)}
 
 

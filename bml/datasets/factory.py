@@ -26,7 +26,7 @@ from .transforms import TransformSettings, check_transform_id
 
 SPLITS = ("train", "val", "test")
 Reader = Callable[[Path | None, str, ReadOptions], SplitData]
-"""(the data set's folder `<data root>/<name>`, or None for one that needs no data root; split; options) -> SplitData."""
+"""(the data set's folder `<data root>/<name>`, None for one that needs no data root; split; options) -> SplitData."""
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,6 @@ def recognised_model(weights: Mapping[str, torch.Tensor]) -> type[FewShotModel]:
 
     candidates = [model for model in MODELS.values() if all(has(prefix) for prefix in model.identifying_keys)]
     if not candidates:
-        raise ValueError(f"the weights are of none of the model kinds {', '.join(MODELS)}: record the kind as "
-                         "'model' in the checkpoint's config")
+        raise ValueError(f"the weights have the identifying keys of none of the model kinds ({', '.join(MODELS)}): "
+                         "load a checkpoint of one of them")
     return max(candidates, key=lambda model: len(model.identifying_keys))

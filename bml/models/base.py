@@ -55,8 +55,8 @@ class FewShotModel(nn.Module):
     kind: ClassVar[str]
     """Its name in `bml.models.MODELS`, in build settings' ``model`` and in checkpoints' configs."""
     identifying_keys: ClassVar[tuple[str, ...]] = ()
-    """State-dict key prefixes that its checkpoints have: weights are of the kind of which they have the most
-    (none: the kind of weights that show no other)."""
+    """State-dict key prefixes that its checkpoints all have: weights are of the kind whose prefixes they have,
+    the one with the most when several fit (none: the kind of weights that show no other)."""
     trunk_prefix: ClassVar[str] = "encoder."
     """Where the backbone's first stages sit in its state dict (the backbone's signature key is read there)."""
 
