@@ -21,19 +21,13 @@ from typing import Any
 
 import torch
 
-from bml.models import MODEL_KINDS, FewShotModel, build_model
-from bml.models.backbones import BACKBONE_CHANNELS, canonical_backbone
+from bml.models import MODELS, FewShotModel, build_model, recognised_model
+from bml.models.backbones import BACKBONES, canonical_backbone, recognised_backbone
 from bml.utils.io import OutputError, atomic_write, disk_full_error
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
 CONFIG_PASSTHROUGH = ("dataset", "image_size", "transform")
-LAST_STAGE_KEYS = (
-    "global_view.layer.0.conv1.weight", "local_view.layer.0.conv1.weight",
-    "global_view.layer4.0.conv1.weight", "local_view.layer4.0.conv1.weight",
-    "encoder.layer4.0.conv1.weight",
-)
-"""First convolution of the fourth stage, whose output channels give the width multiplier."""
 MISMATCH_KEYS_SHOWN = 5
 """Keys named per kind of mismatch (missing, unexpected, mis-shaped); the rest are counted."""
 
@@ -121,17 +115,14 @@ def strip_wrapper_prefixes(key: str) -> str:
 def model_config(state: Mapping[str, Any]) -> dict[str, Any]:
     """Settings for ``build_model`` (plus dataset/image_size/transform when recorded).
 
-    Taken from the checkpoint's config where it has them, otherwise inferred from the weights:
-    the model kind from ``global_w`` (BML when the views have their own stages), the backbone from the ResNet-18 stem
-    ``encoder.conv1``, the width from the last stage's channels, the number of classes from the
-    classifier's rows, ``spatial`` from a 1x1-conv classifier. Released configs are the
-    original's Namespace: 'Res12'/'Res18' backbones, no width.
+    Taken from the checkpoint's config where it has them, otherwise inferred from the weights
+    (`infer_model_config`). Released configs are the original's Namespace: 'Res12'/'Res18' backbones, no width.
     """
     config = state.get("config")
     settings = dict(vars(config) if isinstance(config, argparse.Namespace) else config or {})
     weights = model_state_dict(state)
     inferred = infer_model_config(weights)
-    kind = settings.get("model") if settings.get("model") in MODEL_KINDS else inferred["model"]
+    kind = settings.get("model") if settings.get("model") in MODELS else inferred["model"]
     result = {
         "model": kind,
         "backbone": canonical_backbone(settings.get("backbone") or inferred["backbone"]),
@@ -145,22 +136,16 @@ def model_config(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def infer_model_config(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """Model kind, backbone, width, num_classes and spatial read from state-dict keys and shapes."""
-    backbone = "resnet18" if "encoder.conv1.weight" in weights else "resnet12"
-    if "global_w.weight" in weights:
-        two_views = any(key.startswith("global_view.") for key in weights)
-        kind, classifier = "bml" if two_views else "global", weights["global_w.weight"]
-    else:
-        kind, classifier = "local", None
-    last_stage = next((key for key in LAST_STAGE_KEYS if key in weights), None)
-    width = weights[last_stage].shape[0] / BACKBONE_CHANNELS[backbone][-1] if last_stage else 1.0
-    return {
-        "model": kind,
-        "backbone": backbone,
-        "width": width,
-        "num_classes": None if classifier is None else classifier.shape[0],
-        "spatial": kind == "global" and classifier.dim() == 4,
-    }
+    """Model kind, backbone, width, num_classes and spatial read from state-dict keys and shapes, as the tables say:
+    the kind whose identifying keys the weights have (`bml.models.MODELS`), the backbone whose signature key its
+    trunk has (`bml.models.backbones.BACKBONES`), the width from its fourth stage's channels (where the weights
+    lack it, from any kind's fourth stage they have), num_classes and spatial from its classifier."""
+    model = recognised_model(weights)
+    backbone = recognised_backbone(weights, model.trunk_prefix)
+    stage_keys = [kind.last_stage_key(BACKBONES[backbone]) for kind in (model, *MODELS.values())]
+    last_stage = next((key for key in stage_keys if key in weights), None)
+    width = weights[last_stage].shape[0] / BACKBONES[backbone].channels[-1] if last_stage else 1.0
+    return {"model": model.kind, "backbone": backbone, "width": width, **model.settings_from_weights(weights)}
 
 
 def check_state_dict(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from bml.checkpoint import model_config, model_from_state, read_calibration, read_checkpoint
 from bml.datasets import build_dataset, build_transform, input_transform_settings
-from bml.datasets.base import image_problem, image_to_rgb
+from bml.datasets.image_files import image_problem, image_to_rgb
 from bml.evaluation import base_class_means
 from bml.scoring import COMBINED, HEADS, PROTO, head_scores, votes_for
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from bml.datasets import TRANSFORM_IDS
+from bml.datasets import TRANSFORM_IDS, dataset_flag_help
 from bml.utils import argtypes
 from bml.utils.device import AMP_CHOICES
 
@@ -38,9 +38,8 @@ def dataset_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False, parents=[data_root_parser()])
     data = parser.add_argument_group("data set")
     data.add_argument("--dataset", default=None,
-                      help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs (embedded, no download), "
-                           "omniglot, or the name of an image folder <data_root>/<name>/<split>/<class>/<image>; "
-                           "evaluation: the data set the model was trained on (default there: the checkpoint's)")
+                      help=f"{dataset_flag_help()}; evaluation: the data set the model was trained on (default "
+                           "there: the checkpoint's)")
     data.add_argument("--allow_uncropped_cub", action="store_true",
                       help="CUB: evaluate (or validate) on the uncropped CUB_200_2011 images when the bounding-box "
                            "crops (CUB_test/) are missing; not the published protocol (warns, recorded in the "

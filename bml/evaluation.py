@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bml.datasets import NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, input_transform_settings
+from bml.datasets import (NORMALIZATION, EpisodeSampler, FewShotDataset, build_dataset, input_transform_settings,
+                          with_normalization)
 from bml.datasets.device_augment import EvalCrops, to_model_input
 from bml.scoring import (COMBINED, HEADS, PROTO, SCALED, ViewScores, centered_prototype_logits, class_prototypes,
                          episode_labels, nearest_prototype, support_span_coordinates, votes_for)
@@ -416,16 +417,9 @@ def build_evaluation_dataset(name: str, split: str = "test", data_root: str | Pa
     if test_dataset is None:
         return build_dataset(name, split, data_root, image_size, train=False, transform=transform,
                              allow_uncropped_cub=allow_uncropped_cub)
-    import torchvision.transforms as T  # here, not at import time: torchvision imports torch._dynamo (~1 s)
-
     dataset = build_dataset(test_dataset, split, data_root, image_size, train=False,
                             allow_uncropped_cub=allow_uncropped_cub)
-    mean, std = NORMALIZATION[transform]
-    steps = list(dataset.transform.transforms)
-    if not isinstance(steps[-1], T.Normalize):
-        raise TypeError(f"expected the test transform of {test_dataset} to end with Normalize, got {steps[-1]}")
-    dataset.transform = T.Compose([*steps[:-1], T.Normalize(mean, std)])
-    return dataset
+    return with_normalization(dataset, *NORMALIZATION[transform])
 
 
 def parse_seed_range(token: str) -> list[int]:

@@ -6,22 +6,25 @@
                                steps_per_epoch=500, num_workers=4)   # (images, labels) per episode
 """
 from ..scoring import episode_labels   # its home is bml.scoring; re-exported for the data layer's users
-from .base import ArrayDataset, DatasetError, FewShotDataset, FileDataset, SplitData
-from .factory import (DATASET_NAMES, NATURAL_IMAGES_DATASET, SPLITS, DatasetDefaults, InputSettings, build_dataset,
-                      canonical_name, dataset_defaults, input_transform_settings, read_split, resolve_data_root,
-                      summarize)
+from .base import ArrayDataset, FewShotDataset, FileDataset, ReadOptions, SplitData, with_normalization
+from .errors import DatasetError
+from .factory import (DATASET_NAMES, DATASETS, IMAGE_FOLDER, NATURAL_IMAGES_DATASET, SPLITS, DatasetDefaults,
+                      DatasetLayout, InputSettings, build_dataset, canonical_name, dataset_defaults, dataset_flag_help,
+                      dataset_layout, dataset_names, describe_datasets, input_transform_settings, read_split,
+                      resolve_data_root, summarize)
 from .npz import read_npz_arrays
 from .safe_pickle import load_pickle
 from .device_augment import AUGMENT_MODES, DeviceAugment, draw_parameters
 from .sampler import EpisodeSampler, StepBatches, build_step_loader, default_num_workers, shuffled_batches
-from .transforms import NORMALIZATION, TRANSFORM_IDS, build_transform, crop_transform
+from .transforms import NORMALIZATION, TRANSFORM_IDS, TransformSettings, build_transform, crop_transform
 
 __all__ = [
-    "AUGMENT_MODES", "ArrayDataset", "DATASET_NAMES", "DatasetDefaults", "DatasetError", "DeviceAugment",
-    "EpisodeSampler", "FewShotDataset", "FileDataset", "InputSettings", "NATURAL_IMAGES_DATASET", "NORMALIZATION",
-    "SPLITS", "SplitData", "StepBatches", "TRANSFORM_IDS", "build_dataset", "build_step_loader",
-    "build_transform",
-    "canonical_name", "crop_transform", "dataset_defaults", "default_num_workers", "draw_parameters",
-    "episode_labels", "input_transform_settings", "load_pickle", "read_npz_arrays", "read_split",
-    "resolve_data_root", "shuffled_batches", "summarize",
+    "AUGMENT_MODES", "ArrayDataset", "DATASETS", "DATASET_NAMES", "DatasetDefaults", "DatasetError", "DatasetLayout",
+    "DeviceAugment", "EpisodeSampler", "FewShotDataset", "FileDataset", "IMAGE_FOLDER", "InputSettings",
+    "NATURAL_IMAGES_DATASET", "NORMALIZATION", "ReadOptions", "SPLITS", "SplitData", "StepBatches", "TRANSFORM_IDS",
+    "TransformSettings", "build_dataset", "build_step_loader", "build_transform",
+    "canonical_name", "crop_transform", "dataset_defaults", "dataset_flag_help", "dataset_layout", "dataset_names",
+    "default_num_workers", "describe_datasets", "draw_parameters", "episode_labels", "input_transform_settings",
+    "load_pickle", "read_npz_arrays", "read_split", "resolve_data_root", "shuffled_batches",
+    "summarize", "with_normalization",
 ]

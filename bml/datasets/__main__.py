@@ -9,17 +9,20 @@ import argparse
 import json
 import sys
 
-from .base import DatasetError
-from .factory import EMBEDDED_DATASET, canonical_name, resolve_data_root, summarize
+from bml.utils.messages import error
+
+from .errors import DatasetError
+from .factory import EMBEDDED_DATASET, canonical_name, dataset_names, describe_datasets, resolve_data_root, summarize
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bml.datasets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    summary = commands.add_parser("summary", help="classes, images and image shape per split")
+    summary = commands.add_parser("summary", help="classes, images and image shape per split",
+                                  epilog="data sets:\n" + describe_datasets(),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     summary.add_argument("--dataset", default=EMBEDDED_DATASET,
-                         help="miniImageNet, tieredImageNet, CIFAR-FS, FC100, CUB, glyphs, omniglot, "
-                              "or an image folder name (default: %(default)s)")
+                         help=f"{', '.join(dataset_names())}, or an image folder name (default: %(default)s)")
     summary.add_argument("--data_root", default=None, help="default: $BML_DATA_ROOT, else data/")
     summary.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
@@ -37,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         summary = summarize(args.dataset, args.data_root)
-    except (DatasetError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (DatasetError, OSError) as problem:
+        error(str(problem))
         return 1
     if args.json:
         print(json.dumps(summary))

@@ -1,4 +1,4 @@
-"""Dataset containers shared by every reader.
+"""Dataset containers shared by every reader, and what a reader is asked for (`ReadOptions`).
 
 A split is held as ONE numpy array (uint8 images, or file paths as a fixed-width string array) plus
 an int64 label array: DataLoader workers then share the pages of the parent process instead of
@@ -6,9 +6,7 @@ copying millions of Python objects (whose reference counts would touch every pag
 """
 from __future__ import annotations
 
-import os
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,21 +15,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-DATA_HELP = "see README, section Data"
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-"""PIL modes of 16-bit images (mode "I" too: older Pillow versions open 16-bit PNGs so)."""
-COMPLETE_FILE_ENDINGS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",)}
-"""How a complete file of these formats ends; a file that ends otherwise is decoded in full to find out."""
-BAD_IMAGES_LISTED = 10
+from .decoded import open_decoded_images
+from .errors import DATA_HELP, DatasetError
+from .image_files import check_image_files, common_image_shape, image_to_rgb
+from .transforms import TransformSettings
 
 
-def cache_dir() -> Path:
-    """Where built data is kept (the glyphs set, decoded images): $BML_CACHE_DIR, default ~/.cache/bml."""
-    return Path(os.environ.get("BML_CACHE_DIR") or Path.home() / ".cache" / "bml")
+@dataclass(frozen=True)
+class ReadOptions:
+    """What a caller may ask of any reader; each reader uses those that concern it and ignores the others."""
 
-
-class DatasetError(ValueError):
-    """A data problem the user can fix; the message says what is wrong and what to do."""
+    image_size: int | None = None
+    """Input size, for readers that resize at load time (Omniglot)."""
+    load_images: bool = True
+    """False: labels and image shape only (tieredImageNet then reads just its npz headers, for `summarize`)."""
+    allow_uncropped: bool = False
+    """CUB val/test: the uncropped images when the bounding-box crops are missing (warns)."""
 
 
 @dataclass
@@ -72,78 +71,13 @@ def check_images(images: np.ndarray, labels: np.ndarray, source: str) -> None:
         )
 
 
-def image_to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB image; 16-bit (0..65535) and float (0..1) images are scaled to 8 bits with their range
-    preserved (PIL's own conversion clips them), float images outside 0..1 are refused."""
-    if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 1.0 if image.mode == "F" else 65535.0
-        if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= top):
-            raise DatasetError(f"a {image.mode} image with values {pixels.min():g}..{pixels.max():g}, outside "
-                               f"0..{top:g}: convert it to an 8-bit image")
-        image = Image.fromarray(np.rint(pixels * (255 / top)).astype(np.uint8))
-    return image.convert("RGB")
-
-
-def _ends_complete(path: Path, image_format: str | None) -> bool:
-    endings = COMPLETE_FILE_ENDINGS.get(image_format or "")
-    if not endings:
-        return False
-    with open(path, "rb") as file:
-        file.seek(max(0, path.stat().st_size - 64))
-        tail = file.read().rstrip(b"\x00")
-    return tail.endswith(endings)
-
-
-def image_problem(path: str | Path) -> str | None:
-    """Why the file at `path` is not a usable image (None when it is): not an image, truncated, a
-    decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS), or a 16-bit/float range `image_to_rgb`
-    refuses. Reads the header and the file's end; decodes in full only files that do not end as their
-    format should, or whose pixel range must be checked."""
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
-                    image_to_rgb(image)
-                elif not _ends_complete(path, image.format):
-                    image.load()
-    except (OSError, SyntaxError, ValueError, DatasetError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as error:
-        return f"{type(error).__name__}: {error}"
-    return None
-
-
-def check_image_files(paths: Sequence[str], source: str) -> None:
-    """Raise DatasetError listing the files that are not usable images, when a data set is opened."""
-    bad = [(path, problem) for path in paths if (problem := image_problem(path))]
-    if bad:
-        listing = "\n".join(f"  {path} ({problem})" for path, problem in bad[:BAD_IMAGES_LISTED])
-        more = f"\n  ... and {len(bad) - BAD_IMAGES_LISTED} more" if len(bad) > BAD_IMAGES_LISTED else ""
-        raise DatasetError(f"{source}: {len(bad)} of {len(paths)} image files are not usable images; delete or "
-                           f"replace them:\n{listing}{more}")
-
-
-def read_image_sizes(paths: np.ndarray) -> np.ndarray:
-    """(N, 2) array of (height, width), read from the file headers only (no pixel decoding)."""
-    sizes = np.empty((len(paths), 2), dtype=np.int64)
-    for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            sizes[i] = image.height, image.width
-    return sizes
-
-
-def common_image_shape(paths: np.ndarray) -> tuple[int, int, int] | None:
-    """(H, W, 3) when every image has the same size, else None."""
-    sizes = read_image_sizes(paths)
-    if len(sizes) == 0 or (sizes != sizes[0]).any():
-        return None
-    return int(sizes[0, 0]), int(sizes[0, 1]), 3
-
-
 class FewShotDataset(torch.utils.data.Dataset):
-    """A split of a few-shot data set: `ds[i]` is (normalised 3 x S x S tensor, int label)."""
+    """A split of a few-shot data set: `ds[i]` is (normalised 3 x S x S tensor, int label).
+
+    `input_settings` (`TransformSettings`, None when unknown) says as data what its images go through: transform
+    id, input size and normalisation; `train` whether that is the training (True) or the test (False) transform.
+    `transform` is what `ds[i]` applies: the one `use_input_settings` built from them, or any callable given.
+    """
 
     def __init__(self, labels: np.ndarray, class_names: list[str], transform: Callable | None = None,
                  name: str = "", split: str = "", transform_id: str | None = None, image_size: int | None = None,
@@ -151,9 +85,28 @@ class FewShotDataset(torch.utils.data.Dataset):
         self.labels = np.ascontiguousarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
         self.transform = transform
-        self.name, self.split = name, split
-        # what `transform` was built from: transform id, input size, training (True) or test (False) transform
-        self.transform_id, self.image_size, self.train = transform_id, image_size, train
+        self.name, self.split, self.train = name, split, train
+        self.input_settings = None if transform_id is None else TransformSettings.of(transform_id, image_size)
+        self._settings_transform: Callable | None = None   # the transform use_input_settings built
+
+    def use_input_settings(self, settings: TransformSettings) -> None:
+        """Take `settings` and the transform built from them (the training or the test one, as `train` says)."""
+        self.input_settings = settings
+        self.transform = self._settings_transform = settings.build(train=bool(self.train))
+
+    @property
+    def uses_test_transform(self) -> bool:
+        """Whether `ds[i]` is the test transform of `input_settings` and nothing else (`EvalCrops` then gives the
+        same model inputs as uint8 crops)."""
+        return self.train is False and self.input_settings is not None and self.transform is self._settings_transform
+
+    @property
+    def transform_id(self) -> str | None:
+        return None if self.input_settings is None else self.input_settings.transform
+
+    @property
+    def image_size(self) -> int | None:
+        return None if self.input_settings is None else self.input_settings.image_size
 
     @property
     def num_classes(self) -> int:
@@ -224,10 +177,19 @@ class FileDataset(FewShotDataset):
 
     def decode_once(self) -> None:
         """Read `load_array` from a store of the decoded files (`bml.datasets.decoded`), built on first use."""
-        from .decoded import open_decoded_images
-
         if self.decoded is None:
             self.decoded = open_decoded_images(self.paths, super().load_array, f"{self.name} {self.split}")
 
     def load_array(self, index: int) -> np.ndarray:
         return self.decoded[index] if self.decoded is not None else super().load_array(index)
+
+
+def with_normalization(dataset: FewShotDataset, mean: Sequence[float], std: Sequence[float]) -> FewShotDataset:
+    """`dataset` normalising its inputs with `mean` and `std` instead of its own statistics, its resize and crop
+    kept: a cross-domain evaluation feeds the model the statistics its BatchNorm layers were fitted to. Changes
+    `dataset` (its `input_settings` and transform) in place and returns it."""
+    if dataset.input_settings is None:
+        raise DatasetError(f"{dataset.name} {dataset.split} does not record its input settings, so it cannot be "
+                           "normalised otherwise: build it with bml.datasets.build_dataset")
+    dataset.use_input_settings(replace(dataset.input_settings, mean=tuple(mean), std=tuple(std)))
+    return dataset

@@ -8,7 +8,7 @@ page cache and copy out only each image's crop box.
 
 It lives under $BML_CACHE_DIR (default ~/.cache/bml), named by a digest of the files' paths, sizes and
 modification times and of Pillow's version, so a changed file or decoder builds a new one. Both files
-are written atomically; a build is skipped (with a note, and the workers decode the files as before)
+are written atomically; a build is skipped (with a warning, and the workers decode the files as before)
 when the pixels would take more than half the free space there.
 """
 from __future__ import annotations
@@ -24,8 +24,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bml.utils.io import atomic_write
+from bml.utils.messages import info, warn
 
-from .base import DatasetError, cache_dir, read_image_sizes
+from .errors import DatasetError
+from .image_files import cache_dir, read_image_sizes
 
 STORE_VERSION = 1
 OFFSET, HEIGHT, WIDTH = 0, 1, 2
@@ -83,7 +85,7 @@ def open_decoded_images(paths: np.ndarray, decode: Callable[[int], np.ndarray], 
                         ) -> DecodedImages | None:
     """The store of the files `paths`, built on first use by `decode(i)` (image i as H x W x 3 uint8).
 
-    None, with a note on stderr, when the folder lacks the space (more than half its free space needed)
+    None, with a warning, when the folder lacks the space (more than half its free space needed)
     or cannot be written: the caller then decodes the files on every access, as without a store.
     """
     pixels_path, index_path = store_paths(paths)
@@ -96,17 +98,16 @@ def open_decoded_images(paths: np.ndarray, decode: Callable[[int], np.ndarray], 
         pixels_path.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(pixels_path.parent).free
     except OSError as error:
-        print(f"note: cannot write the decoded images of {what} to {pixels_path.parent} ({error}): the loader "
-              "decodes the files at every step instead (set BML_CACHE_DIR to a writable folder)",
-              file=sys.stderr, flush=True)
+        warn(f"cannot write the decoded images of {what} to {pixels_path.parent} ({error}): the loader "
+             "decodes the files at every step instead (set BML_CACHE_DIR to a writable folder)")
         return None
     if needed > free // 2:
-        print(f"note: the decoded images of {what} would take {needed / 2**30:.1f} GB, more than half the free space "
-              f"in {pixels_path.parent} ({free / 2**30:.1f} GB): the loader decodes the files at every step instead "
-              "(set BML_CACHE_DIR to a larger disk to decode them once)", file=sys.stderr, flush=True)
+        warn(f"the decoded images of {what} would take {needed / 2**30:.1f} GB, more than half the free space "
+             f"in {pixels_path.parent} ({free / 2**30:.1f} GB): the loader decodes the files at every step instead "
+             "(set BML_CACHE_DIR to a larger disk to decode them once)")
         return None
-    print(f"decoding the {len(paths)} images of {what} once into {pixels_path} ({needed / 2**30:.2f} GB; "
-          "set BML_CACHE_DIR to put it elsewhere)", file=sys.stderr, flush=True)
+    info(f"decoding the {len(paths)} images of {what} once into {pixels_path} ({needed / 2**30:.2f} GB; "
+         "set BML_CACHE_DIR to put it elsewhere)")
     offsets = np.concatenate([[0], np.cumsum(sizes[:, 0] * sizes[:, 1] * 3)[:-1]])
     try:
         with atomic_write(pixels_path) as handle:
@@ -121,6 +122,6 @@ def open_decoded_images(paths: np.ndarray, decode: Callable[[int], np.ndarray], 
         with atomic_write(index_path) as handle:
             np.save(handle, np.column_stack([offsets, sizes]).astype(np.int64))
     except OSError as error:   # a full disk (OutputError says so), no permission
-        print(f"note: {error}; the loader decodes the files at every step instead", file=sys.stderr, flush=True)
+        warn(f"{error}; the loader decodes the files at every step instead")
         return None
     return read_store(pixels_path, index_path, len(paths))

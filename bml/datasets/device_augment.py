@@ -215,28 +215,21 @@ def to_model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[fl
 class EvalCrops(torch.utils.data.Dataset):
     """Item i of a `FewShotDataset` built with its test transform, as the uint8 S x S crop (the deterministic
     resize and crop in PIL) and its label: 4 times less to copy to the device than floats, and no
-    conversion on the host; `to_model_input(images, crops.mean, crops.std)` finishes it there. The mean and
-    std are those of the dataset's own Normalize step (a cross-domain evaluation replaces them with the
-    model's)."""
+    conversion on the host; `to_model_input(images, crops.mean, crops.std)` finishes it there. The crop, mean
+    and std are those of the dataset's `input_settings` (a cross-domain evaluation's statistics are the model's,
+    `with_normalization`)."""
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
-        self.crop = crop_transform(dataset.transform_id, dataset.image_size, train=False)
-        normalization = dataset.transform.transforms[-1]
-        self.mean, self.std = tuple(normalization.mean), tuple(normalization.std)
+        settings = dataset.input_settings
+        self.crop = crop_transform(settings.transform, settings.image_size, train=False)
+        self.mean, self.std = tuple(settings.mean), tuple(settings.std)
 
     @staticmethod
     def applies_to(dataset) -> bool:
-        """Whether `dataset` is a FewShotDataset built with its test transform (its items are then
-        `to_model_input` of these crops): the geometry of `crop_transform`, then ToTensor and Normalize."""
-        if getattr(dataset, "train", None) is not False or getattr(dataset, "transform_id", None) is None:
-            return False
-        import torchvision.transforms as T
-
-        steps = getattr(dataset.transform, "transforms", [])
-        geometry = crop_transform(dataset.transform_id, dataset.image_size, train=False).transforms
-        return (len(steps) == len(geometry) + 2 and isinstance(steps[-2], T.ToTensor)
-                and isinstance(steps[-1], T.Normalize) and all(repr(a) == repr(b) for a, b in zip(steps, geometry)))
+        """Whether the items of `dataset` are the test transform of its `input_settings` and nothing else
+        (`FewShotDataset.uses_test_transform`): they are then `to_model_input` of these crops."""
+        return bool(getattr(dataset, "uses_test_transform", False))
 
     def __len__(self) -> int:
         return len(self.dataset)

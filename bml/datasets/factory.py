@@ -1,4 +1,10 @@
-"""One entry point from (data set name, split) to a Dataset; the per-data-set input settings and their resolver."""
+"""The data sets table `DATASETS`, the one entry point from (data set name, split) to a Dataset, and the
+resolver of a model's input settings.
+
+A new data set layout is one `DatasetLayout` entry: its reader, default input settings, splits and expected
+files. `read_split`, `build_dataset`, `summarize`, `canonical_name`, `dataset_defaults`, and the help texts and
+messages that name data sets all read the table; a name that is not in it is an image folder (`IMAGE_FOLDER`).
+"""
 from __future__ import annotations
 
 import os
@@ -9,56 +15,119 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from .base import DATA_HELP, ArrayDataset, DatasetError, FewShotDataset, FileDataset, SplitData, common_image_shape
+from .base import ArrayDataset, FewShotDataset, FileDataset, ReadOptions, SplitData
+from .errors import DATA_HELP, DatasetError
 from .glyphs import read_glyphs
-from .omniglot import OMNIGLOT_SPLITS, read_omniglot
-from .readers import (CIFAR_FILES, EXPECTED_FILES, MINI_IMAGENET_FILES, read_cub, read_image_folder, read_pickle_split,
-                      read_tiered)
-from .transforms import NORMALIZATION, build_transform, check_transform_id
+from .image_files import common_image_shape
+from .omniglot import OMNIGLOT_FILES, OMNIGLOT_IMAGE_SIZE, OMNIGLOT_SPLITS, read_omniglot
+from .readers import (CIFAR_FILES, CUB_FILES, IMAGE_FOLDER_FILES, MINI_IMAGENET_FILES, TIERED_FILES, read_cub,
+                      read_image_folder, read_pickle_split, read_tiered)
+from .transforms import TransformSettings, check_transform_id
 
 SPLITS = ("train", "val", "test")
-EMBEDDED_DATASET = "glyphs"
-
-# Layouts under <root>/<name>/; any other name is an image folder there.
-_LAYOUT_READERS: dict[str, Callable[[Path, str], SplitData]] = {
-    "miniImageNet": partial(read_pickle_split, files=MINI_IMAGENET_FILES),
-    "tieredImageNet": read_tiered,
-    "CIFAR-FS": partial(read_pickle_split, files=CIFAR_FILES),
-    "FC100": partial(read_pickle_split, files=CIFAR_FILES),
-    "CUB": read_cub,
-}
-DATASET_NAMES = (*_LAYOUT_READERS, "glyphs", "omniglot")
+Reader = Callable[[Path | None, str, ReadOptions], SplitData]
+"""(the data set's folder `<data root>/<name>`, None for one that needs no data root; split; options) -> SplitData."""
 
 
 @dataclass(frozen=True)
-class DatasetDefaults:
-    """What a data set is trained and evaluated with unless told otherwise."""
+class DatasetLayout:
+    """One data set the toolkit reads: how its files are read, what its folder holds, and what its images go
+    through unless told otherwise."""
 
+    description: str
+    """One line: what the data set is."""
+    reader: Reader
     transform: str
+    """Default transform id ('A'..'E', 'O'; `bml.datasets.transforms`)."""
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    """Default input size in pixels."""
+    expected_files: tuple[str, ...]
+    """What its folder holds, as messages and help name it."""
+    splits: tuple[str, ...] = SPLITS
+    needs_data_root: bool = True
+    """False: built by the toolkit itself, nothing to download (the reader gets no folder)."""
+    listed: bool = True
+    """Named in DATASET_NAMES and the help texts; False for an image folder known only for its input settings."""
 
 
-_DEFAULTS = {
-    "miniImageNet": ("A", 84), "tieredImageNet": ("B", 84), "FC100": ("C", 84), "CIFAR-FS": ("D", 84),
-    "CUB": ("E", 84), "glyphs": ("O", 32), "omniglot": ("O", 28), "omniglot-small": ("O", 28),
+DATASETS: dict[str, DatasetLayout] = {
+    "miniImageNet": DatasetLayout(
+        "100 ImageNet classes (64 train, 16 val, 20 test), 84 px, in pickled arrays",
+        partial(read_pickle_split, files=MINI_IMAGENET_FILES), "A", 84, tuple(MINI_IMAGENET_FILES.values())),
+    "tieredImageNet": DatasetLayout(
+        "608 ImageNet classes in 34 super-categories (351/97/160), 84 px, in npz arrays; train is train + val",
+        read_tiered, "B", 84, TIERED_FILES),
+    "CIFAR-FS": DatasetLayout(
+        "the 100 CIFAR-100 classes split at random (64/16/20), 32 px, in pickled arrays",
+        partial(read_pickle_split, files=CIFAR_FILES), "D", 84, tuple(CIFAR_FILES.values())),
+    "FC100": DatasetLayout(
+        "the 100 CIFAR-100 classes split by super-class (60/20/20), 32 px, in pickled arrays",
+        partial(read_pickle_split, files=CIFAR_FILES), "C", 84, tuple(CIFAR_FILES.values())),
+    "CUB": DatasetLayout(
+        "200 bird species (100/50/50), JPEG files of mixed sizes; val/test on the bounding-box crops",
+        read_cub, "E", 84, CUB_FILES),
+    "glyphs": DatasetLayout(
+        "100 characters rendered from the fonts matplotlib ships (64/16/20), 32 px, built on first use",
+        read_glyphs, "O", 32, (), needs_data_root=False),
+    "omniglot": DatasetLayout(
+        "Omniglot's characters in four rotations, Vinyals split (4112/688/1692 classes), resized at load time",
+        read_omniglot, "O", OMNIGLOT_IMAGE_SIZE, OMNIGLOT_FILES, splits=OMNIGLOT_SPLITS),
+    "omniglot-small": DatasetLayout(
+        "an image folder of Omniglot characters (experiments/omniglot_cpu.sh quick)",
+        read_image_folder, "O", OMNIGLOT_IMAGE_SIZE, IMAGE_FOLDER_FILES, listed=False),
 }
-"""Data set -> (transform id, input size): the one table of each data set's input settings."""
 NATURAL_IMAGES_DATASET = "miniImageNet"
 """Whose input settings image-folder data sets get, and checkpoints that record neither data set nor transform."""
+IMAGE_FOLDER = DatasetLayout(
+    "your own images, one folder per class", read_image_folder, DATASETS[NATURAL_IMAGES_DATASET].transform,
+    DATASETS[NATURAL_IMAGES_DATASET].image_size, IMAGE_FOLDER_FILES, listed=False)
+"""The layout of every name that is not in `DATASETS`: `<data root>/<name>/<split>/<class>/<image>`."""
+EMBEDDED_DATASET = next(name for name, layout in DATASETS.items() if not layout.needs_data_root)
+DatasetDefaults = TransformSettings
+"""What a data set is trained and evaluated with unless told otherwise (`dataset_defaults`)."""
+
+
+def dataset_names() -> tuple[str, ...]:
+    """The data sets the table names, in its order (image folders known only for their settings left out)."""
+    return tuple(name for name, layout in DATASETS.items() if layout.listed)
+
+
+DATASET_NAMES = dataset_names()
+"""The data sets of `DATASETS` at import (`dataset_names()` reads the table itself)."""
 
 
 def canonical_name(name: str) -> str:
     """Known data sets match case-insensitively ('cifar-fs' -> 'CIFAR-FS'); other names are image folders."""
-    return {known.lower(): known for known in (*DATASET_NAMES, *_DEFAULTS)}.get(name.lower(), name)
+    return {known.lower(): known for known in DATASETS}.get(name.lower(), name)
+
+
+def dataset_layout(name: str) -> DatasetLayout:
+    """The table's entry of `name` (in any case), else the image-folder layout."""
+    return DATASETS.get(canonical_name(name), IMAGE_FOLDER)
 
 
 def dataset_defaults(name: str) -> DatasetDefaults:
     """Default transform id, input size and normalisation of a data set (image folders: as miniImageNet)."""
-    transform, image_size = _DEFAULTS.get(canonical_name(name), _DEFAULTS[NATURAL_IMAGES_DATASET])
-    mean, std = NORMALIZATION[transform]
-    return DatasetDefaults(transform, image_size, mean, std)
+    layout = dataset_layout(name)
+    return TransformSettings.of(layout.transform, layout.image_size)
+
+
+def dataset_flag_help() -> str:
+    """The data sets a `--dataset` flag takes, as its help lists them."""
+    names = [name if layout.needs_data_root else f"{name} (embedded, no download)"
+             for name, layout in DATASETS.items() if layout.listed]
+    return ", ".join(names) + f", or the name of an image folder <data_root>/<name>/{IMAGE_FOLDER.expected_files[0]}"
+
+
+def describe_datasets() -> str:
+    """Every data set of the table with its description and what its folder holds, two lines each."""
+    entries = [(name, name, layout) for name, layout in DATASETS.items() if layout.listed]
+    lines = []
+    for label, folder, layout in [*entries, ("any other name", "<name>", IMAGE_FOLDER)]:
+        where = (f"<data_root>/{folder}/ holds {', '.join(layout.expected_files)}" if layout.needs_data_root
+                 else "needs no data root: nothing to download")
+        lines += [f"  {label}: {layout.description}", f"      {where}"]
+    return "\n".join(lines)
 
 
 class InputSettings(NamedTuple):
@@ -99,46 +168,39 @@ def resolve_data_root(data_root: str | Path | None = None) -> Path:
     return Path(data_root or os.environ.get("BML_DATA_ROOT") or "data")
 
 
-def _check_split(name: str, split: str) -> None:
-    splits = OMNIGLOT_SPLITS if name == "omniglot" else SPLITS
-    if split not in splits:
-        raise DatasetError(f"unknown split '{split}' for {name}: expected one of {', '.join(splits)}")
+def _missing_folder(name: str, folder: Path, layout: DatasetLayout) -> DatasetError:
+    holds = ", ".join(layout.expected_files)
+    if layout.listed:
+        return DatasetError(f"expected the folder {folder} for {name}, holding {holds}: {DATA_HELP}")
+    return DatasetError(f"unknown dataset '{name}': not one of {', '.join(dataset_names())}, and no image folder "
+                        f"{folder}/{holds} exists; {DATA_HELP}")
 
 
 def read_split(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
                load_images: bool = True, allow_uncropped_cub: bool = False) -> SplitData:
-    """Labels, class names and images (or paths) of one split, without a transform.
+    """Labels, class names and images (or paths) of one split, without a transform, read by the data set's
+    entry of `DATASETS` (any other name: an image folder).
 
     load_images=False lets tieredImageNet read only its npz headers (for `summarize`).
     allow_uncropped_cub: CUB val/test may use the uncropped images when the crops are missing (warns).
     """
     name = canonical_name(name)
-    _check_split(name, split)
-    image_size = input_transform_settings({"dataset": name}, image_size).image_size
+    layout = dataset_layout(name)
+    if split not in layout.splits:
+        raise DatasetError(f"unknown split '{split}' for {name}: expected one of {', '.join(layout.splits)}")
+    options = ReadOptions(int(image_size or layout.image_size), load_images, allow_uncropped_cub)
+    if not layout.needs_data_root:
+        return layout.reader(None, split, options)
     root = resolve_data_root(data_root)
-    if name == EMBEDDED_DATASET:
-        return read_glyphs(split)
     if not root.is_dir():
         raise DatasetError(
             f"data root {root} does not exist: pass --data_root, or set BML_DATA_ROOT, to the folder holding "
             f"{name}/ ({DATA_HELP}); the embedded data set '{EMBEDDED_DATASET}' needs no download"
         )
-    if name == "omniglot":
-        return read_omniglot(root, split, image_size)
     folder = root / name
-    if name in _LAYOUT_READERS and not folder.is_dir():
-        raise DatasetError(f"expected the folder {folder} for {name}, holding {', '.join(EXPECTED_FILES[name])}: "
-                           f"{DATA_HELP}")
     if not folder.is_dir():
-        raise DatasetError(
-            f"unknown dataset '{name}': not one of {', '.join(DATASET_NAMES)}, and no image folder "
-            f"{folder}/<split>/<class>/<image> exists; {DATA_HELP}"
-        )
-    if name == "tieredImageNet":
-        return read_tiered(folder, split, load_images=load_images)
-    if name == "CUB":
-        return read_cub(folder, split, allow_uncropped=allow_uncropped_cub)
-    return _LAYOUT_READERS.get(name, read_image_folder)(folder, split)
+        raise _missing_folder(name, folder, layout)
+    return layout.reader(folder, split, options)
 
 
 def build_dataset(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
@@ -152,17 +214,19 @@ def build_dataset(name: str, split: str, data_root: str | Path | None = None, im
     """
     transform_id, image_size = input_transform_settings({"dataset": name}, image_size, transform)
     data = read_split(name, split, data_root, image_size, allow_uncropped_cub=allow_uncropped_cub)
-    common = dict(class_names=data.class_names, transform=build_transform(transform_id, image_size, train),
-                  name=canonical_name(name), split=split, transform_id=transform_id, image_size=image_size, train=train)
+    common = dict(class_names=data.class_names, name=canonical_name(name), split=split, train=train)
     if data.images is not None:
-        return ArrayDataset(data.images, data.labels, **common)
-    return FileDataset(data.paths, data.labels, **common)
+        dataset = ArrayDataset(data.images, data.labels, **common)
+    else:
+        dataset = FileDataset(data.paths, data.labels, **common)
+    dataset.use_input_settings(TransformSettings.of(transform_id, image_size))
+    return dataset
 
 
 def summarize(name: str, data_root: str | Path | None = None) -> dict[str, dict]:
     """Per split: classes, images and image shape (None for file layouts with mixed sizes)."""
     summary = {}
-    for split in SPLITS:
+    for split in (split for split in SPLITS if split in dataset_layout(name).splits):
         data = read_split(name, split, data_root, load_images=False, allow_uncropped_cub=True)
         shape = data.image_shape if data.paths is None else common_image_shape(data.paths)
         summary[split] = {"classes": len(data.class_names), "images": len(data.labels),

@@ -14,7 +14,6 @@ would not draw the same way.
 from __future__ import annotations
 
 import hashlib
-import sys
 import zipfile
 from pathlib import Path
 
@@ -22,8 +21,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from bml.utils.io import atomic_write
+from bml.utils.messages import warn
 
-from .base import DatasetError, SplitData, cache_dir
+from .base import ReadOptions, SplitData
+from .errors import DatasetError
+from .image_files import cache_dir
 
 GLYPHS_VERSION = 1
 IMAGE_SIZE = 32
@@ -163,7 +165,7 @@ def read_cache(path: Path) -> dict[str, np.ndarray] | None:
         problem = f"{type(error).__name__}: {error}"
     if problem is None:
         return arrays
-    print(f"the glyphs cache {path} is damaged ({problem}): rebuilding it", file=sys.stderr, flush=True)
+    warn(f"the glyphs cache {path} is damaged ({problem}): rebuilding it")
     return None
 
 
@@ -179,8 +181,9 @@ def load_glyphs() -> dict[str, np.ndarray]:
     return arrays
 
 
-def read_glyphs(split: str) -> SplitData:
-    """The classes of one split: labels 0..C-1 in the order of CHARACTERS."""
+def read_glyphs(folder: Path | None, split: str, options: ReadOptions = ReadOptions()) -> SplitData:
+    """The classes of one split: labels 0..C-1 in the order of CHARACTERS. A data set reader that needs no data
+    (`folder` is None) and no options: the images are rendered at IMAGE_SIZE, the transform resizes them."""
     arrays = load_glyphs()
     classes = np.flatnonzero(arrays["class_split"] == split)
     keep = np.isin(arrays["labels"], classes)

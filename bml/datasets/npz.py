@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from numpy.lib import format as npy_format
 
-from .base import DATA_HELP, DatasetError
+from .errors import DATA_HELP, DatasetError
 
 _CHUNK_BYTES = 1 << 24
 

@@ -16,9 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .base import DATA_HELP, DatasetError, SplitData, remap_labels
+from .base import ReadOptions, SplitData, remap_labels
+from .errors import DATA_HELP, DatasetError
 
 OMNIGLOT_SPLITS = ("train", "val", "test", "trainval")
+OMNIGLOT_FILES = ("images_{background,evaluation}.npz with alphabets.csv",
+                  "or images_{background,evaluation}/<Alphabet>/characterNN/*.png")
+OMNIGLOT_IMAGE_SIZE = 28
 PACKAGED_SPLITS = Path(__file__).parent / "splits" / "omniglot_vinyals"
 IMAGE_SETS = ("images_background", "images_evaluation")
 _CLASS_LINE = re.compile(r"^(?P<alphabet>[^/]+)/character(?P<number>\d+)/rot(?P<angle>000|090|180|270)$")
@@ -105,16 +109,14 @@ def _has_npz(omniglot_dir: Path) -> bool:
         (omniglot_dir / f"{image_set}.npz").is_file() for image_set in IMAGE_SETS)
 
 
-def read_omniglot(data_root: Path, split: str, image_size: int = 28) -> SplitData:
-    """The (character, rotation) classes of a Vinyals split, images image_size px uint8 RGB."""
-    omniglot_dir = data_root / "omniglot"
-    if not omniglot_dir.is_dir():
-        raise DatasetError(f"expected the folder {omniglot_dir} (images_background.npz, alphabets.csv, ...): {DATA_HELP}")
-    class_lines = sorted(read_split_list(split_file(data_root, split)))
+def read_omniglot(omniglot_dir: Path, split: str, options: ReadOptions = ReadOptions()) -> SplitData:
+    """The (character, rotation) classes of a Vinyals split of `<root>/omniglot`, images `options.image_size`
+    px (default OMNIGLOT_IMAGE_SIZE) uint8 RGB."""
+    class_lines = sorted(read_split_list(split_file(omniglot_dir.parent, split)))
     class_characters = [line.rsplit("/", 1)[0] for line in class_lines]
     characters = sorted(set(class_characters))
     load = _load_npz if _has_npz(omniglot_dir) else _load_png
-    gray, owner = load(omniglot_dir, characters, image_size)
+    gray, owner = load(omniglot_dir, characters, int(options.image_size or OMNIGLOT_IMAGE_SIZE))
 
     # Each class takes all images of its character: gather them from the images sorted by character.
     per_character = np.bincount(owner, minlength=len(characters))

@@ -1,17 +1,21 @@
 """Readers for the file layouts of the README's "Data" table and the generic image folder.
 
-Each reader maps (dataset folder, split) to a SplitData with labels remapped to 0..C-1 in sorted order
-of the original class ids, and says precisely which file it expected when one is missing.
+Each reader maps (dataset folder, split, `ReadOptions`) to a SplitData with labels remapped to 0..C-1 in
+sorted order of the original class ids, and says precisely which file it expected when one is missing.
+What each layout's folder holds (`*_FILES`) is stated here once; the data sets table
+(`bml.datasets.factory.DATASETS`) names it in messages and help.
 """
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from .base import DATA_HELP, DatasetError, SplitData, check_images, remap_labels
+from bml.utils.messages import warn
+
+from .base import ReadOptions, SplitData, check_images, remap_labels
+from .errors import DATA_HELP, DatasetError
 from .npz import npz_array_shape, read_npz_arrays
 from .safe_pickle import load_pickle
 
@@ -23,15 +27,10 @@ MINI_IMAGENET_FILES = {
     "test": "miniImageNet_category_split_test.pickle",
 }
 CIFAR_FILES = {split: f"{split}.pickle" for split in ("train", "val", "test")}
-# What each layout's folder holds, for the message when the folder itself is missing.
-EXPECTED_FILES = {
-    "miniImageNet": tuple(MINI_IMAGENET_FILES.values()),
-    "tieredImageNet": tuple(f"{split}_{kind}" for kind in ("images.npz", "labels.pkl") for split in CIFAR_FILES),
-    "CIFAR-FS": tuple(CIFAR_FILES.values()),
-    "FC100": tuple(CIFAR_FILES.values()),
-    "CUB": ("CUB_200_2011/images/<class>/<image>.jpg", "CUB_200_2011/split/{train,val,test}.csv",
-            "optionally CUB_test/ (the bounding-box crops) with CUB_test/split/{val,test}.csv"),
-}
+TIERED_FILES = tuple(f"{split}_{kind}" for kind in ("images.npz", "labels.pkl") for split in CIFAR_FILES)
+CUB_FILES = ("CUB_200_2011/images/<class>/<image>.jpg", "CUB_200_2011/split/{train,val,test}.csv",
+             "optionally CUB_test/ (the bounding-box crops) with CUB_test/split/{val,test}.csv")
+IMAGE_FOLDER_FILES = ("<split>/<class>/<image>",)
 
 
 def require_file(path: Path) -> Path:
@@ -66,8 +65,10 @@ def _class_names(class_ids: np.ndarray, payload: dict) -> list[str]:
     return [names.get(class_id.item(), str(class_id.item())) for class_id in class_ids]
 
 
-def read_pickle_split(dataset_dir: Path, split: str, files: dict[str, str]) -> SplitData:
-    """miniImageNet, CIFAR-FS, FC100: a pickled dict with `data` (N x H x W x 3) and `labels`."""
+def read_pickle_split(dataset_dir: Path, split: str, options: ReadOptions = ReadOptions(), *,
+                      files: dict[str, str]) -> SplitData:
+    """miniImageNet, CIFAR-FS, FC100: a pickled dict with `data` (N x H x W x 3) and `labels`, in the file
+    `files[split]` (no option applies)."""
     path = require_file(dataset_dir / files[split])
     payload = load_pickle(path)
     data, original_labels = _pickle_fields(payload, ("data", "labels"), str(path))
@@ -78,10 +79,11 @@ def read_pickle_split(dataset_dir: Path, split: str, files: dict[str, str]) -> S
                      image_shape=images.shape[1:])
 
 
-def read_tiered(dataset_dir: Path, split: str, load_images: bool = True) -> SplitData:
+def read_tiered(dataset_dir: Path, split: str, options: ReadOptions = ReadOptions()) -> SplitData:
     """tieredImageNet: `{split}_images.npz` + `{split}_labels.pkl`; 'train' is train + val (448 classes).
 
-    The joined images are read straight into one preallocated array (never two copies of 9.5 GB).
+    The joined images are read straight into one preallocated array (never two copies of 9.5 GB);
+    `options.load_images=False` reads the labels and the npz headers only.
     """
     parts = ("train", "val") if split == "train" else (split,)
     image_files = [require_file(dataset_dir / f"{part}_images.npz") for part in parts]
@@ -101,7 +103,7 @@ def read_tiered(dataset_dir: Path, split: str, load_images: bool = True) -> Spli
             f"{dataset_dir}: {num_images} images in {[p.name for p in image_files]} but {len(labels)} labels; "
             f"the files do not belong together ({DATA_HELP})"
         )
-    images = read_npz_arrays([(path, "images") for path in image_files]) if load_images else None
+    images = read_npz_arrays([(path, "images") for path in image_files]) if options.load_images else None
     if images is not None:
         check_images(images, labels, str(image_files[0]))
     return SplitData(labels=labels, class_names=class_names, images=images, image_shape=tuple(shapes[0][1:]))
@@ -133,25 +135,25 @@ def _resolve_listed_files(image_dir: Path, filenames: list[str], classes: list[s
     return np.array(paths, dtype=np.str_)
 
 
-def read_cub(dataset_dir: Path, split: str, allow_uncropped: bool = False) -> SplitData:
+def read_cub(dataset_dir: Path, split: str, options: ReadOptions = ReadOptions()) -> SplitData:
     """CUB: `CUB_200_2011/images` + `split/{split}.csv`; val/test from the bounding-box crops in `CUB_test/`.
 
     The crops are the published test protocol: without them val/test stop with a DatasetError, unless
-    `allow_uncropped`, which reads the uncropped images with a warning.
+    `options.allow_uncropped`, which reads the uncropped images with a warning.
     """
     cropped = dataset_dir / "CUB_test"
     cropped_split = cropped / "split" / f"{split}.csv"
     if split != "train" and cropped_split.is_file():
         split_file, image_dir = cropped_split, cropped
     else:
-        if split != "train" and not allow_uncropped:
+        if split != "train" and not options.allow_uncropped:
             raise DatasetError(
                 f"CUB {split} images come from the bounding-box crops in {cropped}/ (the published protocol), but "
                 f"{cropped_split} is missing: put the original release's CUB_test/ folder there, or pass "
                 f"--allow_uncropped_cub to use the uncropped CUB_200_2011 images (not the published protocol)")
         if split != "train":
-            print(f"WARNING: {cropped_split} is missing: CUB {split} uses the uncropped CUB_200_2011 images "
-                  "(--allow_uncropped_cub), not the published bounding-box crops", file=sys.stderr, flush=True)
+            warn(f"{cropped_split} is missing: CUB {split} uses the uncropped CUB_200_2011 images "
+                 "(--allow_uncropped_cub), not the published bounding-box crops")
         split_file, image_dir = dataset_dir / "CUB_200_2011" / "split" / f"{split}.csv", dataset_dir / "CUB_200_2011" / "images"
     filenames, classes = _read_split_csv(split_file)
     paths = _resolve_listed_files(image_dir, filenames, classes, split_file)
@@ -159,8 +161,9 @@ def read_cub(dataset_dir: Path, split: str, allow_uncropped: bool = False) -> Sp
     return SplitData(labels=labels, class_names=[str(c) for c in class_ids], paths=paths)
 
 
-def read_image_folder(dataset_dir: Path, split: str) -> SplitData:
-    """`<dataset_dir>/<split>/<class>/<image>`: class folders in sorted order; empty folders are skipped."""
+def read_image_folder(dataset_dir: Path, split: str, options: ReadOptions = ReadOptions()) -> SplitData:
+    """`<dataset_dir>/<split>/<class>/<image>`: class folders in sorted order; empty folders are skipped (no
+    option applies)."""
     split_dir = dataset_dir / split
     if not split_dir.is_dir():
         raise DatasetError(f"expected the folder {split_dir} holding <class>/<image> files: {DATA_HELP}")

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import DATA_HELP, DatasetError
+from .errors import DATA_HELP, DatasetError
 
 _RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]   # numpy's _reconstruct, any numpy version
 _SCALAR = np.float64(0).__reduce__()[0]                     # numpy's scalar reconstruction

@@ -7,10 +7,11 @@ smaller (or larger) than S are resized to S before cropping where the recipe kee
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Callable
 
-
-from .base import DatasetError
+from .errors import DatasetError
 
 _MINI = ((120.39586422 / 255, 115.59361427 / 255, 104.54012653 / 255),
          (70.68188272 / 255, 68.27635443 / 255, 72.54505529 / 255))
@@ -29,6 +30,27 @@ def check_transform_id(transform_id: str) -> str:
     if transform_id not in NORMALIZATION:
         raise DatasetError(f"unknown transform '{transform_id}': expected one of {', '.join(TRANSFORM_IDS)}")
     return transform_id
+
+
+@dataclass(frozen=True)
+class TransformSettings:
+    """What a data set's images go through, as data: the transform id, the input size in pixels, and the
+    statistics the inputs are normalised with (the transform's own, or another data set's cross-domain)."""
+
+    transform: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, transform_id: str, image_size: int) -> TransformSettings:
+        """Transform `transform_id` at `image_size` pixels, normalised with its own statistics."""
+        mean, std = NORMALIZATION[check_transform_id(transform_id)]
+        return cls(transform_id, image_size, mean, std)
+
+    def build(self, train: bool = False) -> Callable:
+        """The training (`train=True`) or test transform these settings describe."""
+        return build_transform(self.transform, self.image_size, train, (self.mean, self.std))
 
 
 JITTER = 0.4
@@ -69,11 +91,13 @@ def crop_transform(transform_id: str, image_size: int = 84, train: bool = False)
     return T.Compose(steps)
 
 
-def build_transform(transform_id: str, image_size: int = 84, train: bool = False) -> Callable:
-    """The training (`train=True`) or test transform `transform_id` at `image_size` pixels."""
+def build_transform(transform_id: str, image_size: int = 84, train: bool = False,
+                    normalization: tuple[Sequence[float], Sequence[float]] | None = None) -> Callable:
+    """The training (`train=True`) or test transform `transform_id` at `image_size` pixels, normalised with
+    `normalization` (mean, std) when given, else with the transform's own statistics."""
     import torchvision.transforms as T
 
-    mean, std = NORMALIZATION[check_transform_id(transform_id)]
+    mean, std = normalization or NORMALIZATION[check_transform_id(transform_id)]
     steps = list(crop_transform(transform_id, image_size, train).transforms)
     if train and has_jitter_and_flip(transform_id):
         steps += [T.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER), T.RandomHorizontalFlip()]

@@ -1,5 +1,10 @@
-"""Models: BML (the paper's model; docs/ARCHITECTURE.md "Models"), the two single-view baselines, and
-``build_model``, the one way to build any of them from settings."""
+"""Models: BML (the paper's model; docs/ARCHITECTURE.md "Models"), the two single-view baselines, the models
+table `MODELS`, and ``build_model``, the one way to build any of them from settings.
+
+A new kind of model is a `FewShotModel` subclass that names its ``kind`` and ``identifying_keys`` (and, where
+the defaults do not fit, how it is built from settings and what its weights show), plus one entry in `MODELS`:
+`build_model` and the checkpoint reader (`bml.checkpoint.model_config`) read it from there.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,19 @@ from argparse import Namespace
 from collections.abc import Mapping
 from typing import Any
 
-from bml.models.backbones import canonical_backbone
+import torch
+
 from bml.models.base import FewShotModel
 from bml.models.baselines import BaselineGlobal, BaselineLocal
 from bml.models.bml import BML
 
-MODEL_KINDS = ("bml", "global", "local")
+MODELS: dict[str, type[FewShotModel]] = {model.kind: model for model in (BML, BaselineGlobal, BaselineLocal)}
+DEFAULT_MODEL = BML.kind
+MODEL_KINDS = tuple(MODELS)
+"""The kinds of `MODELS` at import (read `MODELS` itself)."""
 
-__all__ = ["BML", "MODEL_KINDS", "BaselineGlobal", "BaselineLocal", "FewShotModel", "build_model"]
+__all__ = ["BML", "DEFAULT_MODEL", "MODELS", "MODEL_KINDS", "BaselineGlobal", "BaselineLocal", "FewShotModel",
+           "build_model", "recognised_model"]
 
 
 def build_model(config: Mapping[str, Any] | Namespace) -> FewShotModel:
@@ -26,18 +36,20 @@ def build_model(config: Mapping[str, Any] | Namespace) -> FewShotModel:
     Other keys are ignored.
     """
     settings = vars(config) if isinstance(config, Namespace) else dict(config)
-    kind = settings.get("model") or "bml"
-    if kind not in MODEL_KINDS:
-        raise ValueError(f"unknown model {kind!r}: expected one of {', '.join(MODEL_KINDS)}")
-    common = {
-        "width": float(settings.get("width") or 1.0),
-        "drop_rate": float(settings.get("drop_rate", 0.1)),
-        "backbone": canonical_backbone(settings.get("backbone") or "resnet12"),
-    }
-    if kind == "local":
-        return BaselineLocal(spatial=bool(settings.get("spatial", False)), **common)
-    if settings.get("num_classes") is None:
-        raise ValueError(f"model {kind!r} needs num_classes (the number of base classes)")
-    if kind == "global":
-        return BaselineGlobal(int(settings["num_classes"]), spatial=bool(settings.get("spatial", False)), **common)
-    return BML(int(settings["num_classes"]), **common)
+    kind = settings.get("model") or DEFAULT_MODEL
+    if kind not in MODELS:
+        raise ValueError(f"unknown model {kind!r}: expected one of {', '.join(MODELS)}")
+    return MODELS[kind].from_settings(settings)
+
+
+def recognised_model(weights: Mapping[str, torch.Tensor]) -> type[FewShotModel]:
+    """The class of `MODELS` whose identifying keys the state dict has the most of (ties: the first in `MODELS`);
+    a class is a candidate only when the state dict has all of its identifying keys."""
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in weights)
+
+    candidates = [model for model in MODELS.values() if all(has(prefix) for prefix in model.identifying_keys)]
+    if not candidates:
+        raise ValueError(f"the weights have the identifying keys of none of the model kinds ({', '.join(MODELS)}): "
+                         "load a checkpoint of one of them")
+    return max(candidates, key=lambda model: len(model.identifying_keys))

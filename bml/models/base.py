@@ -1,10 +1,16 @@
-"""What every model of the toolkit shares: view names and the DropBlock ramp counter."""
+"""What every model of the toolkit shares: view names, the DropBlock ramp counter, and what the models table
+(`bml.models.MODELS`) asks of a model class: its kind, the keys that identify its checkpoints, how it is built
+from settings."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from bml.models.backbones import DEFAULT_BACKBONE, Backbone, canonical_backbone
 from bml.models.dropblock import DropBlock
 
 
@@ -20,6 +26,22 @@ def pooled(feature_map: torch.Tensor) -> torch.Tensor:
     return feature_map.mean(dim=(2, 3))
 
 
+def backbone_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``width`` (1.0), ``drop_rate`` (0.1) and the canonical ``backbone`` (resnet12) of build settings."""
+    return {
+        "width": float(settings.get("width") or 1.0),
+        "drop_rate": float(settings.get("drop_rate", 0.1)),
+        "backbone": canonical_backbone(settings.get("backbone") or DEFAULT_BACKBONE),
+    }
+
+
+def required_num_classes(settings: Mapping[str, Any], kind: str) -> int:
+    """``num_classes`` of build settings, for a model with a base-class classifier."""
+    if settings.get("num_classes") is None:
+        raise ValueError(f"model {kind!r} needs num_classes (the number of base classes)")
+    return int(settings["num_classes"])
+
+
 class FewShotModel(nn.Module):
     """Base of BML and the baselines.
 
@@ -30,6 +52,30 @@ class FewShotModel(nn.Module):
     """
 
     view_names: tuple[str, ...] = ()
+    kind: ClassVar[str]
+    """Its name in `bml.models.MODELS`, in build settings' ``model`` and in checkpoints' configs."""
+    identifying_keys: ClassVar[tuple[str, ...]] = ()
+    """State-dict key prefixes that its checkpoints all have: weights are of the kind whose prefixes they have,
+    the one with the most when several fit (none: the kind of weights that show no other)."""
+    trunk_prefix: ClassVar[str] = "encoder."
+    """Where the backbone's first stages sit in its state dict (the backbone's signature key is read there)."""
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> FewShotModel:
+        """The model that build settings describe (`bml.models.build_model` documents the keys); here a model
+        built from ``width``, ``drop_rate`` and ``backbone`` alone."""
+        return cls(**backbone_settings(settings))
+
+    @classmethod
+    def last_stage_key(cls, backbone: Backbone) -> str:
+        """The state-dict key of the first convolution of its fourth stage, whose output channels tell the width
+        multiplier; here that of a four-stage encoder at `trunk_prefix`."""
+        return cls.trunk_prefix + backbone.encoder_last_stage_key
+
+    @classmethod
+    def settings_from_weights(cls, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """``num_classes`` and ``spatial`` as its state dict shows them (none and False: no classifier)."""
+        return {"num_classes": None, "spatial": False}
 
     def __init__(self) -> None:
         super().__init__()

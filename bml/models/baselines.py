@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bml.losses import global_position_loss, local_prototype_loss
 from bml.models.backbones import backbone_channels, build_encoder, canonical_backbone
-from bml.models.base import FewShotModel, check_episode_batch, pooled
+from bml.models.base import FewShotModel, backbone_settings, check_episode_batch, pooled, required_num_classes
 
 
 class SingleViewModel(FewShotModel):
@@ -40,6 +43,19 @@ class BaselineGlobal(SingleViewModel):
     original code's baseline checkpoints load strictly."""
 
     view_names = ("global",)
+    kind = "global"
+    identifying_keys = ("global_w.weight",)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> BaselineGlobal:
+        common = backbone_settings(settings)
+        return cls(required_num_classes(settings, cls.kind), spatial=bool(settings.get("spatial", False)), **common)
+
+    @classmethod
+    def settings_from_weights(cls, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The classifier's rows are the base classes; a 1x1 convolution (4-D weight) classifies every position."""
+        classifier = weights["global_w.weight"]
+        return {"num_classes": classifier.shape[0], "spatial": classifier.dim() == 4}
 
     def __init__(self, num_classes: int, width: float = 1.0, drop_rate: float = 0.1,
                  backbone: str = "resnet12", spatial: bool = False) -> None:
@@ -66,6 +82,12 @@ class BaselineLocal(SingleViewModel):
     feature, or with ``spatial`` for every query position; no margin."""
 
     view_names = ("local",)
+    kind = "local"
+    identifying_keys = ()   # the encoder alone: weights that show no other kind
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> BaselineLocal:
+        return cls(spatial=bool(settings.get("spatial", False)), **backbone_settings(settings))
 
     def losses(self, images: torch.Tensor, labels: torch.Tensor | None = None, *, way: int, shot: int, query: int,
                **unused) -> dict[str, torch.Tensor]:

@@ -3,12 +3,16 @@ local view."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import nn
 
 from bml.losses import global_position_loss, local_prototype_loss, mutual_kl_loss
-from bml.models.backbones import backbone_channels, build_trunk, build_view, canonical_backbone
-from bml.models.base import FewShotModel, check_episode_batch, pooled
+from bml.models.backbones import Backbone, backbone_channels, build_trunk, build_view, canonical_backbone
+from bml.models.base import FewShotModel, backbone_settings, check_episode_batch, pooled, required_num_classes
+
 
 class BML(FewShotModel):
     """Shared stages 1-3 (``encoder``), two private fourth stages (``global_view``, ``local_view``)
@@ -20,6 +24,22 @@ class BML(FewShotModel):
     """
 
     view_names = ("global", "local")
+    kind = "bml"
+    identifying_keys = ("global_w.weight", "global_view.")
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> BML:
+        common = backbone_settings(settings)
+        return cls(required_num_classes(settings, cls.kind), **common)
+
+    @classmethod
+    def last_stage_key(cls, backbone: Backbone) -> str:
+        return "global_view." + backbone.view_last_stage_key
+
+    @classmethod
+    def settings_from_weights(cls, weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The classifier's rows are the base classes (it is always a 1x1 convolution: no ``spatial`` setting)."""
+        return {"num_classes": weights["global_w.weight"].shape[0], "spatial": False}
 
     def __init__(self, num_classes: int, width: float = 1.0, drop_rate: float = 0.1,
                  backbone: str = "resnet12") -> None:

@@ -7,10 +7,10 @@ import argparse
 
 from bml import cli
 from bml.datasets import AUGMENT_MODES
+from bml.models.backbones import backbone_flag_choices
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY
 from bml.utils import argtypes
 
-BACKBONES = ("Res12", "Res18")   # the original's names; bml.models accepts them
 
 
 def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
@@ -28,7 +28,8 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                            "device on a GPU, host on a CPU")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="Res12", choices=BACKBONES, help="ResNet-12 or ResNet-18")
+    model.add_argument("--backbone", default="Res12", choices=backbone_flag_choices(),
+                       help="the ResNet of the trunk and views (the original's names)")
     model.add_argument("--width", type=argtypes.number(0, above_minimum=True), default=None,
                        help="channel-width multiplier (1.0 = the published model); default: the recipe's")
     model.add_argument("--drop_rate", type=argtypes.number(0, 1, below_maximum=True), default=None,
