@@ -39,12 +39,12 @@ from bml.checkpoint import CheckpointError, checkpoint_state, resume, save_check
 from bml.datasets import (AUGMENT_MODES, DatasetError, EpisodeSampler, build_dataset, build_training_loader,
                           canonical_name, default_num_workers, steps_per_epoch)
 from bml.engine import NonFiniteLossError, TrainComponents, TrainingState, evaluate, train_one_epoch
-from bml.evaluation import AMP_DTYPES, EvaluationError
+from bml.evaluation import EvaluationError
 from bml.methods import get_method
 from bml.models import build_model
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY, apply_recipe, get_recipe, lr_factor, lr_schedule
 from bml.utils import argtypes, distributed
-from bml.utils.device import check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
+from bml.utils.device import AMP_DTYPES, check_cuda_arch, configure_tf32, gpu_info, resolve_amp, tf32_active
 from bml.utils.io import OutputError, check_output_folder, folder_lock, remove_orphan_temporaries
 from bml.utils.logger import RunLogger
 from bml.utils.rng import derive_seed, restore_rng_state, seed_everything
