@@ -29,9 +29,9 @@ from bml.calibration import ECE_BINS, CalibrationMeter, calibrate
 from bml.checkpoint import (CheckpointError, model_config, model_from_state, read_calibration, read_checkpoint,
                             save_checkpoint, with_calibration)
 from bml.datasets import DatasetError, input_transform_settings
-from bml.evaluation import (COMBINED, EvaluationError, build_evaluation_dataset, evaluate_heads,
+from bml.evaluation import (EmbeddingOptions, EvaluationError, build_evaluation_dataset, evaluate_heads,
                             parse_seed_range, results_paths, write_results)
-from bml.scoring import HEADS, PROTO
+from bml.scoring import COMBINED, HEADS, PROTO
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
@@ -139,13 +139,13 @@ def main(args: argparse.Namespace) -> int:
                 print(f"wrote {args.save_calibration}: {args.ckp_path} with the temperatures", flush=True)
         meter = CalibrationMeter(calibration["temperatures"] if calibration else None)
         storage: dict = {}
+        options = EmbeddingOptions(batch_size=args.embed_batch_size, device=args.device, amp=args.amp,
+                                   num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
+                                   max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
+                                   progress=not args.no_progress and sys.stderr.isatty())
         head_results = evaluate_heads(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes,
-                                      seeds, heads, base_dataset, args.cache_dir or tempfile.gettempdir(),
-                                      batch_size=args.embed_batch_size, device=args.device, amp=args.amp,
-                                      num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
-                                      max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
-                                      progress=not args.no_progress and sys.stderr.isatty(), report=storage,
-                                      logits_sink=meter)
+                                      seeds, heads, base_dataset, args.cache_dir or tempfile.gettempdir(), options,
+                                      report=storage, logits_sink=meter)
     except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError,
             OutputError) as error:
         print(f"error: {error}", file=sys.stderr)

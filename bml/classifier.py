@@ -36,7 +36,7 @@ from tqdm import tqdm
 from bml.checkpoint import model_config, model_from_state, read_calibration, read_checkpoint
 from bml.datasets import build_dataset, build_transform, input_transform_settings
 from bml.datasets.base import image_problem, image_to_rgb
-from bml.evaluation import base_class_means
+from bml.evaluation import EmbeddingOptions, base_class_means
 from bml.scoring import COMBINED, HEADS, PROTO, head_scores, votes_for
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
@@ -190,8 +190,8 @@ class FewShotClassifier:
                 raise FewShotInputError(f"{path} does not record its data set, whose training split head {head!r} "
                                         f"centres on: pass base_means to FewShotClassifier")
             base_set = build_dataset(dataset, "train", data_root, size, train=False, transform=transform_id)
-            base_means = base_class_means(model, base_set, batch_size=batch_size, device=device,
-                                          num_workers=num_workers, means_dir=tempfile.gettempdir(), progress=progress)
+            options = EmbeddingOptions(batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+            base_means = base_class_means(model, base_set, options, means_dir=tempfile.gettempdir())
         temperatures = (read_calibration(state) or {}).get("temperatures", {})
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
                    num_workers, progress, vote, temperatures.get(vote), head, base_means)

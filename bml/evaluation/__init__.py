@@ -12,9 +12,9 @@ from it), `base_means` (the base classes' mean embedding a centring head needs),
 episodes, every head, the summaries), `datasets` (the split evaluated), `results` (the files written),
 `errors`.
 """
-from bml.evaluation.base_means import base_class_means, base_means_path
-from bml.evaluation.cache import (STORAGE_FALLBACK_NOTE, allocate_cache, available_memory_bytes, embed_dataset,
-                                  widen_cache)
+from bml.evaluation.base_means import BASE_MEANS_STORAGE, base_class_means, base_means_path
+from bml.evaluation.cache import (STORAGE_FALLBACK_NOTE, EmbeddingOptions, allocate_cache, available_memory_bytes,
+                                  embed_dataset, widen_cache)
 from bml.evaluation.cached_scoring import (DEFAULT_CHUNK_MB, SPAN_FIT_EPISODES, LogitsSink, centered_statistics,
                                            float_chunks, mean_row, score_episodes)
 from bml.evaluation.datasets import build_evaluation_dataset
@@ -27,8 +27,8 @@ from bml.scoring import COMBINED, HEADS, PROTO, SCALED
 from bml.utils.device import AMP_DTYPES
 
 __all__ = [
-    "AMP_DTYPES", "COMBINED", "DEFAULT_CHUNK_MB", "HEADS", "PROTO", "SCALED", "SPAN_FIT_EPISODES",
-    "STORAGE_FALLBACK_NOTE", "EvaluationError", "LogitsSink", "accuracy_summary", "allocate_cache",
+    "AMP_DTYPES", "BASE_MEANS_STORAGE", "COMBINED", "DEFAULT_CHUNK_MB", "HEADS", "PROTO", "SCALED", "SPAN_FIT_EPISODES",
+    "STORAGE_FALLBACK_NOTE", "EmbeddingOptions", "EvaluationError", "LogitsSink", "accuracy_summary", "allocate_cache",
     "available_memory_bytes", "base_class_means", "base_means_path", "build_evaluation_dataset",
     "centered_statistics", "embed_dataset", "evaluate_episodes", "evaluate_heads", "float_chunks",
     "mean_row", "parse_seed_range", "results_paths", "sample_episodes", "score_episodes", "seed_summaries",

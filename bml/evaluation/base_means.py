@@ -3,14 +3,19 @@ embedded once per model and base split and kept in a small file that later evalu
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bml.evaluation.cache import embed_dataset
+from bml.evaluation.cache import EmbeddingOptions, embed_dataset
 from bml.evaluation.cached_scoring import mean_row
 from bml.utils.io import atomic_write
+
+BASE_MEANS_STORAGE = torch.float16
+"""The cache dtype the base classes are embedded in, whatever an evaluation's storage: a means file
+(`base_means_path`) does not record one, so every evaluation that reads it must have embedded alike."""
 
 
 def base_means_path(model: torch.nn.Module, base_dataset: torch.utils.data.Dataset, amp: str,
@@ -28,25 +33,21 @@ def base_means_path(model: torch.nn.Module, base_dataset: torch.utils.data.Datas
     return Path(cache_dir) / f"bml_base_means_{digest.hexdigest()[:20]}.pt"
 
 
-def base_class_means(model: torch.nn.Module, base_dataset: torch.utils.data.Dataset, batch_size: int = 128,
-                     device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
-                     max_memory_gb: float | None = None, cache_dir: str | None = None,
-                     means_dir: str | Path | None = None, progress: bool = True) -> tuple[torch.Tensor, ...]:
+def base_class_means(model: torch.nn.Module, base_dataset: torch.utils.data.Dataset,
+                     options: EmbeddingOptions = EmbeddingOptions(),
+                     means_dir: str | Path | None = None) -> tuple[torch.Tensor, ...]:
     """Every view's mean embedding (float32, CPU) of the base classes' training images under the test
     transform: the centre of the `cl2n` head.
 
-    Embedded once by `embed_dataset` (the same cache as the evaluation's, `cache_dir` when memory-mapped);
+    Embedded once by `embed_dataset` with `options` (in `BASE_MEANS_STORAGE`, memory-mapped as an evaluation's);
     with `means_dir` the means are also kept there in a small file (`base_means_path`) that later
     evaluations of the same model reuse instead of embedding the base classes again.
     """
-    path = base_means_path(model, base_dataset, amp, means_dir) if means_dir is not None else None
+    path = base_means_path(model, base_dataset, options.amp, means_dir) if means_dir is not None else None
     if path is not None and path.is_file():
         return tuple(torch.load(path, weights_only=True))
-    cache = embed_dataset(model, base_dataset, batch_size=batch_size, device=device, amp=amp,
-                          num_workers=num_workers, max_memory_gb=max_memory_gb, cache_dir=cache_dir,
-                          progress=progress)
-    device = torch.device(device)
-    means = tuple(mean_row(view, device, 4096).cpu() for view in cache)
+    cache = embed_dataset(model, base_dataset, replace(options, storage_dtype=BASE_MEANS_STORAGE))
+    means = tuple(mean_row(view, torch.device(options.device), 4096).cpu() for view in cache)
     if path is not None:
         with atomic_write(path, "wb") as handle:
             torch.save(list(means), handle)

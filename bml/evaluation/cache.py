@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -24,6 +25,21 @@ from bml.utils.device import AMP_DTYPES
 from bml.utils.messages import info
 
 STORAGE_FALLBACK_NOTE = "the embeddings exceed the float16 range (65504)"
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    """How images are embedded into the cache: one value for every pass of an evaluation (the split's and the
+    base classes'), so that they are embedded alike."""
+
+    batch_size: int = 128
+    device: str | torch.device = "cpu"
+    amp: str = "off"                              # a key of `bml.utils.device.AMP_DTYPES`
+    num_workers: int = 0
+    storage_dtype: torch.dtype = torch.float16    # float32 where float16 cannot hold an embedding
+    max_memory_gb: float | None = None            # larger caches are memory-mapped; None: half of the free RAM
+    cache_dir: str | None = None                  # the memory-mapped file's folder; None: the temp folder
+    progress: bool = True
 
 
 def available_memory_bytes() -> int:
@@ -69,36 +85,35 @@ def allocate_cache(num_images: int, dims: Sequence[int], dtype: torch.dtype,
 
 
 @torch.inference_mode()
-def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 128,
-                  device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
-                  storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
-                  cache_dir: str | None = None, progress: bool = True) -> tuple[torch.Tensor, ...]:
+def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
+                  options: EmbeddingOptions = EmbeddingOptions()) -> tuple[torch.Tensor, ...]:
     """Embed every image of `dataset` once: one (N, D) CPU tensor per view, in dataset order.
 
     The model runs in eval mode (its previous mode is restored). float16 storage halves the cache;
     near-ties between two prototypes may then rarely resolve differently than in float32. Values
     float16 cannot hold (above 65504) are never stored as inf: the cache then switches to float32
     (the dtype of the returned tensors says which was used). A data set built with its test transform is
-    loaded as uint8 crops and converted and normalised on `device` (`EvalCrops`: the same inputs).
+    loaded as uint8 crops and converted and normalised on the device (`EvalCrops`: the same inputs).
     """
-    device = torch.device(device)
+    device, storage_dtype = torch.device(options.device), options.storage_dtype
     crops = EvalCrops(dataset) if EvalCrops.applies_to(dataset) else None   # uint8 to the device, normalised there
-    loader = torch.utils.data.DataLoader(crops if crops is not None else dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(crops if crops is not None else dataset, batch_size=options.batch_size,
+                                         shuffle=False, num_workers=options.num_workers,
+                                         pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     cache: tuple[torch.Tensor, ...] = ()
     start = 0
     try:
-        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not progress):
+        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not options.progress):
             images = images.to(device, non_blocking=True)
             if crops is not None:
                 images = to_model_input(images, crops.mean, crops.std)
-            with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp != "off"):
+            with torch.autocast(device.type, dtype=AMP_DTYPES[options.amp], enabled=options.amp != "off"):
                 embeddings = model.embed(images)
             if not cache:
                 cache = allocate_cache(len(dataset), [e.shape[1] for e in embeddings], storage_dtype,
-                                       max_memory_gb, cache_dir)
+                                       options.max_memory_gb, options.cache_dir)
             end = start + len(images)
             if not all(torch.isfinite(embedding).all() for embedding in embeddings):
                 raise EvaluationError(
@@ -106,7 +121,7 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
                     f"checkpoint diverged, or --amp fp16 overflowed (try --amp off or bf16)")
             stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
             if not all(torch.isfinite(part).all() for part in stored):
-                cache = widen_cache(cache, start, max_memory_gb, cache_dir)
+                cache = widen_cache(cache, start, options.max_memory_gb, options.cache_dir)
                 storage_dtype = torch.float32
                 stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
             for target, part in zip(cache, stored):

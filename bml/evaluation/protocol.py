@@ -10,7 +10,7 @@ import torch
 
 from bml.datasets import EpisodeSampler
 from bml.evaluation.base_means import base_class_means
-from bml.evaluation.cache import STORAGE_FALLBACK_NOTE, embed_dataset
+from bml.evaluation.cache import STORAGE_FALLBACK_NOTE, EmbeddingOptions, embed_dataset
 from bml.evaluation.cached_scoring import LogitsSink, score_episodes
 from bml.evaluation.errors import EvaluationError
 from bml.scoring import HEADS, PROTO
@@ -32,12 +32,10 @@ def sample_episodes(labels: np.ndarray, way: int, shot: int, query: int, episode
 def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, way: int, shot: int,
                    query: int, episodes: int, seeds: Sequence[int], heads: Sequence[str] = (PROTO,),
                    base_dataset: torch.utils.data.Dataset | None = None, means_dir: str | Path | None = None,
-                   batch_size: int = 128, device: str | torch.device = "cpu", amp: str = "off", num_workers: int = 0,
-                   storage_dtype: torch.dtype = torch.float16, max_memory_gb: float | None = None,
-                   cache_dir: str | None = None, progress: bool = True,
-                   report: dict | None = None, logits_sink: LogitsSink | None = None) -> dict[str, dict[str, dict]]:
+                   options: EmbeddingOptions = EmbeddingOptions(), report: dict | None = None,
+                   logits_sink: LogitsSink | None = None) -> dict[str, dict[str, dict]]:
     """The published protocol (README "Evaluation") on `dataset` (already carrying its test transform), for
-    every head of `heads` (`bml.scoring.HEADS`) from one embedding pass.
+    every head of `heads` (`bml.scoring.HEADS`) from one embedding pass, embedded with `options`.
 
     A head that centres on the base classes' mean (`cl2n`) needs `base_dataset`, the training split with
     the test transform: its means are embedded once (`base_class_means`, kept in `means_dir` when given).
@@ -59,18 +57,16 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, wa
         raise EvaluationError(f"head(s) {', '.join(centring)} centre on the base classes' mean embedding: "
                               f"they need the training split (base_dataset)")
     indices = sample_episodes(dataset.labels, way, shot, query, episodes, seeds)
-    embedding = dict(batch_size=batch_size, device=device, amp=amp, num_workers=num_workers,
-                     max_memory_gb=max_memory_gb, cache_dir=cache_dir, progress=progress)
-    cache = embed_dataset(model, dataset, storage_dtype=storage_dtype, **embedding)
+    cache = embed_dataset(model, dataset, options)
     if report is not None:
         report["storage"] = str(cache[0].dtype).removeprefix("torch.")
-        if cache[0].dtype != storage_dtype:
+        if cache[0].dtype != options.storage_dtype:
             report["storage_note"] = f"{STORAGE_FALLBACK_NOTE}: cached in {report['storage']} instead"
-    base_means = base_class_means(model, base_dataset, means_dir=means_dir, **embedding) if centring else None
+    base_means = base_class_means(model, base_dataset, options, means_dir) if centring else None
     results: dict[str, dict[str, dict]] = {}
     for head in heads:
-        accuracies = score_episodes(cache, indices, way, shot, device=device, names=model.view_names,
-                                    progress=progress, head=head, base_means=base_means,
+        accuracies = score_episodes(cache, indices, way, shot, device=options.device, names=model.view_names,
+                                    progress=options.progress, head=head, base_means=base_means,
                                     logits_sink=logits_sink if head == PROTO else None)
         results[head] = {name: seed_summaries(per_episode, seeds) for name, per_episode in accuracies.items()}
     return results
@@ -86,7 +82,8 @@ def seed_summaries(per_episode: np.ndarray, seeds: Sequence[int]) -> dict:
 
 
 def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset, way: int, shot: int,
-                      query: int, episodes: int, seeds: Sequence[int], **options) -> dict[str, dict]:
-    """`evaluate_heads` of the published head alone (`proto`): {vote: results}. `options`: those of
-    `evaluate_heads` but `heads`."""
-    return evaluate_heads(model, dataset, way, shot, query, episodes, seeds, heads=(PROTO,), **options)[PROTO]
+                      query: int, episodes: int, seeds: Sequence[int], options: EmbeddingOptions = EmbeddingOptions(),
+                      report: dict | None = None, logits_sink: LogitsSink | None = None) -> dict[str, dict]:
+    """`evaluate_heads` of the published head alone (`proto`): {vote: results}."""
+    return evaluate_heads(model, dataset, way, shot, query, episodes, seeds, heads=(PROTO,), options=options,
+                          report=report, logits_sink=logits_sink)[PROTO]
