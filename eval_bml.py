@@ -31,7 +31,7 @@ from bml.checkpoint import (CheckpointError, model_config, model_from_state, rea
 from bml.datasets import DatasetError, input_transform_settings
 from bml.evaluation import (EmbeddingOptions, EvaluationError, build_evaluation_dataset, evaluate_heads,
                             parse_seed_range, results_paths, write_results)
-from bml.scoring import COMBINED, HEADS, PROTO
+from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, heads_needing
 from bml.utils import argtypes
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
@@ -119,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
         check_calibration_output(args)
         heads = list(dict.fromkeys([PROTO, *args.head]))
         base_dataset = (build_evaluation_dataset(dataset_name, "train", args.data_root, image_size, transform)
-                        if any(HEADS[head].needs_base_mean for head in heads) else None)
+                        if heads_needing(BASE_MEAN, heads) else None)
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         print(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
               f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "

@@ -37,7 +37,7 @@ from bml.checkpoint import model_config, model_from_state, read_calibration, rea
 from bml.datasets import build_dataset, build_transform, input_transform_settings
 from bml.datasets.base import image_problem, image_to_rgb
 from bml.evaluation import EmbeddingOptions, base_class_means
-from bml.scoring import COMBINED, HEADS, PROTO, head_scores, votes_for
+from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, head_scores, heads_needing, votes_for
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -146,7 +146,7 @@ class FewShotClassifier:
                                     f"choose one of {', '.join(votes)}")
         if head not in HEADS:
             raise FewShotInputError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
-        if HEADS[head].needs_base_mean and base_means is None:
+        if heads_needing(BASE_MEAN, [head]) and base_means is None:
             raise FewShotInputError(f"head {head!r} centres on the base classes' mean embedding: pass base_means "
                                     f"(bml.evaluation.base_class_means), or use from_checkpoint")
         self.vote, self._combine = vote, votes[vote]
@@ -184,7 +184,7 @@ class FewShotClassifier:
         transform_id, size = input_transform_settings(model_config(state), image_size, transform_id)
         model = model_from_state(state, device=device, source=str(path))
         base_means = None
-        if head in HEADS and HEADS[head].needs_base_mean:
+        if heads_needing(BASE_MEAN, [head]):
             dataset = model_config(state).get("dataset")
             if dataset is None:
                 raise FewShotInputError(f"{path} does not record its data set, whose training split head {head!r} "

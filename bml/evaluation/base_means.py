@@ -37,7 +37,7 @@ def base_class_means(model: torch.nn.Module, base_dataset: torch.utils.data.Data
                      options: EmbeddingOptions = EmbeddingOptions(),
                      means_dir: str | Path | None = None) -> tuple[torch.Tensor, ...]:
     """Every view's mean embedding (float32, CPU) of the base classes' training images under the test
-    transform: the centre of the `cl2n` head.
+    transform: the side input `bml.scoring.BASE_MEAN` of a head that centres on it (`cl2n`).
 
     Embedded once by `embed_dataset` with `options` (in `BASE_MEANS_STORAGE`, memory-mapped as an evaluation's);
     with `means_dir` the means are also kept there in a small file (`base_means_path`) that later

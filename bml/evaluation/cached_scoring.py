@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from bml.evaluation.errors import EvaluationError
-from bml.scoring import (HEADS, PROTO, ViewScores, centered_prototype_logits, class_prototypes, episode_labels,
-                         nearest_prototype, support_span_coordinates, votes_for)
+from bml.scoring import (BASE_MEAN, HEADS, PROTO, ViewScores, centered_prototype_logits, class_prototypes,
+                         episode_labels, heads_needing, support_span_coordinates, votes_for)
 
 # Working memory of one scoring chunk; on a CPU a chunk near the L3 cache size is several times faster.
 DEFAULT_CHUNK_MB = {"cpu": 48, "cuda": 2048}
@@ -80,8 +80,8 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
 
     `episodes` is an (E, way*(shot+query)) index array into the cache, shot-major (see `bml.scoring`).
     Episodes are scored in chunks using about `chunk_mb` MB of working memory. `head` names how each
-    view's logits are made (`bml.scoring.HEADS`); `base_means`, one per view, is what a head that
-    centres on the base classes' mean needs (`base_class_means`). `logits_sink`, when given, also
+    view's logits are made (`bml.scoring.HEADS`); `base_means`, one per view, is the side input of a head
+    that needs `bml.scoring.BASE_MEAN` (`base_class_means`). `logits_sink`, when given, also
     receives every vote's logits (calibration, `bml.calibration`).
     """
     device = torch.device(device)
@@ -89,7 +89,7 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
     if len(names) != len(embeddings):
         raise ValueError(f"{len(embeddings)} embedding views but {len(names)} names {names}")
     rule = HEADS[head]
-    if rule.needs_base_mean and base_means is None:
+    if heads_needing(BASE_MEAN, [head]) and base_means is None:
         raise ValueError(f"head {head!r} needs the base classes' mean embedding of every view: pass base_means")
     base_means = [None] * len(embeddings) if base_means is None else [mean.to(device) for mean in base_means]
     view_features = [None if rule.features is None else lambda rows, mean=mean: rule.features(rows, mean)
@@ -99,9 +99,7 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
     num_episodes, episode_size = episodes.shape
     query_labels = episode_labels(way, episode_size - way * shot, device)
     chunk, rows_per_chunk = chunk_sizes(embeddings, num_episodes, episode_size, device, chunk_mb)
-    # Nearest prototype on cached episodes: the centred form, with each row's term computed once.
-    centred = rule.classify is nearest_prototype
-    statistics = [centered_statistics(cache, device, rows_per_chunk, features) if centred else None
+    statistics = [centered_statistics(cache, device, rows_per_chunk, features) if rule.centred_fast_path else None
                   for cache, features in zip(embeddings, view_features)]
     support_labels = episode_labels(way, way * shot, device)
     # Reused buffers: a fresh allocation this large page-faults on every chunk, slower than the copy.

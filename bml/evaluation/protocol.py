@@ -13,7 +13,7 @@ from bml.evaluation.base_means import base_class_means
 from bml.evaluation.cache import STORAGE_FALLBACK_NOTE, EmbeddingOptions, embed_dataset
 from bml.evaluation.cached_scoring import LogitsSink, score_episodes
 from bml.evaluation.errors import EvaluationError
-from bml.scoring import HEADS, PROTO
+from bml.scoring import BASE_MEAN, HEADS, PROTO, heads_needing
 
 
 def accuracy_summary(accuracies: np.ndarray) -> dict[str, float]:
@@ -37,8 +37,9 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, wa
     """The published protocol (README "Evaluation") on `dataset` (already carrying its test transform), for
     every head of `heads` (`bml.scoring.HEADS`) from one embedding pass, embedded with `options`.
 
-    A head that centres on the base classes' mean (`cl2n`) needs `base_dataset`, the training split with
-    the test transform: its means are embedded once (`base_class_means`, kept in `means_dir` when given).
+    A head whose side input is the base classes' mean (`bml.scoring.BASE_MEAN`: `cl2n`) needs `base_dataset`,
+    the training split with the test transform: its means are embedded once (`base_class_means`, kept in
+    `means_dir` when given).
     `report`, when given, receives 'storage' (the dtype the embeddings were cached in) and, when
     float16 could not hold them, 'storage_note'. `logits_sink` receives the logits of the published head
     (`proto`) only, as in `score_episodes`.
@@ -52,7 +53,7 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, wa
     unknown = [head for head in heads if head not in HEADS]
     if unknown:
         raise EvaluationError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
-    centring = [head for head in heads if HEADS[head].needs_base_mean]
+    centring = heads_needing(BASE_MEAN, heads)
     if centring and base_dataset is None:
         raise EvaluationError(f"head(s) {', '.join(centring)} centre on the base classes' mean embedding: "
                               f"they need the training split (base_dataset)")
