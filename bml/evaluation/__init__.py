@@ -27,10 +27,10 @@ from bml.scoring import COMBINED, HEADS, PROTO, SCALED
 from bml.utils.device import AMP_DTYPES
 
 __all__ = [
-    "AMP_DTYPES", "BASE_MEANS_STORAGE", "COMBINED", "DEFAULT_CHUNK_MB", "HEADS", "PROTO", "SCALED", "SPAN_FIT_EPISODES",
-    "STORAGE_FALLBACK_NOTE", "EmbeddingOptions", "EvaluationError", "LogitsSink", "accuracy_summary", "allocate_cache",
-    "available_memory_bytes", "base_class_means", "base_means_path", "build_evaluation_dataset",
-    "centered_statistics", "embed_dataset", "evaluate_episodes", "evaluate_heads", "float_chunks",
-    "mean_row", "parse_seed_range", "results_paths", "sample_episodes", "score_episodes", "seed_summaries",
-    "widen_cache", "write_results",
+    "AMP_DTYPES", "BASE_MEANS_STORAGE", "COMBINED", "DEFAULT_CHUNK_MB", "HEADS", "PROTO", "SCALED",
+    "SPAN_FIT_EPISODES", "STORAGE_FALLBACK_NOTE", "EmbeddingOptions", "EvaluationError", "LogitsSink",
+    "accuracy_summary", "allocate_cache", "available_memory_bytes", "base_class_means", "base_means_path",
+    "build_evaluation_dataset", "centered_statistics", "embed_dataset", "evaluate_episodes", "evaluate_heads",
+    "float_chunks", "mean_row", "parse_seed_range", "results_paths", "sample_episodes", "score_episodes",
+    "seed_summaries", "widen_cache", "write_results",
 ]
