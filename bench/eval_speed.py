@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import Subset
 
 from bml.datasets import ArrayDataset, build_transform
-from bml.evaluation import COMBINED, embed_dataset, sample_episodes, score_episodes
+from bml.evaluation import EmbeddingOptions, embed_dataset, sample_episodes, score_episodes
 from bml.models import BML
-from bml.scoring import HEADS, PROTO
+from bml.scoring import COMBINED, HEADS, PROTO
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,19 +68,21 @@ def main(args: argparse.Namespace) -> dict:
     model = BML(num_classes=64, width=args.width).to(args.device).eval()
     dataset = synthetic_test_set(args.images, args.classes, args.image_size)
     episodes = sample_episodes(dataset.labels, 5, args.shot, 15, args.episodes, range(args.seeds))
-    embed_dataset(model, Subset(dataset, range(8)), device=args.device, progress=False)   # warm-up
+    embed_dataset(model, Subset(dataset, range(8)), EmbeddingOptions(device=args.device, progress=False))   # warm-up
 
     per_episode = {COMBINED: []}
     start = time.perf_counter()
     for episode in episodes[:args.per_episode]:
-        fresh = embed_dataset(model, Subset(dataset, episode.tolist()), batch_size=len(episode),
-                              device=args.device, storage_dtype=torch.float32, progress=False)
+        fresh = embed_dataset(model, Subset(dataset, episode.tolist()),
+                              EmbeddingOptions(batch_size=len(episode), device=args.device,
+                                               storage_dtype=torch.float32, progress=False))
         scores = score_episodes(fresh, np.arange(len(episode))[None], 5, args.shot, device=args.device,
                                 names=model.view_names, progress=False)
         per_episode[COMBINED].append(scores[COMBINED][0])
     per_episode_seconds = time.perf_counter() - start
 
-    cache, embed_seconds = timed(embed_dataset, model, dataset, batch_size=args.batch_size, device=args.device)
+    cache, embed_seconds = timed(embed_dataset, model, dataset,
+                                 EmbeddingOptions(batch_size=args.batch_size, device=args.device))
     scores, score_seconds = timed(score_episodes, cache, episodes, 5, args.shot, device=args.device,
                                   names=model.view_names)
     total = len(episodes)

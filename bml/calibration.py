@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bml.checkpoint import CheckpointError, model_from_state, read_checkpoint, save_checkpoint, with_calibration
-from bml.evaluation import EvaluationError, evaluate_episodes
+from bml.evaluation import EmbeddingOptions, EvaluationError, evaluate_episodes
 
 ECE_BINS = 15
 LOG_TEMPERATURE_RANGE = 12.0
@@ -166,8 +166,9 @@ def calibrate(model: torch.nn.Module, val_set: torch.utils.data.Dataset, way: in
     `rejection_curve`}.
     """
     collector = LogitCollector()
-    evaluate_episodes(model, val_set, way, shot, query, episodes, seeds=[seed], device=device, amp=amp,
-                      num_workers=num_workers, progress=progress, logits_sink=collector)
+    evaluate_episodes(model, val_set, way, shot, query, episodes, seeds=[seed],
+                      options=EmbeddingOptions(device=device, amp=amp, num_workers=num_workers, progress=progress),
+                      logits_sink=collector)
     record: dict = {"temperatures": {}, "val_nll": {}, "val_rejection": {},
                     "fitted_on": {"split": getattr(val_set, "split", "val"), "way": way, "shot": shot,
                                   "query": query, "episodes": episodes, "seed": seed}}

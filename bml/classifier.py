@@ -36,8 +36,8 @@ from tqdm import tqdm
 from bml.checkpoint import model_config, model_from_state, read_calibration, read_checkpoint
 from bml.datasets import build_dataset, build_transform, input_transform_settings
 from bml.datasets.image_files import image_problem, image_to_rgb
-from bml.evaluation import base_class_means
-from bml.scoring import COMBINED, HEADS, PROTO, head_scores, votes_for
+from bml.evaluation import EmbeddingOptions, base_class_means
+from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, head_scores, heads_needing, votes_for
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
@@ -146,7 +146,7 @@ class FewShotClassifier:
                                     f"choose one of {', '.join(votes)}")
         if head not in HEADS:
             raise FewShotInputError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
-        if HEADS[head].needs_base_mean and base_means is None:
+        if heads_needing(BASE_MEAN, [head]) and base_means is None:
             raise FewShotInputError(f"head {head!r} centres on the base classes' mean embedding: pass base_means "
                                     f"(bml.evaluation.base_class_means), or use from_checkpoint")
         self.vote, self._combine = vote, votes[vote]
@@ -184,14 +184,14 @@ class FewShotClassifier:
         transform_id, size = input_transform_settings(model_config(state), image_size, transform_id)
         model = model_from_state(state, device=device, source=str(path))
         base_means = None
-        if head in HEADS and HEADS[head].needs_base_mean:
+        if heads_needing(BASE_MEAN, [head]):
             dataset = model_config(state).get("dataset")
             if dataset is None:
                 raise FewShotInputError(f"{path} does not record its data set, whose training split head {head!r} "
                                         f"centres on: pass base_means to FewShotClassifier")
             base_set = build_dataset(dataset, "train", data_root, size, train=False, transform=transform_id)
-            base_means = base_class_means(model, base_set, batch_size=batch_size, device=device,
-                                          num_workers=num_workers, means_dir=tempfile.gettempdir(), progress=progress)
+            options = EmbeddingOptions(batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
+            base_means = base_class_means(model, base_set, options, means_dir=tempfile.gettempdir())
         temperatures = (read_calibration(state) or {}).get("temperatures", {})
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
                    num_workers, progress, vote, temperatures.get(vote), head, base_means)

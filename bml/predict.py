@@ -31,7 +31,7 @@ from bml.classifier import FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import UNKNOWN, SheetQuery, draw_contact_sheet
 from bml.datasets import DatasetError
 from bml.scoring import COMBINED, HEADS, PROTO, VOTES
-from bml.utils import argtypes
+from bml.utils import argtypes, messages
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
 
@@ -169,12 +169,12 @@ def calibration_note(classifier: FewShotClassifier, checkpoint: str) -> str:
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr, flush=True)
+    messages.warn(str(message))
 
 
 @contextlib.contextmanager
 def plain_warnings() -> Iterator[None]:
-    """Warnings printed as 'warning: message' lines, without Python's source location."""
+    """Warnings shown as the project's 'WARNING: message' lines, without Python's source location."""
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = _print_warning
@@ -197,12 +197,10 @@ def predict(args: argparse.Namespace) -> None:
                                                    num_workers=args.num_workers, image_size=args.image_size,
                                                    transform_id=args.transform, progress=not args.no_progress,
                                                    vote=args.vote, head=args.head, data_root=args.data_root)
-    print(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}, "
-          f"head {classifier.head}), "
-          f"{classifier.image_size} px input, "
-          f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files",
-          flush=True)
-    print(calibration_note(classifier, args.ckp_path), flush=True)
+    messages.info(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}, "
+                  f"head {classifier.head}), {classifier.image_size} px input, "
+                  f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files")
+    messages.info(calibration_note(classifier, args.ckp_path))
     classifier.fit([path for paths in support.values() for path in paths],
                    [name for name, paths in support.items() for _ in paths], skip_unreadable=True)
     scores = classifier.score(query_paths, skip_unreadable=True)
@@ -211,11 +209,11 @@ def predict(args: argparse.Namespace) -> None:
     queries = classified_queries(scores, query_paths, query_root, args.reject)
     write_predictions(Path(args.out), queries, scores.ranked(1)[0])
     print(summary_table(classifier.classes_, classifier.shots_, queries))
-    print(f"wrote {len(queries)} predictions to {args.out}")
+    messages.info(f"wrote {len(queries)} predictions to {args.out}")
     if args.sheet:
         shown = draw_contact_sheet(args.sheet, support, queries, max_queries=args.sheet_max)
         capped = f" (capped at --sheet_max {args.sheet_max}: {shown} of {len(queries)} queries shown)"
-        print(f"wrote the contact sheet {args.sheet}{capped if shown < len(queries) else ''}")
+        messages.info(f"wrote the contact sheet {args.sheet}{capped if shown < len(queries) else ''}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -223,8 +221,8 @@ def main(args: argparse.Namespace) -> int:
     with plain_warnings():
         try:
             predict(args)
-        except (CheckpointError, DatasetError, DeviceError, FewShotInputError, FileNotFoundError, OutputError) as error:
-            print(f"error: {error}", file=sys.stderr)
+        except (CheckpointError, DatasetError, DeviceError, FewShotInputError, FileNotFoundError, OutputError) as problem:
+            messages.error(str(problem))
             return 1
     return 0
 

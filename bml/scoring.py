@@ -14,13 +14,15 @@ published rule), `cl2n` (SimpleShot's centred L2: features centred on the base c
 embedding, L2-normalised, then nearest prototype) and `logreg` (RFS's multinomial logistic regression
 fitted on the support set of L2-normalised features). A new head is one `HEADS` entry; it then appears
 in `eval_bml.py --head`, in validation and as a `--head` choice of `python -m bml.predict`. Every
-vote applies to every head.
+vote applies to every head. A head names the side input its features need (`side_input`: `BASE_MEAN`
+for `cl2n`; `heads_needing` answers which heads need it) and whether the evaluation's fast paths apply
+to its classifier (`in_support_span`, `centred_fast_path`).
 
 Episodes are shot-major: position i * way + c of an episode holds the i-th image of its class c.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -138,6 +140,11 @@ def votes_for(view_names: Sequence[str]) -> dict[str, Callable[[Mapping[str, Vie
 
 PROTO = "proto"
 """The published head: nearest prototype on the embeddings as they are."""
+BASE_MEAN = "base_mean"
+"""A head's side input: the base classes' mean embedding of every view (`bml.evaluation.base_class_means`),
+the second argument of its `features`."""
+SIDE_INPUTS = (BASE_MEAN,)
+"""The side inputs the evaluation and `FewShotClassifier` know how to provide."""
 LOGREG_C = 1.0
 """Inverse L2 strength of `logreg`, as in RFS (scikit-learn's default C): minimise
 sum_i CE_i + ||W||^2 / (2 C), the bias unpenalised."""
@@ -224,22 +231,36 @@ class Head:
 
     classify: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], ViewScores]   # support, labels, queries, way
     description: str
-    features: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None   # (x, base mean); None: as is
-    needs_base_mean: bool = False   # the base classes' mean embedding per view (`features`' second argument)
+    features: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None   # (x, side input); None: as is
+    side_input: str | None = None   # what `features` takes besides the embeddings: one of `SIDE_INPUTS`, or None
     # `classify` sees the features only through inner products with the support (and is rotation invariant):
     # the evaluation may then fit it on `support_span_coordinates`, S dimensions instead of D, many episodes at once.
     in_support_span: bool = False
+    # `classify` is `nearest_prototype`: the evaluation may then score cached episodes in the centred form
+    # (`centered_prototype_logits`), each cached row's squared distance to the split's mean computed once.
+    centred_fast_path: bool = False
+
+    def __post_init__(self) -> None:
+        if self.side_input not in (None, *SIDE_INPUTS):
+            raise ValueError(f"unknown side input {self.side_input!r} of head {self.description!r}: use one of "
+                             f"{', '.join(SIDE_INPUTS)}, or None")
 
 
 HEADS: dict[str, Head] = {
-    PROTO: Head(nearest_prototype, "nearest prototype (the published rule)"),
+    PROTO: Head(nearest_prototype, "nearest prototype (the published rule)", centred_fast_path=True),
     "cl2n": Head(nearest_prototype, "centred on the base classes' mean embedding, L2-normalised, nearest prototype",
-                 centered_l2_normalized, needs_base_mean=True),
+                 centered_l2_normalized, side_input=BASE_MEAN, centred_fast_path=True),
     "logreg": Head(logistic_regression, f"logistic regression on the L2-normalised support (C={LOGREG_C:g}, "
                                         f"{LOGREG_ITERATIONS} accelerated gradient steps)", l2_normalized,
                       in_support_span=True),
 }
 """The heads, in the order they are reported."""
+
+
+def heads_needing(side_input: str, heads: Iterable[str]) -> list[str]:
+    """The heads of `heads` whose features take `side_input` (e.g. `BASE_MEAN`), in order: those its caller
+    must provide it for. Names not in `HEADS` need nothing (their callers report them as unknown)."""
+    return [name for name in heads if name in HEADS and HEADS[name].side_input == side_input]
 
 
 def head_scores(head: str, support: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, way: int,

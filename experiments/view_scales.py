@@ -15,7 +15,7 @@ import torch
 
 from bml.checkpoint import model_config, model_from_state, read_checkpoint
 from bml.datasets import input_transform_settings
-from bml.evaluation import build_evaluation_dataset, embed_dataset
+from bml.evaluation import EmbeddingOptions, build_evaluation_dataset, embed_dataset
 
 
 def main(args: argparse.Namespace) -> None:
@@ -29,7 +29,8 @@ def main(args: argparse.Namespace) -> None:
     same_class = labels[:, None] == labels[None, :]
     different = ~same_class
     same_class.fill_diagonal_(False)
-    embeddings = embed_dataset(model, torch.utils.data.Subset(dataset, chosen.tolist()), progress=False)
+    embeddings = embed_dataset(model, torch.utils.data.Subset(dataset, chosen.tolist()),
+                               EmbeddingOptions(progress=False))
     print(f"{args.ckp_path}: {len(chosen)} images of the {args.split} split; mean squared distance between images")
     for name, embedding in zip(model.view_names, embeddings):
         distances = torch.cdist(embedding.float(), embedding.float()).square()

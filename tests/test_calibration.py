@@ -17,7 +17,7 @@ from bml.calibration import (CalibrationMeter, expected_calibration_error, fit_t
                              temperature_nll)
 from bml.checkpoint import (CheckpointError, model_config, model_from_state, model_state_dict, read_calibration,
                             read_checkpoint, with_calibration)
-from bml.evaluation import build_evaluation_dataset, evaluate_episodes
+from bml.evaluation import EmbeddingOptions, build_evaluation_dataset, evaluate_episodes
 from bml.scoring import COMBINED, SCALED
 from fixtures import save_released_checkpoint
 
@@ -121,7 +121,8 @@ def test_training_calibrates_its_checkpoints_and_the_test_ece_drops(run_folder):
     model = model_from_state(last)
     test_set = build_evaluation_dataset("glyphs", "test", image_size=32, transform="O")
     meter = CalibrationMeter(record["temperatures"])
-    evaluate_episodes(model, test_set, *setting.values(), episodes=150, seeds=[0], progress=False, logits_sink=meter)
+    evaluate_episodes(model, test_set, *setting.values(), episodes=150, seeds=[0],
+                      options=EmbeddingOptions(progress=False), logits_sink=meter)
     errors = meter.summary()
     assert set(errors) == VOTES
     assert errors[COMBINED]["calibrated"] < errors[COMBINED]["uncalibrated"]

@@ -16,13 +16,16 @@ import torchvision.transforms as T
 
 from bml.datasets import NORMALIZATION, ArrayDataset, DatasetError, build_dataset, build_transform, episode_labels
 from bml.datasets.device_augment import EvalCrops, to_model_input
-from bml.evaluation import (COMBINED, SCALED, build_evaluation_dataset, embed_dataset, evaluate_episodes,
+from bml.evaluation import (EmbeddingOptions, build_evaluation_dataset, embed_dataset, evaluate_episodes,
                             parse_seed_range, sample_episodes, score_episodes, write_results)
 from bml.models import BML, BaselineGlobal
+from bml.scoring import COMBINED, SCALED
 from fixtures import make_cub, make_image_folder, make_pickle_split_dataset, save_released_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WAY, QUERY, IMAGE_SIZE, CLASSES, PER_CLASS = 5, 15, 32, 8, 20
+QUIET = EmbeddingOptions(progress=False)
+EXACT = EmbeddingOptions(storage_dtype=torch.float32, progress=False)
 
 
 def load_entry_script():
@@ -81,7 +84,8 @@ def correct_queries(accuracies: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("shot", [1, 5])
 def test_cached_scoring_equals_per_episode_protocol(model, dataset, shot):
     episodes = sample_episodes(dataset.labels, WAY, shot, QUERY, episodes=15, seeds=[0, 1])
-    cache = embed_dataset(model, dataset, batch_size=64, storage_dtype=torch.float32, progress=False)
+    cache = embed_dataset(model, dataset, EmbeddingOptions(batch_size=64, storage_dtype=torch.float32,
+                                                                   progress=False))
     cached = score_episodes(cache, episodes, WAY, shot, names=model.view_names, progress=False)
     reference = per_episode_accuracies(model, dataset, episodes, shot)
     assert set(cached) == {"global", "local", COMBINED, SCALED}
@@ -94,7 +98,7 @@ def test_scaled_vote_ignores_the_scale_of_a_view(model, dataset):
     """Multiplying one view's embeddings by 100 makes its distances 10,000 times larger: the published sum
     then follows that view alone, the scaled vote does not change."""
     episodes = sample_episodes(dataset.labels, WAY, 1, QUERY, episodes=40, seeds=[0])
-    cache = embed_dataset(model, dataset, storage_dtype=torch.float32, progress=False)
+    cache = embed_dataset(model, dataset, EXACT)
     plain = score_episodes(cache, episodes, WAY, 1, names=model.view_names, progress=False)
     louder = score_episodes([cache[0] * 100, cache[1]], episodes, WAY, 1, names=model.view_names, progress=False)
     np.testing.assert_array_equal(correct_queries(louder[SCALED]), correct_queries(plain[SCALED]))
@@ -106,9 +110,8 @@ def test_float16_storage_agrees_closely(model, dataset):
     nearest prototypes are that close flip. This random-init fixture has many such close calls (about
     5% of episodes); each flips one query, in either direction, and the mean barely moves."""
     episodes = sample_episodes(dataset.labels, WAY, 1, QUERY, episodes=200, seeds=[0])
-    exact = score_episodes(embed_dataset(model, dataset, storage_dtype=torch.float32, progress=False),
-                           episodes, WAY, 1, progress=False)
-    half = score_episodes(embed_dataset(model, dataset, progress=False), episodes, WAY, 1, progress=False)
+    exact = score_episodes(embed_dataset(model, dataset, EXACT), episodes, WAY, 1, progress=False)
+    half = score_episodes(embed_dataset(model, dataset, QUIET), episodes, WAY, 1, progress=False)
     one_query = 100 / (WAY * QUERY)
     for name in exact:
         difference = np.abs(half[name] - exact[name])
@@ -118,8 +121,8 @@ def test_float16_storage_agrees_closely(model, dataset):
 
 def test_chunking_device_and_memory_map_do_not_change_scores(model, dataset):
     episodes = sample_episodes(dataset.labels, WAY, 5, QUERY, episodes=30, seeds=[3])
-    in_memory = embed_dataset(model, dataset, batch_size=50, progress=False)
-    mapped = embed_dataset(model, dataset, batch_size=50, max_memory_gb=0, progress=False)
+    in_memory = embed_dataset(model, dataset, EmbeddingOptions(batch_size=50, progress=False))
+    mapped = embed_dataset(model, dataset, EmbeddingOptions(batch_size=50, max_memory_gb=0, progress=False))
     assert not isinstance(in_memory[0].numpy(), np.memmap)
     torch.testing.assert_close(mapped, in_memory, rtol=0, atol=0)
     whole = score_episodes(in_memory, episodes, WAY, 5, progress=False)
@@ -139,10 +142,10 @@ def test_test_images_travel_as_uint8_and_give_the_same_inputs(tmp_path, model, t
     assert EvalCrops.applies_to(dataset) and crops[0][0].dtype == torch.uint8
     for index in range(len(dataset)):
         assert torch.equal(to_model_input(crops[index][0][None], crops.mean, crops.std)[0], dataset[index][0])
-    uint8_path = embed_dataset(model, dataset, batch_size=4, storage_dtype=torch.float32)
+    uint8_path = embed_dataset(model, dataset, EmbeddingOptions(batch_size=4, storage_dtype=torch.float32))
     dataset.train = None
     assert not EvalCrops.applies_to(dataset)
-    float_path = embed_dataset(model, dataset, batch_size=4, storage_dtype=torch.float32)
+    float_path = embed_dataset(model, dataset, EmbeddingOptions(batch_size=4, storage_dtype=torch.float32))
     assert all(torch.equal(a, b) for a, b in zip(uint8_path, float_path))
 
 
@@ -161,7 +164,7 @@ def test_cross_domain_uint8_inputs_keep_the_model_normalisation(tmp_path):
 
 def test_evaluate_episodes_summarises_seeds_and_restores_training_mode(model, dataset):
     model.train()
-    results = evaluate_episodes(model, dataset, WAY, 1, QUERY, episodes=40, seeds=[0, 1], progress=False)
+    results = evaluate_episodes(model, dataset, WAY, 1, QUERY, episodes=40, seeds=[0, 1], options=QUIET)
     assert model.training
     model.eval()
     assert list(results) == ["global", "local", COMBINED, SCALED]
@@ -169,21 +172,21 @@ def test_evaluate_episodes_summarises_seeds_and_restores_training_mode(model, da
         assert list(summary["per_seed"]) == [0, 1]
         assert summary["acc"] == pytest.approx(np.mean([s["acc"] for s in summary["per_seed"].values()]))
         assert 0 < summary["ci95"] < 10
-    again = evaluate_episodes(model, dataset, WAY, 1, QUERY, episodes=40, seeds=[1], progress=False)
+    again = evaluate_episodes(model, dataset, WAY, 1, QUERY, episodes=40, seeds=[1], options=QUIET)
     assert again[COMBINED]["per_seed"][1] == results[COMBINED]["per_seed"][1]
 
 
 def test_baseline_has_one_view_and_its_prediction_is_the_combined_one(dataset):
     torch.manual_seed(0)
     baseline = BaselineGlobal(num_classes=CLASSES, width=0.125).eval()
-    results = evaluate_episodes(baseline, dataset, WAY, 5, QUERY, episodes=20, seeds=[0], progress=False)
+    results = evaluate_episodes(baseline, dataset, WAY, 5, QUERY, episodes=20, seeds=[0], options=QUIET)
     assert list(results) == ["global", COMBINED]
     assert results["global"] == results[COMBINED]
 
 
 def test_too_many_shots_fail_before_embedding(model, dataset):
     with pytest.raises(DatasetError, match="fewer than shot"):
-        evaluate_episodes(model, dataset, WAY, PER_CLASS, QUERY, episodes=5, seeds=[0], progress=False)
+        evaluate_episodes(model, dataset, WAY, PER_CLASS, QUERY, episodes=5, seeds=[0], options=QUIET)
 
 
 def test_cross_domain_keeps_test_geometry_and_model_normalisation(tmp_path):

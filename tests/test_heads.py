@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bml import FewShotClassifier, evaluation
+from bml import FewShotClassifier
 from bml.datasets import build_dataset
+from bml.evaluation import (EmbeddingOptions, base_class_means, base_means, cache, cached_scoring, protocol,
+                            sample_episodes, score_episodes)
 from bml.training.engine import evaluate
-from bml.evaluation import base_class_means, sample_episodes, score_episodes
 from bml.scoring import (COMBINED, HEADS, LOGREG_C, PROTO, episode_labels, fit_logistic_regression, head_scores,
                          votes_for)
 from fixtures import make_cifar_fs_bml_checkpoint
@@ -21,6 +22,7 @@ from test_evaluation import load_entry_script
 
 WAY, SHOT, QUERY, DIM = 5, 2, 4, 12
 VIEWS = ("global", "local")
+QUIET = EmbeddingOptions(progress=False)
 
 
 class Points(torch.utils.data.Dataset):
@@ -123,7 +125,7 @@ def test_logreg_in_the_support_span_over_blocks_of_chunks_equals_the_full_featur
     data = clustered_points(per_class=30)
     cache = tuple(view.clone() for view in TwoViews().embed(data.points))
     episodes = sample_episodes(data.labels, WAY, SHOT, QUERY, episodes=200, seeds=[0])
-    monkeypatch.setattr(evaluation, "SPAN_FIT_EPISODES", 50)   # chunks of 1 MB hold ~180 episodes
+    monkeypatch.setattr(cached_scoring, "SPAN_FIT_EPISODES", 50)   # chunks of 1 MB hold ~180 episodes
     scores = score_episodes(cache, episodes, WAY, SHOT, names=VIEWS, head="logreg", progress=False, chunk_mb=1)
     index = torch.from_numpy(episodes)
     views = {name: head_scores("logreg", view[index[:, :WAY * SHOT]], episode_labels(WAY, WAY * SHOT),
@@ -139,10 +141,10 @@ def test_cl2n_centres_on_a_known_base_mean(tmp_path, monkeypatch):
     cl2n's logits are those of the centred, unit-length features."""
     base = clustered_points(classes=4, per_class=5, seed=3)
     model = TwoViews()
-    means = base_class_means(model, base, means_dir=tmp_path, progress=False)
+    means = base_class_means(model, base, QUIET, means_dir=tmp_path)
     torch.testing.assert_close(means[0], base.points.mean(0), rtol=1e-3, atol=1e-3)   # cached in float16
     torch.testing.assert_close(means[1], base.points.flip(-1).mean(0) + 1, rtol=1e-3, atol=1e-3)
-    monkeypatch.setattr(evaluation, "embed_dataset", lambda *a, **k: pytest.fail("embedded the base split again"))
+    monkeypatch.setattr(base_means, "embed_dataset", lambda *a, **k: pytest.fail("embedded the base split again"))
     assert all(torch.equal(a, b) for a, b in zip(base_class_means(model, base, means_dir=tmp_path), means))
 
     support, queries = torch.tensor([[4.0, 0.0], [0.0, 4.0]]), torch.tensor([[3.0, 2.0]])
@@ -160,10 +162,9 @@ def test_eval_bml_scores_every_head_from_one_embedding_pass(tmp_path, monkeypatc
     torch.manual_seed(0)
     checkpoint, data_root = make_cifar_fs_bml_checkpoint(tmp_path, images_per_class=12)
     embedded = []
-    embed_dataset = evaluation.embed_dataset
-    monkeypatch.setattr(evaluation, "embed_dataset",
-                        lambda model, dataset, **kw: embedded.append(dataset.split) or embed_dataset(model, dataset,
-                                                                                                    **kw))
+    for module in (protocol, base_means):   # the test split's pass and the base classes'
+        monkeypatch.setattr(module, "embed_dataset", lambda model, dataset, *args, **kw:
+                            embedded.append(dataset.split) or cache.embed_dataset(model, dataset, *args, **kw))
     eval_bml = load_entry_script()
 
     def run(*heads: str) -> dict:
@@ -199,7 +200,7 @@ def test_heads_reach_validation_and_the_classifier(tmp_path):
     model = TwoViews()
     support = data.points[:40]
     labels = [f"c{label}" for label in data.labels[:40]]
-    means = base_class_means(model, clustered_points(seed=5), progress=False)
+    means = base_class_means(model, clustered_points(seed=5), QUIET)
     for head in HEADS:
         classifier = FewShotClassifier(model, transform=None, image_size=DIM, head=head, base_means=means,
                                        progress=False)
@@ -222,6 +223,6 @@ def test_classifier_from_checkpoint_centres_cl2n_on_its_training_split(tmp_path,
     classifier = FewShotClassifier.from_checkpoint(checkpoint, device="cpu", head="cl2n", data_root=str(data_root),
                                                    progress=False)
     base = build_dataset("CIFAR-FS", "train", data_root, 32, train=False)
-    expected = base_class_means(classifier.model, base, progress=False)
+    expected = base_class_means(classifier.model, base, QUIET)
     assert all(torch.equal(a, b) for a, b in zip(classifier.base_means, expected))
     assert len(list(tmp_path.glob("bml_base_means_*.pt"))) == 1

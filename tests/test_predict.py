@@ -154,7 +154,7 @@ def test_module_entry_point_exits_1_without_traceback(tmp_path):
                              "--support", str(tmp_path / "support"), "--query", str(tmp_path / "support"),
                              "--device", "cpu"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
-    assert result.stderr.startswith("error: checkpoint not found") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("ERROR: checkpoint not found") and "Traceback" not in result.stderr
 
 
 def noise_images(rng: np.random.Generator, count: int) -> list[Image.Image]:

@@ -25,8 +25,9 @@ from bml import predict
 from bml.training import driver, guard, signals
 from bml.checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from bml.datasets import DatasetError, build_dataset, read_npz_arrays
-from bml.evaluation import COMBINED, EvaluationError, evaluate_episodes
+from bml.evaluation import EmbeddingOptions, EvaluationError, evaluate_episodes
 from bml.models import BML
+from bml.scoring import COMBINED
 from bml.utils.io import OutputError, folder_lock
 from fixtures import make_image_folder, make_tiered
 from test_training import epoch_log, one_thread  # noqa: F401  (one_thread: an autouse fixture, used here too)
@@ -143,7 +144,7 @@ class Identity(torch.nn.Module):
 
 def evaluate_points(scale: float, storage_dtype: torch.dtype, report: dict | None = None) -> dict:
     return evaluate_episodes(Identity(), Points(scale), way=5, shot=1, query=3, episodes=20, seeds=[0],
-                             storage_dtype=storage_dtype, progress=False, report=report)
+                             options=EmbeddingOptions(storage_dtype=storage_dtype, progress=False), report=report)
 
 
 def test_float16_cache_falls_back_to_float32_when_features_exceed_its_range(capsys):

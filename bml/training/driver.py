@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from bml.calibration import calibrate_checkpoints
 from bml.checkpoint import CheckpointError, save_checkpoint
 from bml.datasets import DatasetError, EpisodeSampler, build_dataset
-from bml.evaluation import AMP_DTYPES, EvaluationError
+from bml.evaluation import EvaluationError
 from bml.models import build_model
 from bml.recipes import get_recipe
 from bml.training.engine import evaluate, train_one_epoch
@@ -44,7 +44,7 @@ from bml.training.state import TrainComponents, TrainingState, checkpoint_state,
 from bml.training.step_plan import build_training_loader, steps_per_epoch
 from bml.training.wrappers import build_optimizer, set_epoch_lr, wrap_for_training
 from bml.utils import distributed
-from bml.utils.device import configure_tf32
+from bml.utils.device import AMP_DTYPES, configure_tf32
 from bml.utils.io import OutputError
 from bml.utils.logger import RunLogger
 from bml.utils.messages import error, info, log_to, warn

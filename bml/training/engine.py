@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bml.evaluation import COMBINED, evaluate_heads
-from bml.scoring import PROTO
+from bml.evaluation import EmbeddingOptions, evaluate_heads
+from bml.scoring import COMBINED, PROTO
 from bml.training.guard import NonFiniteLossError
 from bml.training.state import TrainComponents, TrainingState
 from bml.utils.distributed import all_reduce_sum, get_world_size
@@ -192,7 +192,8 @@ def evaluate(model: nn.Module, dataset, *, way: int, shot: int, query: int, epis
     """
     head_results = evaluate_heads(model, dataset, way, shot, query, episodes, seeds=[seed],
                                   heads=list(dict.fromkeys([PROTO, *heads])), base_dataset=base_dataset,
-                                  device=device, amp=amp, num_workers=num_workers, progress=progress)
+                                  options=EmbeddingOptions(device=device, amp=amp, num_workers=num_workers,
+                                                           progress=progress))
     results = head_results.pop(PROTO)
     summary = {"acc": results[COMBINED]["acc"], "ci95": results[COMBINED]["ci95"]}
     summary.update({f"acc_{view}": results[view]["acc"] for view in results if view != COMBINED})

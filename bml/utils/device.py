@@ -21,7 +21,9 @@ import torch
 
 from bml.utils.distributed import DeviceError
 
-AMP_CHOICES = ("off", "fp16", "bf16")
+AMP_DTYPES = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The dtype autocast runs in for each `--amp` choice (None: full fp32, autocast off)."""
+AMP_CHOICES = tuple(AMP_DTYPES)
 BF16_MIN_CAPABILITY = (8, 0)
 TF32_MIN_CAPABILITY = (8, 0)
 APEX_LEVELS = {"O0": "off", "O1": "fp16", "O2": "fp16"}

@@ -1,0 +1,142 @@
+"""The embedding cache: every image of a split embedded once, one (N, D) tensor per view.
+
+Memory: the cache holds, per image, every view's embedding in float16 (scores are computed in
+float32). A full-width BML ResNet-12 at 84 px has two views of 640 x 5 x 5 = 16,000 values, 64 kB an
+image: miniImageNet's test split (12,000 images) needs 0.8 GB, tieredImageNet's (206,209 images)
+13.2 GB. A cache larger than `max_memory_gb` (default: half of the available RAM) lives in a
+memory-mapped file in `cache_dir` (default: the system temp folder), deleted when released; the
+scoring then reads it through the page cache, fast while the file fits in RAM, disk-bound otherwise.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bml.datasets.device_augment import EvalCrops, to_model_input
+from bml.evaluation.errors import EvaluationError
+from bml.utils.device import AMP_DTYPES
+from bml.utils.messages import info
+
+STORAGE_FALLBACK_NOTE = "the embeddings exceed the float16 range (65504)"
+
+
+@dataclass(frozen=True)
+class EmbeddingOptions:
+    """How images are embedded into the cache: one value for every pass of an evaluation (the split's and the
+    base classes'), so that they are embedded alike."""
+
+    batch_size: int = 128
+    device: str | torch.device = "cpu"
+    amp: str = "off"                              # a key of `bml.utils.device.AMP_DTYPES`
+    num_workers: int = 0
+    storage_dtype: torch.dtype = torch.float16    # float32 where float16 cannot hold an embedding
+    max_memory_gb: float | None = None            # larger caches are memory-mapped; None: half of the free RAM
+    cache_dir: str | None = None                  # the memory-mapped file's folder; None: the temp folder
+    progress: bool = True
+
+
+def available_memory_bytes() -> int:
+    """RAM that can be allocated without swapping (MemAvailable on Linux, free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def allocate_cache(num_images: int, dims: Sequence[int], dtype: torch.dtype,
+                   max_memory_gb: float | None = None, cache_dir: str | None = None) -> tuple[torch.Tensor, ...]:
+    """One (num_images, D) tensor per view, in RAM if it fits the budget, else memory-mapped.
+
+    A memory-mapped cache is an unlinked temporary file: its disk space is freed when the tensors
+    are, even if the process dies.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = num_images * sum(dims) * itemsize
+    budget = available_memory_bytes() / 2 if max_memory_gb is None else max_memory_gb * 2**30
+    if needed <= budget:
+        return tuple(torch.empty((num_images, dim), dtype=dtype) for dim in dims)
+    cache_dir = cache_dir or tempfile.gettempdir()
+    free = shutil.disk_usage(cache_dir).free
+    if needed > free:
+        raise MemoryError(
+            f"the embedding cache needs {needed / 2**30:.1f} GB: more than the memory budget "
+            f"({budget / 2**30:.1f} GB) and than the free space in {cache_dir} ({free / 2**30:.1f} GB); "
+            f"pass --cache_dir on a larger disk or raise --max_memory_gb")
+    info(f"Embedding cache of {needed / 2**30:.1f} GB exceeds the memory budget of {budget / 2**30:.1f} GB: "
+         f"memory-mapping it in {cache_dir}")
+    numpy_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    cache = []
+    for dim in dims:
+        with tempfile.NamedTemporaryFile(dir=cache_dir, prefix="bml_embeddings_", suffix=".bin") as file:
+            array = np.memmap(file, dtype=numpy_dtype, mode="w+", shape=(num_images, dim))
+        cache.append(torch.from_numpy(array))
+    return tuple(cache)
+
+
+@torch.inference_mode()
+def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
+                  options: EmbeddingOptions = EmbeddingOptions()) -> tuple[torch.Tensor, ...]:
+    """Embed every image of `dataset` once: one (N, D) CPU tensor per view, in dataset order.
+
+    The model runs in eval mode (its previous mode is restored). float16 storage halves the cache;
+    near-ties between two prototypes may then rarely resolve differently than in float32. Values
+    float16 cannot hold (above 65504) are never stored as inf: the cache then switches to float32
+    (the dtype of the returned tensors says which was used). A data set built with its test transform is
+    loaded as uint8 crops and converted and normalised on the device (`EvalCrops`: the same inputs).
+    """
+    device, storage_dtype = torch.device(options.device), options.storage_dtype
+    crops = EvalCrops(dataset) if EvalCrops.applies_to(dataset) else None   # uint8 to the device, normalised there
+    loader = torch.utils.data.DataLoader(crops if crops is not None else dataset, batch_size=options.batch_size,
+                                         shuffle=False, num_workers=options.num_workers,
+                                         pin_memory=device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    cache: tuple[torch.Tensor, ...] = ()
+    start = 0
+    try:
+        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not options.progress):
+            images = images.to(device, non_blocking=True)
+            if crops is not None:
+                images = to_model_input(images, crops.mean, crops.std)
+            with torch.autocast(device.type, dtype=AMP_DTYPES[options.amp], enabled=options.amp != "off"):
+                embeddings = model.embed(images)
+            if not cache:
+                cache = allocate_cache(len(dataset), [e.shape[1] for e in embeddings], storage_dtype,
+                                       options.max_memory_gb, options.cache_dir)
+            end = start + len(images)
+            if not all(torch.isfinite(embedding).all() for embedding in embeddings):
+                raise EvaluationError(
+                    f"the model produced non-finite embeddings for images {start}..{end - 1}: the "
+                    f"checkpoint diverged, or --amp fp16 overflowed (try --amp off or bf16)")
+            stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
+            if not all(torch.isfinite(part).all() for part in stored):
+                cache = widen_cache(cache, start, options.max_memory_gb, options.cache_dir)
+                storage_dtype = torch.float32
+                stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
+            for target, part in zip(cache, stored):
+                target[start:end] = part
+            start = end
+    finally:
+        model.train(was_training)
+    return cache
+
+
+def widen_cache(cache: Sequence[torch.Tensor], filled: int, max_memory_gb: float | None,
+                cache_dir: str | None) -> tuple[torch.Tensor, ...]:
+    """A float32 copy of a cache whose first `filled` rows are done: for embeddings float16 cannot hold."""
+    info(f"{STORAGE_FALLBACK_NOTE}: storing the embeddings in float32")
+    wider = allocate_cache(len(cache[0]), [part.shape[1] for part in cache], torch.float32, max_memory_gb, cache_dir)
+    for target, part in zip(wider, cache):
+        target[:filled] = part[:filled]
+    return wider
