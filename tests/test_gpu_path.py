@@ -33,7 +33,7 @@ from bml.models import BML
 from bml.checkpoint import read_checkpoint
 from bml.recipes import BML_LOSSES, apply_recipe
 from bml.training import SettingsError, build_optimizer, resolve_episodes, wrap_for_training
-from bml.utils.device import build_runs_on, check_cuda_arch, resolve_amp, tf32_active
+from bml.utils.device import build_runs_on, check_cuda_arch, configure_tf32, resolve_amp, tf32_active
 from bml.utils.distributed import DeviceError, DistributedContext
 from bml.utils.logger import RunLogger
 from fixtures import make_tiered
@@ -75,6 +75,31 @@ def test_tf32_applies_from_ampere_on_unless_turned_off(simulate_gpu):
     for capability, active in (((7, 0), False), ((8, 0), True), ((9, 0), True)):
         simulate_gpu(capability)
         assert tf32_active("on", CUDA) == active and not tf32_active("off", CUDA)
+
+
+@pytest.fixture
+def restore_tf32():
+    """The process-wide TF32 settings as they were before the test: the boolean flags, then each fp32_precision."""
+    precisions = [torch.backends.cudnn, torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul]
+    saved = [backend.fp32_precision for backend in precisions]
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+    for backend, precision in zip(precisions, saved):
+        backend.fp32_precision = precision
+
+
+@pytest.mark.parametrize("mode", ["off", "on", "off"])
+def test_tf32_settings_read_cleanly_after_each_mode(restore_tf32, mode):
+    """configure_tf32 sets cuDNN (convolutions and RNNs) and matrix products consistently: the legacy flags that
+    torch.compile and other libraries read answer instead of raising (setting only the convolutions' fp32_precision
+    made torch.backends.cudnn.allow_tf32 raise RuntimeError)."""
+    configure_tf32(mode)
+    assert torch.backends.cudnn.allow_tf32 == (mode == "on")
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.get_float32_matmul_precision() == "highest"
+    convolutions = {torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision}
+    assert convolutions == ({"tf32"} if mode == "on" else {"none"})
+    assert torch.backends.cuda.matmul.fp32_precision == "ieee"
 
 
 def test_torch_build_without_the_gpus_arch_stops_before_training(simulate_gpu, tmp_path, capsys):
