@@ -191,7 +191,7 @@ def loader_figures(image_size: int, folder: Path, workers: list[int], steps: int
 
 def model_images_per_s(device: torch.device, args: argparse.Namespace) -> float:
     settings = argparse.Namespace(num_classes=64, width=args.width, image_size=args.image_size, warmup=1,
-                                  steps=args.model_steps)
+                                  steps=args.model_steps, episodes=1)
     return IMAGES_PER_STEP / statistics.median(time_train_steps("resnet12", MODEL_VARIANT[device.type], device,
                                                                 settings))
 
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
             figures = loader_figures(args.image_size, Path(folder), args.loader_workers, args.loader_steps)
         print_loader_figures(figures)
         return {"loader": figures}
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device("cuda" if torch.cuda.is_available() else "cpu")]   # no CPU-only figures on a GPU machine
     model = {device.type: model_images_per_s(device, args) for device in devices}
     training_device = devices[-1].type
     results = {}
