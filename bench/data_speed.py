@@ -14,7 +14,8 @@
 - for E, a training loader with several workers (`loader`): the images per second that 1, 2, ... workers
   deliver (wall clock, published 2-episode steps, each worker a process as in training) and the bytes a step
   sends to the device, with boxes longer than twice the output resized on the host (`MAX_SENT_SIDE`) and, for
-  comparison, with every box sent as drawn (`sent_bytes_per_step_unbounded`).
+  comparison, with every box sent as drawn (`sent_bytes_per_step_unbounded`); also the host work per image
+  and DeviceAugment's CPU images per second both ways, and the host transform's.
 
 Stored images are random uint8 arrays of the data sets' stored sizes (84 px; 32 px for the CIFAR-based
 C and D, which are resized to 84 in training). E's images are JPEG files of CUB's sizes (300-500 px a
@@ -171,11 +172,21 @@ def loader_figures(image_size: int, folder: Path, workers: list[int], steps: int
     plan = np.stack([np.stack([rng.permutation(IMAGES_PER_STEP) for _ in range(EPISODES_PER_STEP)])
                      for _ in range(steps)])
     batches = StepBatches(dataset, lambda epoch: plan, (0,), "device")
+    one_step = step_loader("E", image_size, "device", folder)
+    host = step_loader("E", image_size, "host", folder)
     with every_box_sent_as_drawn():
         unbounded = statistics.mean(sum(part.nbytes for part in batches[0, step]) for step in range(2))
+        host_unbounded = host_us_per_image(one_step, steps=2)
+        device_unbounded = device_images_per_s(one_step, torch.device("cpu"), repeats=2)
     figures = {"images_per_step": EPISODES_PER_STEP * IMAGES_PER_STEP, "sent_bytes_per_step_unbounded": unbounded,
                "max_sent_bytes_per_step": EPISODES_PER_STEP * IMAGES_PER_STEP
-               * (device_augment.MAX_SENT_SIDE * image_size) ** 2 * 3, "workers": {}}
+               * (device_augment.MAX_SENT_SIDE * image_size) ** 2 * 3,
+               "host_us_per_image": {"host_transform": host_us_per_image(host, steps=2),
+                                     "every_box_as_drawn": host_unbounded,
+                                     "bounded": host_us_per_image(one_step, steps=2)},
+               "device_augment_images_per_s_cpu": {"every_box_as_drawn": device_unbounded,
+                                                   "bounded": device_images_per_s(one_step, torch.device("cpu"), 2)},
+               "workers": {}}
     for count in workers:
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=count,
                                              sampler=[(0, step) for step in range(steps)])
@@ -197,9 +208,13 @@ def model_images_per_s(device: torch.device, args: argparse.Namespace) -> float:
 
 
 def print_loader_figures(figures: dict) -> None:
+    host, device = figures["host_us_per_image"], figures["device_augment_images_per_s_cpu"]
     print(f"E loader, {figures['images_per_step']} images per step: sent per step "
           f"{figures['sent_bytes_per_step_unbounded'] / 2**20:.1f} MiB with every box as drawn, at most "
-          f"{figures['max_sent_bytes_per_step'] / 2**20:.1f} MiB now", flush=True)
+          f"{figures['max_sent_bytes_per_step'] / 2**20:.1f} MiB now; host us/image: transform "
+          f"{host['host_transform']:.0f}, boxes as drawn {host['every_box_as_drawn']:.0f}, bounded {host['bounded']:.0f}; "
+          f"DeviceAugment images/s on the CPU: as drawn {device['every_box_as_drawn']:.0f}, bounded "
+          f"{device['bounded']:.0f}", flush=True)
     for count, row in figures["workers"].items():
         print(f"  {count} worker(s): {row['images_per_s']:8.0f} images/s, {row['sent_bytes_per_step'] / 2**20:.1f} MiB "
               "per step", flush=True)
