@@ -212,7 +212,8 @@ def print_loader_figures(figures: dict) -> None:
     print(f"E loader, {figures['images_per_step']} images per step: sent per step "
           f"{figures['sent_bytes_per_step_unbounded'] / 2**20:.1f} MiB with every box as drawn, at most "
           f"{figures['max_sent_bytes_per_step'] / 2**20:.1f} MiB now; host us/image: transform "
-          f"{host['host_transform']:.0f}, boxes as drawn {host['every_box_as_drawn']:.0f}, bounded {host['bounded']:.0f}; "
+          f"{host['host_transform']:.0f}, boxes as drawn {host['every_box_as_drawn']:.0f}, "
+          f"bounded {host['bounded']:.0f}; "
           f"DeviceAugment images/s on the CPU: as drawn {device['every_box_as_drawn']:.0f}, bounded "
           f"{device['bounded']:.0f}", flush=True)
     for count, row in figures["workers"].items():

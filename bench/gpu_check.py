@@ -299,7 +299,7 @@ class Check:
         return self.estimate_s[0 if mode == "gpu" else 1]
 
     def timeout(self, mode: str) -> float:
-        return 2 * self.estimate(mode) + 60
+        return 3 * self.estimate(mode) + 60
 
 
 CHECKS = (
@@ -314,7 +314,8 @@ CHECKS = (
     Check("sync_debug", check_sync, (30, 0), cuda_only="torch.cuda.set_sync_debug_mode counts CUDA synchronisations"),
     Check("train_step", lambda run, log: check_bench(run, log, "train_step.py", train_step_judge), (100, 20)),
     Check("ddp", lambda run, log: step_check(run, log, "ddp"), (40, 25)),
-    Check("cuda_tests", check_cuda_tests, (75, 0), cuda_only="the suite's CUDA tests (pytest -m cuda) skip without one"),
+    Check("cuda_tests", check_cuda_tests, (75, 0),
+          cuda_only="the suite's CUDA tests (pytest -m cuda) skip without one"),
     Check("step_equality", lambda run, log: step_check(run, log, "step_equality"), (45, 25)),
     Check("compile", lambda run, log: step_check(run, log, "compile"), (120, 40)),
     Check("data_speed", lambda run, log: check_bench(run, log, "data_speed.py"), (90, 40)),

@@ -8,8 +8,8 @@ fp32 (plus channels_last and bf16 with --cpu-variants). Each row: seconds per st
 second, peak memory (CUDA), and the fraction of the device's physical limit that the step reaches: its FLOPs
 (counted on one eager step with torch's FlopCounterMode: 26.7 GFLOP per 84 px training image, forward and
 backward, at width 1.0) per second over the peak FLOP/s of a large matrix product measured on the same
-device (bf16 on CUDA, fp32 on a CPU). The local loss is also timed alone, vectorised against a looped version with per-item host syncs
-like the original implementation, on the same features.
+device (bf16 on CUDA, fp32 on a CPU). The local loss is also timed alone, vectorised against a looped
+version with per-item host syncs like the original implementation, on the same features.
 
     python bench/train_step.py --steps 5 --warmup 2 --json out.json
     python bench/train_step.py --episodes 1 --steps 2 --warmup 1 --backbone resnet18 --cpu-variants   # docs' CPU runs
@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(row)
             del step
             memory = f" {row['peak_memory_gib']:6.1f} GiB" if row["peak_memory_gib"] is not None else ""
-            print(f"{device.type:4s} {backbone:8s} {variant.name:27s} {step_s:8.3f} s/step {images_per_s:8.1f} images/s "
+            print(f"{device.type:4s} {backbone:8s} {variant.name:27s} {step_s:8.3f} s/step "
+                  f"{images_per_s:8.1f} images/s "
                   f"{100 * row['fraction_of_peak']:5.1f}% of peak{memory}", flush=True)
     if device.type == "cuda":
         configure_tf32("on")

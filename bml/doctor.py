@@ -64,9 +64,9 @@ def cudnn_version() -> str | None:
 
 
 def versions() -> dict:
-    cudnn = cudnn_version()
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": package_version("torchvision"),
-            "cuda": torch.version.cuda, "cudnn": cudnn, "arch_list": list(torch.cuda.get_arch_list())}
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": package_version("torchvision"), "cuda": torch.version.cuda, "cudnn": cudnn_version(),
+            "arch_list": list(torch.cuda.get_arch_list())}
 
 
 def gpus() -> tuple[list[dict], list[str]]:
@@ -79,7 +79,8 @@ def gpus() -> tuple[list[dict], list[str]]:
         problem = missing_kernels(gpu)
         entries.append({"index": index, **gpu.as_dict(), "memory_gib": round(properties.total_memory / 2**30, 1),
                         "build_has_kernels": problem is None,
-                        "bf16": "native" if gpu.capability >= BF16_MIN_CAPABILITY else "emulated (--amp bf16 trains in fp16)",
+                        "bf16": ("native" if gpu.capability >= BF16_MIN_CAPABILITY
+                                 else "emulated (--amp bf16 trains in fp16)"),
                         "tf32_with_default_settings": tf32_active("on", torch.device("cuda", index))})
         if problem:
             problems.append(f"GPU {index}: {problem}")
@@ -90,7 +91,8 @@ def training_settings(gpu_count: int) -> dict:
     """What `train_bml.sh` would start here for a published recipe: processes, --augment, TF32, loader workers."""
     processes = process_count(argparse.Namespace(device=None, allow_more_processes=False), PUBLISHED.episodes_per_step,
                               gpu_count)
-    return {"device": "cuda" if gpu_count else "cpu", "processes": processes, "augment": "device" if gpu_count else "host",
+    return {"device": "cuda" if gpu_count else "cpu", "processes": processes,
+            "augment": "device" if gpu_count else "host",
             "tf32": "on", "tf32_active": bool(gpu_count) and tf32_active("on", torch.device("cuda", 0)),
             "cpu_cores": available_cpus(), "loader_workers_per_process": default_num_workers(processes)}
 
@@ -170,7 +172,8 @@ def data(data_root: str | None) -> tuple[dict, list[str]]:
 def diagnose(data_root: str | None = None) -> dict:
     """The whole report, with `problems`: one line per finding that would stop training, saying what to do."""
     gpu_entries, problems = gpus()
-    report = {"versions": versions(), "gpus": gpu_entries, "nccl": nccl(), "training": training_settings(len(gpu_entries))}
+    report = {"versions": versions(), "gpus": gpu_entries, "nccl": nccl(),
+              "training": training_settings(len(gpu_entries))}
     if len(gpu_entries) > 1 and not report["nccl"]["available"]:
         problems.append("this torch build has no NCCL: training on several GPUs needs it; install a CUDA build of "
                         "torch for Linux (README, Install), or train on one GPU (CUDA_VISIBLE_DEVICES=0)")
@@ -193,14 +196,16 @@ def format_report(report: dict) -> str:
              + (f", cuDNN {v['cudnn']}" if v["cudnn"] else "") + f"), torchvision {v['torchvision']}",
              f"this build's GPU architectures: {', '.join(v['arch_list']) or 'none'}"]
     for gpu in report["gpus"]:
-        lines.append(f"GPU {gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}, {gpu['memory_gib']} GiB; "
+        lines.append(f"GPU {gpu['index']}: {gpu['name']}, compute capability {gpu['capability']}, "
+                     f"{gpu['memory_gib']} GiB; "
                      f"kernels in this build: {'yes' if gpu['build_has_kernels'] else 'NO'}; bf16 {gpu['bf16']}; "
                      f"TF32 with the default --tf32 on: {'yes' if gpu['tf32_with_default_settings'] else 'no'}")
     if not report["gpus"]:
         lines.append("no CUDA GPU visible: training runs on the CPU")
     if report.get("note"):
         lines.append(report["note"])
-    lines.append(f"NCCL: {'available ' + (report['nccl']['version'] or '') if report['nccl']['available'] else 'not available'}")
+    nccl_state = report["nccl"]
+    lines.append("NCCL: " + (f"available {nccl_state['version'] or ''}" if nccl_state["available"] else "not available"))
     t = report["training"]
     lines.append(f"training here: {t['processes']} process(es) on {t['device']}, --augment {t['augment']}, "
                  f"{t['loader_workers_per_process']} loader worker(s) each ({t['cpu_cores']} CPU cores); --tf32 "
@@ -210,7 +215,8 @@ def format_report(report: dict) -> str:
     d = report["data"]
     lines.append(f"data root: {d['root']}" + ("" if d["exists"] else f" ({d['note']})"))
     for entry in d["benchmarks"]:
-        counts = ", ".join(f"{split} {c['classes']} classes / {c['images']} images" for split, c in entry["splits"].items())
+        counts = ", ".join(f"{split} {c['classes']} classes / {c['images']} images"
+                           for split, c in entry["splits"].items())
         lines.append(f"  {entry['name']}: {'complete' if entry['complete'] else 'INCOMPLETE'}"
                      + (f" ({counts})" if counts else ""))
     if d["exists"] and not d["benchmarks"]:

@@ -289,7 +289,8 @@ def test_large_boxes_are_resized_on_the_host(tmp_path, monkeypatch):
     torchvision does it, and the device leaves it as it is: exactly torchvision's crop, whatever the box."""
     monkeypatch.setattr(device_augment, "MAX_SENT_SIDE", 0)
     dataset = mixed_size_dataset(tmp_path)
-    sent, _, parameters = StepBatches(dataset, {0: np.arange(6).reshape(1, 6)}.__getitem__, (3, 0), augment="device")[0, 0]
+    plans = {0: np.arange(6).reshape(1, 6)}.__getitem__
+    sent, _, parameters = StepBatches(dataset, plans, (3, 0), augment="device")[0, 0]
     boxes = drawn_parameters(dataset, (3, 0, 0, 0), 6)[:, BOX].long().tolist()
     assert sent.shape == (6, 16, 16, 3) and (parameters[:, BOX] == torch.tensor([0.0, 0.0, 16, 16])).all()
     cropped = DeviceAugment("E", 16).crop(sent.permute(0, 3, 1, 2).float(), parameters).round()
@@ -310,7 +311,8 @@ def test_a_step_of_large_photographs_sends_a_bounded_canvas(tmp_path):
     dataset = FileDataset(np.array(paths), np.arange(6), [str(k) for k in range(6)],
                           transform=build_transform("E", size, train=True), name="photos", split="train",
                           transform_id="E", image_size=size)
-    sent, _, parameters = StepBatches(dataset, {0: np.arange(6).reshape(1, 6)}.__getitem__, (7, 0), augment="device")[0, 0]
+    plans = {0: np.arange(6).reshape(1, 6)}.__getitem__
+    sent, _, parameters = StepBatches(dataset, plans, (7, 0), augment="device")[0, 0]
     boxes = drawn_parameters(dataset, (7, 0, 0, 0), 6)[:, BOX].long()
     assert (boxes[:, 2:].amax(dim=1) > device_augment.MAX_SENT_SIDE * size).any()    # some boxes are large
     assert sent.nbytes <= 6 * (device_augment.MAX_SENT_SIDE * size) ** 2 * 3
@@ -328,7 +330,8 @@ def test_device_augment_makes_no_tensor_from_host_values_per_step(monkeypatch):
     augment = DeviceAugment("A", 20)
     first = augment(images, parameters)
     made, tensor = [], torch.tensor
-    monkeypatch.setattr(torch, "tensor", lambda *args, **kwargs: made.append(kwargs.get("device")) or tensor(*args, **kwargs))
+    monkeypatch.setattr(torch, "tensor",
+                        lambda *args, **kwargs: made.append(kwargs.get("device")) or tensor(*args, **kwargs))
     for _ in range(3):
         assert torch.equal(augment(images, parameters), first)
         device_augment.to_model_input(images, *NORMALIZATION["A"])

@@ -29,10 +29,11 @@ def environment() -> dict[str, str]:
 def test_the_trainer_and_the_evaluation_pass_on_synthetic_mini_imagenet(tmp_path):
     """The real trainer (`train_bml.sh`, --augment device, transform A) on the synthetic miniImageNet set: the loss
     falls, validation beats chance by 20 points, last.pth resumes; `eval_bml.sh` on its best.pth; the CUDA-only
-    checks are not run, saying why, and the summary does not claim that everything passed (about 80 s here)."""
+    checks are not run, saying why, and the summary does not claim that everything passed (81 s on this machine
+    when quiet; a budget no load can exhaust)."""
     checks = ["synthetic_data", "train_default", "train_fp32", "train_bf16", "eval", "sync_debug", "cuda_tests"]
-    result = subprocess.run(gpu_check(tmp_path, "--only", *checks), cwd=tmp_path, env=environment(),
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(gpu_check(tmp_path, "--budget", "3600", "--only", *checks), cwd=tmp_path,
+                            env=environment(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["finished"] and report["mode"].startswith("cpu") and list(report["checks"]) == checks
