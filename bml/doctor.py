@@ -205,7 +205,8 @@ def format_report(report: dict) -> str:
     if report.get("note"):
         lines.append(report["note"])
     nccl_state = report["nccl"]
-    lines.append("NCCL: " + (f"available {nccl_state['version'] or ''}" if nccl_state["available"] else "not available"))
+    lines.append("NCCL: " + (f"available {nccl_state['version'] or ''}" if nccl_state["available"]
+                             else "not available"))
     t = report["training"]
     lines.append(f"training here: {t['processes']} process(es) on {t['device']}, --augment {t['augment']}, "
                  f"{t['loader_workers_per_process']} loader worker(s) each ({t['cpu_cores']} CPU cores); --tf32 "
