@@ -254,6 +254,9 @@ def check_sync(run: Run, log: Path) -> dict:
     figures = json.loads(figures_path.read_text()) if figures_path.is_file() else None
     if figures is None:
         return failed(f"bench/sync_check.py exited with {status}", log)
+    if figures["control_item_synchronisations"] != 1:
+        return failed("a control .item() under torch.cuda.set_sync_debug_mode('warn') was not counted once: the "
+                      "count cannot be trusted", log, **figures)
     if figures["synchronisations"]:
         return failed(f"{figures['synchronisations']} blocking synchronisations in {figures['steps']} steady steps "
                       f"(expected 0), at: {figures['places']}", **figures)

@@ -5,7 +5,7 @@ The trainer's own loop (`bml.engine.train_one_epoch`) runs the published step (B
 batches copied asynchronously, `DeviceAugment`), first `--warmup` steps, then `--steps` steps under
 `torch.cuda.set_sync_debug_mode("warn")`. Every synchronising call (`.item()`, `.tolist()`, a copy to or
 from pageable memory, ...) warns once per call: the count is expected to be 0, and each warning's place in
-the code is listed. Needs a CUDA GPU.
+the code is listed. A control `.item()` must be counted once, or the count is not trusted. Needs a CUDA GPU.
 
     python bench/sync_check.py [--width 1.0] [--image-size 84] [--json sync.json]
 """
@@ -83,21 +83,28 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 
         epoch(batches[:args.warmup])
         synchronize(device)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if on_cuda:
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                epoch(batches[args.warmup:])
-            finally:
-                if on_cuda:
-                    torch.cuda.set_sync_debug_mode("default")
-        synchronize(device)
-    synchronising = [w for w in caught if "synchroniz" in str(w.message)]
+        synchronising = counted_synchronisations(lambda: epoch(batches[args.warmup:]), on_cuda)
+        control = counted_synchronisations(lambda: torch.ones(1, device=device).item(), on_cuda)
     places = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in synchronising)
     return {"steps": args.steps, "warmup": args.warmup, "synchronisations": len(synchronising),
             "per_step": len(synchronising) / args.steps, "places": dict(places.most_common()),
-            "first_messages": sorted({str(w.message).splitlines()[0] for w in synchronising})[:5]}
+            "first_messages": sorted({str(w.message).splitlines()[0] for w in synchronising})[:5],
+            "control_item_synchronisations": len(control)}
+
+
+def counted_synchronisations(work, on_cuda: bool) -> list[warnings.WarningMessage]:
+    """The sync-debug warnings that `work()` raises; the control (one `.item()`) shows that they are caught."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if on_cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            if on_cuda:
+                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize()
+    return [w for w in caught if "synchroniz" in str(w.message)]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -118,6 +125,9 @@ def main(args: argparse.Namespace) -> int:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    if result["control_item_synchronisations"] != 1:
+        print("the control .item() raised no sync-debug warning: the count cannot be trusted", file=sys.stderr)
+        return 1
     return 0 if result["synchronisations"] == 0 else 1
 
 
