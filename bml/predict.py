@@ -170,7 +170,8 @@ def calibration_note(classifier: FewShotClassifier, checkpoint: str) -> str:
     fitted = classifier.calibrated_on or {}
     task = (f" {fitted['way']}-way {fitted['shot']}-shot episodes, this task's shape"
             if "way" in fitted and "shot" in fitted else "")
-    return f"confidences calibrated: vote {classifier.vote} at temperature {classifier.temperature:.4g} (fitted on val{task})"
+    return (f"confidences calibrated: vote {classifier.vote} at temperature {classifier.temperature:.4g} "
+            f"(fitted on val{task})")
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
