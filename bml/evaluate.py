@@ -180,9 +180,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """`eval_bml.py`, `python -m bml.evaluate` and the `bml-eval` command."""
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
-                                     formatter_class=cli.HelpFormatter)
-    sys.exit(main(parser.parse_args()))
+    cli.run_command(get_args_parser, main, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

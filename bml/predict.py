@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import sys
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
@@ -243,9 +242,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """`python -m bml.predict` and the `bml-predict` command."""
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
-                                     formatter_class=cli.HelpFormatter)
-    sys.exit(main(parser.parse_args()))
+    cli.run_command(get_args_parser, main, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":
