@@ -69,8 +69,8 @@ def device_parser() -> argparse.ArgumentParser:
     compute.add_argument("--device", default=None,
                          help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
     compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=None,
-                         help="data-loading processes (per training process); training's default: the CPUs left "
-                              "after the training processes, shared between them (1 to 8)")
+                         help="data-loading processes (per training process); default: the CPUs left after the "
+                              "training processes (evaluation, prediction: this one), shared between them (1 to 8)")
     return parser
 
 
