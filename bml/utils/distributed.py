@@ -127,8 +127,11 @@ def cleanup() -> None:
     The barrier waits LEAVE_TIMEOUT at most: a process that leaves alone (an error the others did not see)
     still exits, and the launcher stops the rest."""
     if is_dist_avail_and_initialized():
-        try:
-            dist.barrier(async_op=True).wait(LEAVE_TIMEOUT)
+        try:   # Gloo's plain barrier would wait for the group's 30-minute timeout
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+            else:
+                dist.barrier(async_op=True).wait(LEAVE_TIMEOUT)
         except RuntimeError:   # timed out, or another process already gone: leave anyway
             pass
         dist.destroy_process_group()
