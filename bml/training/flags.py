@@ -100,7 +100,8 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                           "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere")
     run.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on GPUs)")
     run.add_argument("--compile", action="store_true",
-                     help="torch.compile the training step; compilation failures fall back to eager with a warning")
+                     help="torch.compile the training step; compilation failures fall back to eager with a warning; "
+                          "what it compiled is printed after the first steps and kept in config.json")
     run.add_argument("--dry_run", action="store_true",
                      help="print the resolved plan of the run (device, processes, episodes per step, precision, "
                           "schedule, ...) as one JSON object and exit, without reading images or using the GPU")
