@@ -205,7 +205,6 @@ def predict(args: argparse.Namespace) -> None:
         check_output_file(args.sheet, "--sheet")
     outputs = {Path(path).resolve() for path in (args.out, args.sheet) if path}
     query_paths = find_queries(query_root, outputs)
-    warn_of_support_queries(support, query_paths)
     classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.embed_batch_size,
                                                    num_workers=args.num_workers, image_size=args.image_size,
                                                    transform_id=args.transform, progress=not args.no_progress,
@@ -214,6 +213,7 @@ def predict(args: argparse.Namespace) -> None:
                   f"head {classifier.head}), {classifier.image_size} px input, "
                   f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files")
     messages.info(calibration_note(classifier, args.ckp_path))
+    warn_of_support_queries(support, query_paths)
     classifier.fit([path for paths in support.values() for path in paths],
                    [name for name, paths in support.items() for _ in paths], skip_unreadable=True)
     scores = classifier.score(query_paths, skip_unreadable=True)
