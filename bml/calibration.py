@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from bml.checkpoint import CheckpointError, model_from_state, read_checkpoint, save_checkpoint, with_calibration
+from bml.checkpoint import (CheckpointError, model_from_state, read_checkpoint, save_checkpoint, temperature_problem,
+                            with_calibration)
 from bml.evaluation import EmbeddingOptions, EvaluationError, evaluate_episodes
+from bml.utils.messages import warn
 
 ECE_BINS = 15
 LOG_TEMPERATURE_RANGE = 12.0
@@ -175,6 +177,10 @@ def calibrate(model: torch.nn.Module, val_set: torch.utils.data.Dataset, way: in
     for name in collector.chunks:
         logits, labels = collector.logits(name)
         temperature = fit_temperature(logits, labels)
+        problem = temperature_problem(temperature)
+        if problem:   # logits with no spread, or all alike: no temperature means anything
+            warn(f"the temperature fitted for vote {name} on val, {problem}, is not kept: that vote stays uncalibrated")
+            continue
         before, after = temperature_nll(logits, labels, torch.tensor([1.0, temperature])).tolist()
         record["temperatures"][name] = temperature
         record["val_nll"][name] = {"uncalibrated": before, "calibrated": after}

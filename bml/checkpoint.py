@@ -24,6 +24,7 @@ import torch
 from bml.models import MODELS, FewShotModel, build_model, recognised_model
 from bml.models.backbones import BACKBONES, canonical_backbone, recognised_backbone
 from bml.utils.io import OutputError, atomic_write, disk_full_error
+from bml.utils.messages import warn
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
@@ -199,20 +200,40 @@ CALIBRATION_KEY = "calibration"
 """Checkpoint entry of `bml.calibration`'s record: {'temperatures': {vote: T}, how they were fitted, ...}."""
 
 
+TEMPERATURE_RANGE = (1e-4, 1e6)
+"""The temperatures a checkpoint's calibration may hold: beyond them softmax(logits / T) is uniform or
+overflows to NaN for any logits a model makes; the fitted ones lie far inside."""
+
+
+def temperature_problem(value: Any) -> str | None:
+    """Why `value` is not a usable temperature (None when it is a float within `TEMPERATURE_RANGE`)."""
+    low, high = TEMPERATURE_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{value!r:.40} is not a number"
+    if not low <= value <= high:   # also NaN and inf
+        return f"{value!r} is outside {low:g}..{high:g}"
+    return None
+
+
 def read_calibration(state: Mapping[str, Any]) -> dict[str, Any] | None:
     """The checkpoint's calibration record, or None when it was never calibrated.
 
-    Raises CheckpointError when the record is there but its temperatures are not positive numbers.
+    A temperature that is not a number in `TEMPERATURE_RANGE` is left out with a warning (that vote is then
+    uncalibrated); raises CheckpointError when the record itself is not one `bml.calibration` writes.
     """
     record = state.get(CALIBRATION_KEY)
     if record is None:
         return None
     temperatures = record.get("temperatures") if isinstance(record, Mapping) else None
-    if not isinstance(temperatures, Mapping) or not all(
-            isinstance(value, (int, float)) and 0 < value < float("inf") for value in temperatures.values()):
-        raise CheckpointError(f"the checkpoint's '{CALIBRATION_KEY}' entry has no valid temperatures "
+    if not isinstance(temperatures, Mapping):
+        raise CheckpointError(f"the checkpoint's '{CALIBRATION_KEY}' entry has no temperatures "
                               f"({record!r:.200}): recalibrate it with eval_bml.py --calibrate")
-    return dict(record)
+    problems = {vote: problem for vote, value in temperatures.items() if (problem := temperature_problem(value))}
+    if problems:
+        warn(f"the checkpoint's temperatures of {', '.join(f'{vote} ({problem})' for vote, problem in problems.items())} "
+             f"are ignored, their confidences uncalibrated: recalibrate it with eval_bml.py --calibrate")
+    return {**record, "temperatures": {vote: float(value) for vote, value in temperatures.items()
+                                       if vote not in problems}}
 
 
 def with_calibration(state: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import tempfile
 import warnings
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,10 +36,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from bml.checkpoint import model_config, model_from_state, read_calibration, read_checkpoint
+from bml.checkpoint import model_config, model_from_state, read_calibration, read_checkpoint, temperature_problem
 from bml.datasets import build_dataset, build_transform, input_transform_settings
 from bml.datasets.image_files import image_problem, image_to_rgb
 from bml.evaluation import EmbeddingOptions, base_class_means
+from bml.evaluation.base_means import base_means_dir
 from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, head_scores, heads_needing, votes_for
 
 ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
@@ -165,6 +165,9 @@ class FewShotClassifier:
         if heads_needing(BASE_MEAN, [head]) and base_means is None:
             raise FewShotInputError(f"head {head!r} centres on the base classes' mean embedding: pass base_means "
                                     f"(bml.evaluation.base_class_means), or use from_checkpoint")
+        if temperature is not None and temperature_problem(temperature):
+            raise FewShotInputError(f"temperature {temperature_problem(temperature)}: pass a calibrated temperature "
+                                    f"(bml.calibration) or None")
         self.vote, self._combine = vote, votes[vote]
         self.temperature = temperature
         self.calibrated_on = dict(calibrated_on) if calibrated_on else None
@@ -192,8 +195,8 @@ class FewShotClassifier:
         checkpoint's calibration of that vote, None when it has none (`calibrated_on`: the task the calibration
         record says it was fitted on). `head` names how each view's logits
         are made (`bml.scoring.HEADS`); a head that centres on the base classes' mean embeds the training split
-        of the checkpoint's data set (under `data_root`) once, its means then kept in the temp folder
-        (`bml.evaluation.base_class_means`). Raises FileNotFoundError
+        of the checkpoint's data set (under `data_root`) once, its means then kept in the project's cache folder
+        (`bml.evaluation.base_class_means`, `base_means_dir`). Raises FileNotFoundError
         for a missing file and `bml.checkpoint.CheckpointError` for a file that is not a matching
         model checkpoint.
         """
@@ -209,7 +212,7 @@ class FewShotClassifier:
                                         f"centres on: pass base_means to FewShotClassifier")
             base_set = build_dataset(dataset, "train", data_root, size, train=False, transform=transform_id)
             options = EmbeddingOptions(batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
-            base_means = base_class_means(model, base_set, options, means_dir=tempfile.gettempdir())
+            base_means = base_class_means(model, base_set, options, means_dir=base_means_dir())
         calibration = read_calibration(state) or {}
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
                    num_workers, progress, vote, calibration.get("temperatures", {}).get(vote), head, base_means,

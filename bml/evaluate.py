@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import errno
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from bml.checkpoint import (CheckpointError, model_config, model_from_state, rea
 from bml.datasets import DatasetError, default_num_workers, input_transform_settings
 from bml.evaluation import (EmbeddingOptions, EvaluationError, build_evaluation_dataset, evaluate_heads,
                             parse_seed_range, results_paths, write_results)
+from bml.evaluation.base_means import base_means_dir
 from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, heads_needing
 from bml.utils import argtypes, messages
 from bml.utils.distributed import DeviceError, resolve_device
@@ -65,7 +65,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     compute.add_argument("--max_memory_gb", type=argtypes.number(0, above_minimum=True), default=None,
                          help="larger caches are memory-mapped (default: half of the available RAM)")
     compute.add_argument("--cache_dir", default=None,
-                         help="folder of a memory-mapped cache and of the base-class means of cl2n (default: temp)")
+                         help="folder of a memory-mapped cache (default: temp); the base-class means of cl2n are kept "
+                              "in $BML_CACHE_DIR/base_means (default ~/.cache/bml/base_means)")
 
     calibration = parser.add_argument_group("calibration (temperature scaling of each vote's confidence)")
     calibration.add_argument("--calibrate", action="store_true",
@@ -146,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
                                    max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
                                    progress=not args.no_progress and sys.stderr.isatty())
         head_results = evaluate_heads(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes,
-                                      seeds, heads, base_dataset, args.cache_dir or tempfile.gettempdir(), options,
+                                      seeds, heads, base_dataset, base_means_dir(), options,
                                       report=storage, logits_sink=meter)
     except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError,
             OutputError) as problem:

@@ -68,9 +68,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def visible_files(folder: Path) -> list[Path]:
-    """Every file under `folder`, recursively, sorted; hidden files and folders (.DS_Store, .git) left out."""
+    """Every file under `folder`, recursively, sorted; hidden files and folders (.DS_Store, .git) left out.
+    Dangling links are kept, so that the warning on unreadable files names them."""
     return sorted(path for path in folder.rglob("*")
-                  if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+                  if (path.is_file() or (path.is_symlink() and not path.exists()))
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
 
 
 def find_support(folder: Path) -> dict[str, list[Path]]:
@@ -103,6 +105,16 @@ def find_queries(path: Path, exclude: set[Path]) -> list[Path]:
     if not files:
         raise FewShotInputError(f"no files found under --query {path}")
     return files
+
+
+def warn_of_support_queries(support: dict[str, list[Path]], queries: Sequence[Path]) -> None:
+    """Queries that are support images too are classified by themselves (100% by construction): say so."""
+    support_files = {path.resolve() for paths in support.values() for path in paths}
+    shared = [path for path in queries if path.resolve() in support_files]
+    if shared:
+        warnings.warn(f"{len(shared)} of the {len(queries)} query files are support images too (e.g. {shared[0]}): "
+                      f"each is nearest its own prototype, so their predictions and accuracy say nothing about new "
+                      f"images; give --query a folder of other images than --support")
 
 
 def true_class(path: Path, query_root: Path, classes: set[str]) -> str | None:
@@ -207,6 +219,7 @@ def predict(args: argparse.Namespace) -> None:
     messages.info(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}, "
                   f"head {classifier.head}), {classifier.image_size} px input, "
                   f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files")
+    warn_of_support_queries(support, query_paths)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)   # said below, with the checkpoint's path
         classifier.fit([path for paths in support.values() for path in paths],

@@ -3,7 +3,6 @@ with a known base mean, and every head of eval_bml.py from one embedding pass.""
 from __future__ import annotations
 
 import json
-import tempfile
 
 import numpy as np
 import pytest
@@ -217,7 +216,7 @@ def test_heads_reach_validation_and_the_classifier(tmp_path):
 
 
 def test_classifier_from_checkpoint_centres_cl2n_on_its_training_split(tmp_path, monkeypatch):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the base means file goes
+    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path))   # the base means file goes to its base_means folder
     torch.manual_seed(0)
     checkpoint, data_root = make_cifar_fs_bml_checkpoint(tmp_path, images_per_class=6)
     classifier = FewShotClassifier.from_checkpoint(checkpoint, device="cpu", head="cl2n", data_root=str(data_root),
@@ -225,4 +224,4 @@ def test_classifier_from_checkpoint_centres_cl2n_on_its_training_split(tmp_path,
     base = build_dataset("CIFAR-FS", "train", data_root, 32, train=False)
     expected = base_class_means(classifier.model, base, QUIET)
     assert all(torch.equal(a, b) for a, b in zip(classifier.base_means, expected))
-    assert len(list(tmp_path.glob("bml_base_means_*.pt"))) == 1
+    assert len(list((tmp_path / "base_means").glob("bml_base_means_*.pt"))) == 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import tempfile
 
 import pytest
 import torch
@@ -75,7 +74,7 @@ def test_added_heads_reach_evaluate_heads_with_their_side_input_and_fast_path(to
 
 
 def test_added_heads_reach_eval_bml_the_classifier_and_predict(tmp_path, toy_heads, monkeypatch, capsys):
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))   # where the classifier's base means file goes
+    monkeypatch.setenv("BML_CACHE_DIR", str(tmp_path))   # the base means file goes to its base_means folder
     torch.manual_seed(0)
     checkpoint, data_root = make_cifar_fs_bml_checkpoint(tmp_path, images_per_class=12)
     eval_bml = load_entry_script()
@@ -89,7 +88,7 @@ def test_added_heads_reach_eval_bml_the_classifier_and_predict(tmp_path, toy_hea
     assert saved["heads"][FIRST_CLASS] == scoring.HEADS[FIRST_CLASS].description
     assert {vote: result["acc"] for vote, result in saved["head_results"][FIRST_CLASS].items()} == \
         {vote: 100 / 5 for vote in saved["results"]}
-    assert len(list(tmp_path.glob("bml_base_means_*.pt"))) == 1   # the base means were embedded for first_class
+    assert len(list((tmp_path / "base_means").glob("bml_base_means_*.pt"))) == 1   # the base means were embedded for first_class
     assert f"{FIRST_CLASS}        bml:" in capsys.readouterr().out
 
     support = sorted(make_support(tmp_path / "support").rglob("*.png"))

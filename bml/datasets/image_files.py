@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from .errors import DatasetError
 
@@ -18,6 +18,8 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 COMPLETE_FILE_ENDINGS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",)}
 """How a complete file of these formats ends; a file that ends otherwise is decoded in full to find out."""
 BAD_IMAGES_LISTED = 10
+SIDEWAYS_ORIENTATIONS = {5, 6, 7, 8}
+"""EXIF orientations whose upright image is the stored one turned a quarter: its height is the stored width."""
 
 
 def cache_dir() -> Path:
@@ -25,9 +27,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BML_CACHE_DIR") or Path.home() / ".cache" / "bml")
 
 
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation 1..8 (1: stored upright, also for a missing or invalid tag; phone photos are
+    often stored sideways, with the tag saying how to turn them)."""
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def image_to_rgb(image: Image.Image) -> Image.Image:
-    """An RGB image; 16-bit (0..65535) and float (0..1) images are scaled to 8 bits with their range
-    preserved (PIL's own conversion clips them), float images outside 0..1 are refused."""
+    """An RGB image, turned upright as its EXIF orientation says; 16-bit (0..65535) and float (0..1) images are
+    scaled to 8 bits with their range preserved (PIL's own conversion clips them), float images outside 0..1 are
+    refused."""
+    if orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
         top = 1.0 if image.mode == "F" else 65535.0
@@ -54,6 +66,8 @@ def image_problem(path: str | Path) -> str | None:
     refuses. Reads the header and the file's end; decodes in full only files that do not end as their
     format should, or whose pixel range must be checked."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"a link to {os.readlink(path)}, which does not exist"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,11 +93,12 @@ def check_image_files(paths: Sequence[str], source: str) -> None:
 
 
 def read_image_sizes(paths: np.ndarray) -> np.ndarray:
-    """(N, 2) array of (height, width), read from the file headers only (no pixel decoding)."""
+    """(N, 2) array of the upright (height, width), read from the file headers only (no pixel decoding)."""
     sizes = np.empty((len(paths), 2), dtype=np.int64)
     for i, path in enumerate(paths):
         with Image.open(path) as image:
-            sizes[i] = image.height, image.width
+            sizes[i] = (image.width, image.height) if orientation(image) in SIDEWAYS_ORIENTATIONS else \
+                (image.height, image.width)
     return sizes
 
 

@@ -24,7 +24,23 @@ from bml.evaluation.errors import EvaluationError
 from bml.utils.device import AMP_DTYPES
 from bml.utils.messages import info
 
-STORAGE_FALLBACK_NOTE = "the embeddings exceed the float16 range (65504)"
+FLOAT16_MAX, FLOAT16_SMALLEST_NORMAL = 65504.0, 2.0 ** -14
+STORAGE_FALLBACK_NOTE = (f"the embeddings fall outside the float16 range (above {FLOAT16_MAX:g}, or an image's all "
+                         f"below {FLOAT16_SMALLEST_NORMAL:.2g}, where float16 keeps too few bits or flushes them to 0)")
+
+
+def float16_problem(embeddings: Sequence[torch.Tensor]) -> str | None:
+    """Why float16 cannot hold these (B, D) embeddings (None when it can): a value above its range (inf), or an
+    image whose every value is below its smallest normal number (stored with few bits of precision, or as 0:
+    features of ~1e-9 would all be 0 and every episode a guess). Exact zero rows are held exactly."""
+    for embedding in embeddings:
+        largest = embedding.detach().abs().amax(dim=1)
+        if (largest > FLOAT16_MAX).any():
+            return f"the embeddings exceed the float16 range ({FLOAT16_MAX:g})"
+        if ((largest > 0) & (largest < FLOAT16_SMALLEST_NORMAL)).any():
+            return (f"the embeddings of some images are all below float16's smallest normal number "
+                    f"({FLOAT16_SMALLEST_NORMAL:.2g}), where it keeps too few bits or flushes them to 0")
+    return None
 
 
 @dataclass(frozen=True)
@@ -91,7 +107,8 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
 
     The model runs in eval mode (its previous mode is restored). float16 storage halves the cache;
     near-ties between two prototypes may then rarely resolve differently than in float32. Values
-    float16 cannot hold (above 65504) are never stored as inf: the cache then switches to float32
+    float16 cannot hold (above 65504: inf; an image's all below 6.1e-05: few bits or 0) are never stored so: the
+    cache then switches to float32
     (the dtype of the returned tensors says which was used). A data set built with its test transform is
     loaded as uint8 crops and converted and normalised on the device (`EvalCrops`: the same inputs).
     """
@@ -119,11 +136,11 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
                 raise EvaluationError(
                     f"the model produced non-finite embeddings for images {start}..{end - 1}: the "
                     f"checkpoint diverged, or --amp fp16 overflowed (try --amp off or bf16)")
-            stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
-            if not all(torch.isfinite(part).all() for part in stored):
-                cache = widen_cache(cache, start, options.max_memory_gb, options.cache_dir)
+            problem = float16_problem(embeddings) if storage_dtype == torch.float16 else None
+            if problem:
+                cache = widen_cache(cache, start, options.max_memory_gb, options.cache_dir, problem)
                 storage_dtype = torch.float32
-                stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
+            stored = [embedding.to("cpu", storage_dtype) for embedding in embeddings]
             for target, part in zip(cache, stored):
                 target[start:end] = part
             start = end
@@ -133,9 +150,9 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
 
 
 def widen_cache(cache: Sequence[torch.Tensor], filled: int, max_memory_gb: float | None,
-                cache_dir: str | None) -> tuple[torch.Tensor, ...]:
+                cache_dir: str | None, reason: str) -> tuple[torch.Tensor, ...]:
     """A float32 copy of a cache whose first `filled` rows are done: for embeddings float16 cannot hold."""
-    info(f"{STORAGE_FALLBACK_NOTE}: storing the embeddings in float32")
+    info(f"{reason}: storing the embeddings in float32")
     wider = allocate_cache(len(cache[0]), [part.shape[1] for part in cache], torch.float32, max_memory_gb, cache_dir)
     for target, part in zip(wider, cache):
         target[:filled] = part[:filled]

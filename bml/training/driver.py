@@ -178,7 +178,7 @@ def restore_or_start(args: argparse.Namespace, parts: TrainComponents, context: 
     streams restored too), else fresh ones."""
     state, saved_rng = TrainingState(), None
     if args.is_continue and last_path.is_file():
-        state, saved_rng, warnings = resume(args, parts, last_path)
+        state, saved_rng, warnings = resume(args, parts, last_path, steps)
         for warning in warnings:
             warn(warning)
         info(f"Resuming {last_path}: epoch {state.epoch + 1}, {state.epoch_step} of {steps} steps done")

@@ -76,10 +76,37 @@ def checkpoint_state(args: argparse.Namespace, parts: TrainComponents, state: Tr
     }
 
 
-def resume(args: argparse.Namespace, parts: TrainComponents, path: Path
+RUN_ONLY_SETTINGS = ("save_folder", "is_continue", "dry_run", "data_root", "num_workers", "print_freq", "save_freq")
+"""Settings that do not shape what is trained (where the run and its data are, how often it prints and saves, how
+many loader workers draw the same episodes): every other one a run records is compared on resume."""
+
+
+def changed_settings(saved: dict, args: argparse.Namespace) -> list[str]:
+    """'name saved -> now' for every setting both record that shapes training and differs (`RUN_ONLY_SETTINGS`
+    aside): derived from the recorded settings, so that a new flag is compared without being listed."""
+    now = vars(args)
+    return [f"{key} {saved[key]!r} -> {now[key]!r}" for key in sorted(saved.keys() & now.keys())
+            if key not in RUN_ONLY_SETTINGS and saved[key] != now[key]]
+
+
+def check_counters(args: argparse.Namespace, state: TrainingState, saved: dict, steps: int, path: Path) -> None:
+    """Counters this run's settings cannot continue from: refused before the run writes anything."""
+    if state.epoch_step > steps:
+        raise CheckpointError(
+            f"{path} stopped after step {state.epoch_step} of epoch {state.epoch + 1}, but an epoch now has {steps} "
+            f"steps: resume with the settings it ran with (--episodes_per_epoch {saved.get('episodes_per_epoch')}, "
+            f"--episodes_per_step {saved.get('episodes_per_step')})")
+    if state.epoch > args.epochs or (state.epoch == args.epochs and state.epoch_step):
+        into = state.epoch + (1 if state.epoch_step else 0)
+        raise CheckpointError(f"{path} is in epoch {into}, past --epochs {args.epochs}: nothing would be trained. "
+                              f"Pass --epochs {max(into, int(saved.get('epochs') or 0))} or more to continue it")
+
+
+def resume(args: argparse.Namespace, parts: TrainComponents, path: Path, steps: int
            ) -> tuple[TrainingState, list | None, list[str]]:
     """Load `path` into the model, optimiser and scaler; return the counters, the saved RNG states and
-    the warnings (settings of `args` that differ from the checkpoint's).
+    the warnings (settings of `args` that differ from the checkpoint's, each named). `steps`: optimiser steps per
+    epoch of this run.
 
     Raises CheckpointError, saying what to do, for anything that cannot be resumed exactly.
     """
@@ -89,6 +116,9 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path
         raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}), like a "
                               "released checkpoint. --is_continue continues a run this project's training wrote; "
                               "move the file away (or choose another -s) to start afresh")
+    saved = vars(checkpoint["config"])
+    state = restore_training_state(checkpoint["training_state"], path)
+    check_counters(args, state, saved, steps, path)
     weights = model_state_dict(checkpoint)
     check_state_dict(parts.model, weights)
     non_finite = [key for key, value in weights.items() if value.is_floating_point() and not value.isfinite().all()]
@@ -100,15 +130,10 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path
     load_optimizer_state(parts.optimizer, checkpoint["optimizer"], path)
     if checkpoint.get("scaler"):
         parts.scaler.load_state_dict(checkpoint["scaler"])
-    state = restore_training_state(checkpoint["training_state"], path)
     parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
-    saved = vars(checkpoint["config"])
-    changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
-                                     "seed", "episodes_per_epoch", "episodes_per_step", "world_size", "augment")
-                     if key in saved and saved[key] != getattr(args, key, None))
+    changed = changed_settings(saved, args)
     warnings = [("resuming with settings that differ from the checkpoint's (the run will not match an "
-                 "uninterrupted one): " + ", ".join(f"{key} {saved[key]!r} -> {getattr(args, key, None)!r}"
-                                                   for key in changed))] if changed else []
+                 "uninterrupted one): " + ", ".join(changed))] if changed else []
     return state, checkpoint.get("rng"), warnings
 
 
