@@ -123,9 +123,7 @@ def test_a_results_file_that_names_no_checkpoint_is_kept(tmp_path):
 @pytest.fixture
 def restore_tf32():
     """Whatever the test sets, torch's TF32 switches are as before afterwards."""
-    switches = [(backend, name) for backend in (torch.backends.cudnn, getattr(torch.backends.cudnn, "conv", None),
-                                                torch.backends.cuda.matmul)
-                for name in ("allow_tf32", "fp32_precision") if backend is not None and hasattr(backend, name)]
+    switches = [(torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32")]
     before = [getattr(backend, name) for backend, name in switches]
     yield
     for (backend, name), value in zip(switches, before):
@@ -136,12 +134,11 @@ def test_eval_takes_the_training_tf32_flag_and_sets_it_on_a_gpu(simulate_gpu, re
     evaluation = eval_bml.get_args_parser().parse_args(["--ckp_path", "x.pth", "--tf32", "off"])
     training = train_bml.get_args_parser().parse_args(["--tf32", "off"])
     assert evaluation.tf32 == training.tf32 == "off"
-    conv = torch.backends.cudnn.conv if hasattr(torch.backends.cudnn, "conv") else None
     simulate_gpu((8, 0))
     assert bml.evaluate.configure_precision("off", torch.device("cuda")) is False
-    assert (conv.fp32_precision if conv else torch.backends.cudnn.allow_tf32) in ("ieee", False)
+    assert torch.backends.cudnn.allow_tf32 is False
     assert bml.evaluate.configure_precision("on", torch.device("cuda")) is True
-    assert (conv.fp32_precision if conv else torch.backends.cudnn.allow_tf32) in ("tf32", True)
+    assert torch.backends.cudnn.allow_tf32 is True
     simulate_gpu((7, 0))                                              # a V100: no TF32 whatever the flag
     assert bml.evaluate.configure_precision("on", torch.device("cuda")) is False
 
