@@ -130,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
         label += "" if args.split == "test" else f"_{args.split}"
         paths = results_paths(label, args.n_shots, identity, args.output_dir, args.json)
         if paths.taken is not None:
-            messages.info(f"{paths.taken} holds the results of another checkpoint; these go to {paths.text}")
+            messages.info(f"{paths.taken} holds results that are not this checkpoint's; these go to {paths.text}")
         check_output_file(paths.text, "--output_dir")
         check_output_file(paths.json, "--json")
         check_calibration_output(args)

@@ -67,7 +67,7 @@ def two_evaluations(tmp_path_factory, data_root) -> dict:
 def test_results_of_another_checkpoint_are_never_replaced(two_evaluations):
     out, first, second = two_evaluations["out"], two_evaluations["first"], two_evaluations["second"]
     moved = out / "CIFAR-FS_bml_eval_results_1shot-2.txt"
-    assert f"holds the results of another checkpoint; these go to {moved}" in two_evaluations["messages"][1]
+    assert f"holds results that are not this checkpoint's; these go to {moved}" in two_evaluations["messages"][1]
     assert sorted(path.name for path in out.iterdir()) == [
         "CIFAR-FS_bml_eval_results_1shot-2.json", "CIFAR-FS_bml_eval_results_1shot-2.txt",
         "CIFAR-FS_bml_eval_results_1shot.json", "CIFAR-FS_bml_eval_results_1shot.txt"]
