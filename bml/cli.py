@@ -85,9 +85,9 @@ def precision_parser() -> argparse.ArgumentParser:
              "a gradient scaler). Mixed precision is faster and lighter, at slightly different numerics")
     precision.add_argument("--tf32", default="on", choices=("on", "off"),
                            help="on: PyTorch's default, cuDNN convolutions in fp32 may use TF32 on GPUs of compute "
-                                "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere. What is in force "
-                                "is recorded (the training plan, the evaluation's JSON): never TF32 on the CPU or "
-                                "on GPUs below 8.0 (V100)")
+                                "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere. What is in "
+                                "force is recorded (the training plan, the evaluation's JSON): never TF32 on the CPU "
+                                "or on GPUs below 8.0 (V100)")
     return parser
 
 

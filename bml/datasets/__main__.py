@@ -21,7 +21,8 @@ from .factory import EMBEDDED_DATASET, canonical_name, dataset_names, describe_d
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bml.datasets", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    summary = commands.add_parser("summary", help="classes, images, image shape, stored label ids and fingerprint per split",
+    summary = commands.add_parser("summary",
+                                  help="classes, images, image shape, stored label ids and fingerprint per split",
                                   epilog="data sets:\n" + describe_datasets(),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     summary.add_argument("--dataset", default=EMBEDDED_DATASET,

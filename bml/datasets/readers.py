@@ -102,8 +102,9 @@ def _raw_labels(stored: dict[str, np.ndarray], folder: Path) -> tuple[np.ndarray
     width = sum(len(ids) for ids in class_ids.values())
     joined = np.concatenate(list(stored.values()))
     if joined.dtype.kind not in "iu" or joined.min() < 0 or joined.max() >= width:
-        raise DatasetError(f"{folder}: --tiered_labels raw takes the stored labels as classifier outputs 0..{width - 1}, "
-                           f"but they are {joined.dtype} {joined.min()}..{joined.max()}: use --tiered_labels offset")
+        raise DatasetError(f"{folder}: --tiered_labels raw takes the stored labels as classifier outputs "
+                           f"0..{width - 1}, but they are {joined.dtype} {joined.min()}..{joined.max()}: use "
+                           "--tiered_labels offset")
     users: list[list[str]] = [[] for _ in range(width)]
     for name, ids in class_ids.items():
         for class_id in ids.tolist():

@@ -115,8 +115,8 @@ def write_results(results: dict[str, dict], label: str, paths: ResultsPaths, che
     other heads ({head: {vote: results}}).
     """
     combined = results[COMBINED]
-    lines = [*checkpoint.text_lines(), *(f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()),
-             f"==> Mean ACC on {label}: {combined['acc']:.4f}"]
+    seed_lines = [f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()]
+    lines = [*checkpoint.text_lines(), *seed_lines, f"==> Mean ACC on {label}: {combined['acc']:.4f}"]
     with atomic_write(paths.text, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     with atomic_write(paths.json, "w") as handle:
