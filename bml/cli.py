@@ -75,13 +75,19 @@ def device_parser() -> argparse.ArgumentParser:
 
 
 def precision_parser() -> argparse.ArgumentParser:
-    """The autocast precision of training or of embedding."""
+    """The autocast precision and TF32 of training or of embedding."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument_group("precision").add_argument(
+    precision = parser.add_argument_group("precision")
+    precision.add_argument(
         "--amp", default=None, choices=AMP_CHOICES,
         help="autocast precision: off = fp32, the published recipe (training's default, unless --amp_opt_level); "
              "bf16 (native from compute capability 8.0; older GPUs get fp16 with a warning); fp16 (training: with "
              "a gradient scaler). Mixed precision is faster and lighter, at slightly different numerics")
+    precision.add_argument("--tf32", default="on", choices=("on", "off"),
+                           help="on: PyTorch's default, cuDNN convolutions in fp32 may use TF32 on GPUs of compute "
+                                "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere. What is in "
+                                "force is recorded (the training plan, the evaluation's JSON): never TF32 on the CPU "
+                                "or on GPUs below 8.0 (V100)")
     return parser
 
 

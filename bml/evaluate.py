@@ -6,8 +6,10 @@
 Each image of the split is embedded once and all seeds x episodes are scored from those embeddings
 (`bml.evaluation`): the published 10 x 2,000 episodes cost little more than one pass over the split.
 Writes `<output_dir>/<dataset>_bml_eval_results_<K>shot.txt` and a JSON beside it with every view and
-every vote's expected calibration error. `--head proto cl2n logreg` scores every head from the same
-embeddings (`bml.scoring.HEADS`); the text file reports `proto`, the published rule, and the JSON has every
+every vote's expected calibration error, both naming the checkpoint by path and sha256 (a file holding another
+checkpoint's results is never replaced: the next free `..._<K>shot-2.txt`, ... is taken), and the JSON with the
+fingerprint of the split evaluated and whether TF32 was in force. `--head proto cl2n logreg` scores every head
+from the same embeddings (`bml.scoring.HEADS`); the text file reports `proto`, the published rule, and the JSON has every
 head. `--calibrate` first fits each vote's temperature on val episodes (`bml.calibration`) and reports the
 error before and after; `--save_calibration PATH` writes a copy of the checkpoint carrying the temperatures
 (the checkpoint given is never modified).
@@ -27,12 +29,13 @@ from bml import cli
 from bml.calibration import ECE_BINS, CalibrationMeter, calibrate
 from bml.checkpoint import (CheckpointError, model_config, model_from_state, read_calibration, read_checkpoint,
                             save_checkpoint, with_calibration)
-from bml.datasets import DatasetError, default_num_workers, input_transform_settings
-from bml.evaluation import (EmbeddingOptions, EvaluationError, build_evaluation_dataset, evaluate_heads,
-                            parse_seed_range, results_paths, write_results)
+from bml.datasets import DatasetError, dataset_fingerprint, default_num_workers, input_transform_settings
+from bml.evaluation import (CheckpointIdentity, EmbeddingOptions, EvaluationError, build_evaluation_dataset,
+                            evaluate_heads, parse_seed_range, results_paths, write_results)
 from bml.evaluation.base_means import base_means_dir
 from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, heads_needing
 from bml.utils import argtypes, messages
+from bml.utils.device import configure_tf32, tf32_active
 from bml.utils.distributed import DeviceError, resolve_device
 from bml.utils.io import OutputError, check_output_file
 
@@ -96,15 +99,25 @@ def check_calibration_output(args: argparse.Namespace) -> None:
     check_output_file(args.save_calibration, "--save_calibration")
 
 
+def configure_precision(tf32: str, device: torch.device) -> bool:
+    """--tf32 on a GPU, as training sets it; returns whether TF32 is in force (what the results record)."""
+    if device.type == "cuda":
+        configure_tf32(tf32)
+    return tf32_active(tf32, device)
+
+
 def main(args: argparse.Namespace) -> int:
     """Evaluate, print and then write the results, and return the exit code (1: a data, checkpoint or output
     problem). The output paths are checked before anything is embedded."""
     seeds = list(dict.fromkeys(seed for group in args.seeds for seed in group))
     try:
         args.device = resolve_device(args.device)
+        tf32 = configure_precision(args.tf32, args.device)
         if args.num_workers is None:
             args.num_workers = default_num_workers()
         checkpoint = read_checkpoint(args.ckp_path)
+        identity = CheckpointIdentity.of(args.ckp_path)
+        messages.info(f"checkpoint {identity.path}: sha256 {identity.sha256}, {identity.size:,} bytes")
         config = model_config(checkpoint)
         dataset_name = args.dataset or config.get("dataset")
         if dataset_name is None:
@@ -116,9 +129,11 @@ def main(args: argparse.Namespace) -> int:
                                            args.allow_uncropped_cub)
         label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
         label += "" if args.split == "test" else f"_{args.split}"
-        text_path, json_path = results_paths(label, args.n_shots, args.output_dir, args.json)
-        check_output_file(text_path, "--output_dir")
-        check_output_file(json_path, "--json")
+        paths = results_paths(label, args.n_shots, identity, args.output_dir, args.json)
+        if paths.taken is not None:
+            messages.info(f"{paths.taken} holds results that are not this checkpoint's; these go to {paths.text}")
+        check_output_file(paths.text, "--output_dir")
+        check_output_file(paths.json, "--json")
         check_calibration_output(args)
         heads = list(dict.fromkeys([PROTO, *args.head]))
         base_dataset = (build_evaluation_dataset(dataset_name, "train", args.data_root, image_size, transform)
@@ -153,11 +168,12 @@ def main(args: argparse.Namespace) -> int:
             OutputError) as problem:
         messages.error(str(problem))
         return 1
-    metadata = {"checkpoint": str(args.ckp_path), "model": config["model"], "dataset": dataset_name,
+    metadata = {"model": config["model"], "dataset": dataset_name,
                 "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
                 "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
                 "seeds": seeds, "heads": {head: HEADS[head].description for head in heads},
-                "storage": args.storage, **storage, "amp": args.amp, "device": str(args.device),
+                "storage": args.storage, **storage, "amp": args.amp, "tf32": tf32, "device": str(args.device),
+                "data_fingerprint": dataset_fingerprint(dataset),
                 "uncropped_cub": dataset.name == "CUB" and "CUB_test" not in Path(str(dataset.paths[0])).parts,
                 "seconds": round(time.perf_counter() - start, 1)}
     metadata["calibration"] = {**(calibration or {}), "source": source if calibration else None,
@@ -171,11 +187,11 @@ def main(args: argparse.Namespace) -> int:
         after = f", {errors['calibrated']:.4f} calibrated" if "calibrated" in errors else ""
         print(f"{name:>10}: ECE ({ECE_BINS} bins) {errors['uncalibrated']:.4f} uncalibrated{after}")
     try:
-        write_results(results, label, args.n_shots, args.output_dir, args.json, metadata, head_results)
+        write_results(results, label, paths, identity, metadata, head_results)
     except OSError as problem:
         messages.error(f"the results above could not be written: {problem}")
         return 1
-    messages.info(f"wrote {text_path} and {json_path}")
+    messages.info(f"wrote {paths.text} and {paths.json}")
     return 0
 
 

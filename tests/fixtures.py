@@ -116,18 +116,21 @@ def make_cifar_fs_bml_checkpoint(folder: str | Path, images_per_class: int = 16)
 
 
 def make_tiered(root: str | Path, classes: tuple[int, int, int] = (4, 3, 5), images_per_class: int = 6,
-                image_size: int = 8, compressed: bool = False, seed: int = 0) -> Path:
-    """make_tiered(root, classes=(4, 3, 5), images_per_class=6, image_size=8, compressed=False, seed=0) -> root
+                image_size: int = 8, compressed: bool = False, seed: int = 0, offset_ids: bool = False) -> Path:
+    """make_tiered(root, classes=(4, 3, 5), images_per_class=6, image_size=8, compressed=False, seed=0,
+    offset_ids=False) -> root
 
     `<root>/tieredImageNet/{split}_images.npz` (key 'images') + `{split}_labels.pkl` ({'labels': list}).
-    Class ids of each split are 0..C-1 shuffled, so train and val ids overlap as in the real release.
+    Class ids of each split are 0..C-1 shuffled, so train and val ids overlap; with offset_ids each split's
+    ids continue after the previous split's (val's after train's), the other kind of release.
     """
     rng = np.random.default_rng(seed)
     folder = Path(root) / "tieredImageNet"
     folder.mkdir(parents=True, exist_ok=True)
     save = np.savez_compressed if compressed else np.savez
-    for split, count in zip(SPLITS, classes):
-        labels = rng.permutation(np.repeat(rng.permutation(count), images_per_class))
+    first_ids = np.cumsum((0, *classes[:-1])) if offset_ids else (0, 0, 0)
+    for split, count, first_id in zip(SPLITS, classes, first_ids):
+        labels = first_id + rng.permutation(np.repeat(rng.permutation(count), images_per_class))
         save(folder / f"{split}_images.npz", images=_array_images(labels, image_size, rng))
         write_python2_pickle(folder / f"{split}_labels.pkl", {"labels": labels.tolist()})
     return Path(root)

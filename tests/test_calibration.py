@@ -167,9 +167,10 @@ def test_eval_calibrates_a_released_checkpoint_into_a_copy_the_predictor_uses(ru
     np.testing.assert_allclose(classifier.predict_proba(images[4:]),
                                (logits / temperatures[COMBINED]).softmax(1).numpy(), rtol=1e-6)
 
-    code, output = run_eval(capsys, "--ckp_path", str(copy), "--output_dir", str(tmp_path), "--json", str(json_path))
+    copy_json = tmp_path / "results_of_the_copy.json"   # another checkpoint: results.json is not replaced
+    code, output = run_eval(capsys, "--ckp_path", str(copy), "--output_dir", str(tmp_path), "--json", str(copy_json))
     assert code == 0, output
-    stored = json.loads(json_path.read_text())["calibration"]
+    stored = json.loads(copy_json.read_text())["calibration"]
     assert stored["source"] == "checkpoint" and "calibrated" in stored["ece"][COMBINED]
 
 

@@ -42,7 +42,7 @@ def test_a_shared_flag_means_the_same_in_every_entry_point():
 
     parsers = [module.get_args_parser() for module in (train_bml, train_baseline, eval_bml, predict)]
     shared = {"--data_root", "--device", "--amp", "--num_workers", "--image_size", "--transform", "--dataset",
-              "--n_ways", "--n_shots", "--n_queries", "--ckp_path", "--no_progress", "--embed_batch_size"}
+              "--n_ways", "--n_shots", "--n_queries", "--ckp_path", "--no_progress", "--embed_batch_size", "--tf32"}
     for flag in shared:
         definitions = {(action.help, getattr(action.type, "__qualname__", None), tuple(action.choices or ()))
                        for parser in parsers

@@ -295,9 +295,11 @@ def test_summary_json_and_text(all_layouts, capsys, name, train):
 
 def test_summary_glyphs(capsys):
     assert datasets_main(["summary", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == {
+    summary = json.loads(capsys.readouterr().out)
+    assert {split: {key: summary[split][key] for key in ("classes", "images", "image_shape")} for split in summary} == {
         split: {"classes": c, "images": c * 60, "image_shape": [32, 32, 3]}
         for split, c in (("train", 64), ("val", 16), ("test", 20))}
+    assert all(summary[split]["fingerprint"]["images"] == summary[split]["images"] for split in summary)
 
 
 def test_summary_failure(tmp_path, capsys):

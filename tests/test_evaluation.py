@@ -16,8 +16,9 @@ import torchvision.transforms as T
 
 from bml.datasets import NORMALIZATION, ArrayDataset, DatasetError, build_dataset, build_transform, episode_labels
 from bml.datasets.device_augment import EvalCrops, to_model_input
-from bml.evaluation import (EmbeddingOptions, build_evaluation_dataset, embed_dataset, evaluate_episodes,
-                            parse_seed_range, sample_episodes, score_episodes, write_results)
+from bml.evaluation import (CheckpointIdentity, EmbeddingOptions, build_evaluation_dataset, embed_dataset,
+                            evaluate_episodes, parse_seed_range, results_paths, sample_episodes, score_episodes,
+                            write_results)
 from bml.models import BML, BaselineGlobal
 from bml.scoring import COMBINED, SCALED
 from fixtures import make_cub, make_image_folder, make_pickle_split_dataset, save_released_checkpoint
@@ -208,9 +209,14 @@ def test_seed_ranges():
 def test_results_file_is_replaced(tmp_path):
     results = {COMBINED: {"acc": 50.0, "ci95": 1.0, "per_seed": {0: {"acc": 40.0, "ci95": 1.0},
                                                                   1: {"acc": 60.0, "ci95": 1.0}}}}
+    (tmp_path / "model.pth").write_bytes(b"weights")
+    checkpoint = CheckpointIdentity.of(tmp_path / "model.pth")
     for _ in range(2):
-        text_path, json_path = write_results(results, "glyphs", 1, tmp_path)
-    assert text_path.read_text().splitlines() == ["0: 40.0000", "1: 60.0000", "==> Mean ACC on glyphs: 50.0000"]
+        text_path, json_path, _ = write_results(results, "glyphs", results_paths("glyphs", 1, checkpoint, tmp_path),
+                                                checkpoint)
+    assert text_path.read_text().splitlines() == [
+        f"# checkpoint: {tmp_path / 'model.pth'}", f"# checkpoint sha256: {checkpoint.sha256} (7 bytes)",
+        "0: 40.0000", "1: 60.0000", "==> Mean ACC on glyphs: 50.0000"]
     assert json.loads(json_path.read_text())["results"][COMBINED]["per_seed"]["1"]["acc"] == 60.0
 
 
@@ -231,7 +237,8 @@ def test_eval_bml_sh_writes_results_and_json(tmp_path, data_root):
          "--seeds", "0", "1", "--image_size", "32", "--num_workers", "0", "--output_dir", str(tmp_path / "out"),
          "--no_progress"], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    lines = (tmp_path / "out" / "CIFAR-FS_bml_eval_results_1shot.txt").read_text().splitlines()
+    lines = [line for line in (tmp_path / "out" / "CIFAR-FS_bml_eval_results_1shot.txt").read_text().splitlines()
+             if not line.startswith("#")]
     assert [line.split(":")[0] for line in lines[:2]] == ["0", "1"]
     assert lines[2].startswith("==> Mean ACC on CIFAR-FS: ")
     saved = json.loads((tmp_path / "out" / "CIFAR-FS_bml_eval_results_1shot.json").read_text())

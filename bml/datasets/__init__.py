@@ -12,7 +12,9 @@ from .factory import (DATASET_NAMES, DATASETS, IMAGE_FOLDER, NATURAL_IMAGES_DATA
                       DatasetLayout, InputSettings, build_dataset, canonical_name, dataset_defaults, dataset_flag_help,
                       dataset_layout, dataset_names, describe_datasets, input_transform_settings, read_split,
                       resolve_data_root, summarize)
+from .fingerprint import dataset_fingerprint, split_fingerprint
 from .npz import read_npz_arrays
+from .readers import TIERED_LABELS
 from .safe_pickle import load_pickle
 from .device_augment import AUGMENT_MODES, DeviceAugment, draw_parameters
 from .sampler import EpisodeSampler, StepBatches, build_step_loader, default_num_workers, shuffled_batches
@@ -21,10 +23,12 @@ from .transforms import NORMALIZATION, TRANSFORM_IDS, TransformSettings, build_t
 __all__ = [
     "AUGMENT_MODES", "ArrayDataset", "DATASETS", "DATASET_NAMES", "DatasetDefaults", "DatasetError", "DatasetLayout",
     "DeviceAugment", "EpisodeSampler", "FewShotDataset", "FileDataset", "IMAGE_FOLDER", "InputSettings",
-    "NATURAL_IMAGES_DATASET", "NORMALIZATION", "ReadOptions", "SPLITS", "SplitData", "StepBatches", "TRANSFORM_IDS",
+    "NATURAL_IMAGES_DATASET", "NORMALIZATION", "ReadOptions", "SPLITS", "SplitData", "StepBatches", "TIERED_LABELS",
+    "TRANSFORM_IDS",
     "TransformSettings", "build_dataset", "build_step_loader", "build_transform",
-    "canonical_name", "crop_transform", "dataset_defaults", "dataset_flag_help", "dataset_layout", "dataset_names",
+    "canonical_name", "crop_transform", "dataset_defaults", "dataset_fingerprint",
+    "dataset_flag_help", "dataset_layout", "dataset_names",
     "default_num_workers", "describe_datasets", "draw_parameters", "episode_labels", "input_transform_settings",
     "load_pickle", "read_npz_arrays", "read_split", "resolve_data_root", "shuffled_batches",
-    "summarize", "with_normalization",
+    "split_fingerprint", "summarize", "with_normalization",
 ]

@@ -6,7 +6,7 @@ copying millions of Python objects (whose reference counts would touch every pag
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +31,10 @@ class ReadOptions:
     """False: labels and image shape only (tieredImageNet then reads just its npz headers, for `summarize`)."""
     allow_uncropped: bool = False
     """CUB val/test: the uncropped images when the bounding-box crops are missing (warns)."""
+    tiered_labels: str = "offset"
+    """tieredImageNet train (train + val): 'offset' numbers val's classes after train's (448 classes); 'raw'
+    concatenates the stored labels as the original code did, so that val's class k shares output k with train's
+    class k (`bml.datasets.readers.TIERED_LABELS`)."""
 
 
 @dataclass
@@ -38,7 +42,7 @@ class SplitData:
     """What a reader returns: labels 0..C-1 and either the image array or the image paths.
 
     `images` may be None when the reader was asked for metadata only (`load_images=False`);
-    `image_shape` then still says what the images are.
+    `image_shape` then still says what the images are, and `image_members` where they are.
     """
 
     labels: np.ndarray
@@ -46,6 +50,11 @@ class SplitData:
     images: np.ndarray | None = None
     paths: np.ndarray | None = None
     image_shape: tuple[int, int, int] | None = None
+    image_members: tuple[tuple[Path, str], ...] = ()
+    """The .npz members (path, key) holding the images in order, when `images` was not loaded."""
+    stored_class_ids: dict[str, np.ndarray] = field(default_factory=dict)
+    """Label file name -> the class ids as that file stores them (sorted), for readers of such files: what
+    `python -m bml.datasets summary` reports as the stored label ranges."""
 
 
 def remap_labels(original: Sequence | np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -15,13 +15,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
+import numpy as np
+
 from .base import ArrayDataset, FewShotDataset, FileDataset, ReadOptions, SplitData
 from .errors import DATA_HELP, DatasetError
+from .fingerprint import split_fingerprint
 from .glyphs import read_glyphs
 from .image_files import common_image_shape
 from .omniglot import OMNIGLOT_FILES, OMNIGLOT_IMAGE_SIZE, OMNIGLOT_SPLITS, read_omniglot
-from .readers import (CIFAR_FILES, CUB_FILES, IMAGE_FOLDER_FILES, MINI_IMAGENET_FILES, TIERED_FILES, read_cub,
-                      read_image_folder, read_pickle_split, read_tiered)
+from .readers import (CIFAR_FILES, CUB_FILES, IMAGE_FOLDER_FILES, MINI_IMAGENET_FILES, TIERED_FILES, TIERED_LABELS,
+                      read_cub, read_image_folder, read_pickle_split, read_tiered)
 from .transforms import TransformSettings, check_transform_id
 
 SPLITS = ("train", "val", "test")
@@ -177,18 +180,20 @@ def _missing_folder(name: str, folder: Path, layout: DatasetLayout) -> DatasetEr
 
 
 def read_split(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
-               load_images: bool = True, allow_uncropped_cub: bool = False) -> SplitData:
+               load_images: bool = True, allow_uncropped_cub: bool = False,
+               tiered_labels: str = TIERED_LABELS[0]) -> SplitData:
     """Labels, class names and images (or paths) of one split, without a transform, read by the data set's
     entry of `DATASETS` (any other name: an image folder).
 
     load_images=False lets tieredImageNet read only its npz headers (for `summarize`).
     allow_uncropped_cub: CUB val/test may use the uncropped images when the crops are missing (warns).
+    tiered_labels: how tieredImageNet's train + val are labelled (`ReadOptions.tiered_labels`).
     """
     name = canonical_name(name)
     layout = dataset_layout(name)
     if split not in layout.splits:
         raise DatasetError(f"unknown split '{split}' for {name}: expected one of {', '.join(layout.splits)}")
-    options = ReadOptions(int(image_size or layout.image_size), load_images, allow_uncropped_cub)
+    options = ReadOptions(int(image_size or layout.image_size), load_images, allow_uncropped_cub, tiered_labels)
     if not layout.needs_data_root:
         return layout.reader(None, split, options)
     root = resolve_data_root(data_root)
@@ -205,15 +210,16 @@ def read_split(name: str, split: str, data_root: str | Path | None = None, image
 
 def build_dataset(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
                   train: bool = False, transform: str | None = None,
-                  allow_uncropped_cub: bool = False) -> FewShotDataset:
+                  allow_uncropped_cub: bool = False, tiered_labels: str = TIERED_LABELS[0]) -> FewShotDataset:
     """A split of a data set with its training (`train=True`) or test transform.
 
     image_size None means the data set's default (84; omniglot 28; glyphs 32). `transform` is a
     transform id ('A'..'E', 'O') overriding the data set's default. CUB val/test need the bounding-box
-    crops unless `allow_uncropped_cub`.
+    crops unless `allow_uncropped_cub`. `tiered_labels`: `ReadOptions.tiered_labels`.
     """
     transform_id, image_size = input_transform_settings({"dataset": name}, image_size, transform)
-    data = read_split(name, split, data_root, image_size, allow_uncropped_cub=allow_uncropped_cub)
+    data = read_split(name, split, data_root, image_size, allow_uncropped_cub=allow_uncropped_cub,
+                      tiered_labels=tiered_labels)
     common = dict(class_names=data.class_names, name=canonical_name(name), split=split, train=train)
     if data.images is not None:
         dataset = ArrayDataset(data.images, data.labels, **common)
@@ -223,12 +229,29 @@ def build_dataset(name: str, split: str, data_root: str | Path | None = None, im
     return dataset
 
 
+def stored_label_ranges(data: SplitData) -> dict[str, object]:
+    """The class ids as the split's label files store them: per file its first and last id and how many, and,
+    for a split joined from several files (tieredImageNet train), how many ids more than one file uses."""
+    if not data.stored_class_ids:
+        return {}
+    ranges = {name: {"first": ids[0].item(), "last": ids[-1].item(), "ids": len(ids)}
+              for name, ids in data.stored_class_ids.items()}
+    if len(ranges) == 1:
+        return {"stored_labels": ranges}
+    ids, counts = np.unique(np.concatenate(list(data.stored_class_ids.values())), return_counts=True)
+    return {"stored_labels": ranges, "shared_label_ids": int((counts > 1).sum())}
+
+
 def summarize(name: str, data_root: str | Path | None = None) -> dict[str, dict]:
-    """Per split: classes, images and image shape (None for file layouts with mixed sizes)."""
+    """Per split: classes, images, image shape (None for file layouts with mixed sizes), the stored label
+    ranges where the labels are stored as ids (`stored_label_ranges`) and the split's fingerprint
+    (`bml.datasets.fingerprint`)."""
     summary = {}
     for split in (split for split in SPLITS if split in dataset_layout(name).splits):
         data = read_split(name, split, data_root, load_images=False, allow_uncropped_cub=True)
         shape = data.image_shape if data.paths is None else common_image_shape(data.paths)
         summary[split] = {"classes": len(data.class_names), "images": len(data.labels),
-                          "image_shape": list(shape) if shape is not None else None}
+                          "image_shape": list(shape) if shape is not None else None, **stored_label_ranges(data),
+                          "fingerprint": split_fingerprint(data.labels, shape, data.images, data.paths,
+                                                           data.image_members)}
     return summary

@@ -6,6 +6,7 @@ allocated once and each member's .npy stream is decompressed straight into its s
 """
 from __future__ import annotations
 
+import struct
 import zipfile
 from pathlib import Path
 
@@ -103,3 +104,48 @@ def _read_exactly(stream, buffer: memoryview, path: Path) -> None:
             position += count
     except (zipfile.BadZipFile, EOFError, OSError) as error:   # a CRC mismatch or damaged compressed data
         raise DatasetError(f"{path} is damaged ({error}): delete it and download it again ({DATA_HELP})") from None
+
+
+def _stored_data_offset(path: Path, member: zipfile.ZipInfo) -> int:
+    """Where an uncompressed member's bytes start in the .npz file: after its local file header."""
+    with open(path, "rb") as handle:
+        handle.seek(member.header_offset)
+        header = handle.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise DatasetError(f"{path}: damaged zip header of {member.filename}; delete it and download it again "
+                           f"({DATA_HELP})")
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return member.header_offset + 30 + name_length + extra_length
+
+
+def _member_rows(path: Path, key: str, rows: np.ndarray) -> np.ndarray:
+    with _open_archive(path) as archive, _open_member(archive, key, path) as stream:
+        shape, fortran_order, dtype = _read_header(stream, path, key)
+        if fortran_order:
+            raise DatasetError(f"{path}: array '{key}' is stored in Fortran order; re-save it with np.savez")
+        header_bytes = stream.tell()
+        member = archive.getinfo(f"{key}.npy")
+        if member.compress_type == zipfile.ZIP_STORED:
+            mapped = np.memmap(path, dtype=dtype, mode="r", shape=shape,
+                               offset=_stored_data_offset(path, member) + header_bytes)
+            return np.array(mapped[rows])
+        out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+        row_bytes = out[0].nbytes if len(rows) else 0
+        for target, row in zip(out, rows.tolist()):
+            stream.seek(header_bytes + row * row_bytes)   # forward only: rows are sorted
+            _read_exactly(stream, memoryview(target).cast("B"), path)
+        return out
+
+
+def read_npz_rows(members: list[tuple[str | Path, str]], rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (sorted, unique) of the arrays `(npz path, key)` joined along axis 0, reading no other row
+    of an uncompressed member (memory-mapped); a compressed one is decompressed, streamed, up to its last row."""
+    out, start = [], 0
+    for path, key in members:
+        path = Path(path)
+        count = npz_array_shape(path, key)[0][0]
+        local = rows[(rows >= start) & (rows < start + count)] - start
+        if len(local):
+            out.append(_member_rows(path, key, local))
+        start += count
+    return np.concatenate(out)

@@ -31,6 +31,9 @@ TIERED_FILES = tuple(f"{split}_{kind}" for kind in ("images.npz", "labels.pkl") 
 CUB_FILES = ("CUB_200_2011/images/<class>/<image>.jpg", "CUB_200_2011/split/{train,val,test}.csv",
              "optionally CUB_test/ (the bounding-box crops) with CUB_test/split/{val,test}.csv")
 IMAGE_FOLDER_FILES = ("<split>/<class>/<image>",)
+TIERED_LABELS = ("offset", "raw")
+"""How tieredImageNet's train split (train + val) is labelled: 'offset', val's classes numbered after train's
+(448 classes, this toolkit's default); 'raw', the stored labels concatenated as the original code did."""
 
 
 def require_file(path: Path) -> Path:
@@ -76,26 +79,59 @@ def read_pickle_split(dataset_dir: Path, split: str, options: ReadOptions = Read
     labels, class_ids = remap_labels(original_labels, str(path))
     check_images(images, labels, str(path))
     return SplitData(labels=labels, class_names=_class_names(class_ids, payload), images=images,
-                     image_shape=images.shape[1:])
+                     image_shape=images.shape[1:], stored_class_ids={path.name: class_ids})
+
+
+def _offset_labels(stored: dict[str, np.ndarray], folder: Path) -> tuple[np.ndarray, list[str]]:
+    """Each file's class ids numbered 0..C-1 in sorted order, each file's after the previous one's."""
+    labels, class_names, offset = [], [], 0
+    for name, original in stored.items():
+        part_labels, class_ids = remap_labels(original, str(folder / name))
+        labels.append(part_labels + offset)
+        part = name.removesuffix("_labels.pkl")
+        class_names += [f"{part}/{class_id}" if len(stored) > 1 else str(class_id) for class_id in class_ids.tolist()]
+        offset += len(class_ids)
+    return np.concatenate(labels), class_names
+
+
+def _raw_labels(stored: dict[str, np.ndarray], folder: Path) -> tuple[np.ndarray, list[str]]:
+    """The original code's train + val: the stored labels concatenated as they are, taken as the outputs of a
+    classifier as wide as both files' classes together (448). Where the files' ids overlap, classes of different
+    files share an output; outputs that no file uses have no image."""
+    class_ids = {name: remap_labels(original, str(folder / name))[1] for name, original in stored.items()}
+    width = sum(len(ids) for ids in class_ids.values())
+    joined = np.concatenate(list(stored.values()))
+    if joined.dtype.kind not in "iu" or joined.min() < 0 or joined.max() >= width:
+        raise DatasetError(f"{folder}: --tiered_labels raw takes the stored labels as classifier outputs "
+                           f"0..{width - 1}, but they are {joined.dtype} {joined.min()}..{joined.max()}: use "
+                           "--tiered_labels offset")
+    users: list[list[str]] = [[] for _ in range(width)]
+    for name, ids in class_ids.items():
+        for class_id in ids.tolist():
+            users[class_id].append(f"{name.removesuffix('_labels.pkl')}/{class_id}")
+    return joined.astype(np.int64), ["+".join(names) or f"unused/{k}" for k, names in enumerate(users)]
 
 
 def read_tiered(dataset_dir: Path, split: str, options: ReadOptions = ReadOptions()) -> SplitData:
     """tieredImageNet: `{split}_images.npz` + `{split}_labels.pkl`; 'train' is train + val (448 classes).
 
-    The joined images are read straight into one preallocated array (never two copies of 9.5 GB);
-    `options.load_images=False` reads the labels and the npz headers only.
+    `options.tiered_labels` says how train + val are labelled (`TIERED_LABELS`). The joined images are read
+    straight into one preallocated array (never two copies of 9.5 GB); `options.load_images=False` reads the
+    labels and the npz headers only.
     """
     parts = ("train", "val") if split == "train" else (split,)
     image_files = [require_file(dataset_dir / f"{part}_images.npz") for part in parts]
-    labels, class_names, offset = [], [], 0
+    stored = {}
     for part in parts:
         path = require_file(dataset_dir / f"{part}_labels.pkl")
         (original,) = _pickle_fields(load_pickle(path), ("labels",), str(path))
-        part_labels, class_ids = remap_labels(original, str(path))
-        labels.append(part_labels + offset)
-        class_names += [f"{part}/{class_id}" if len(parts) > 1 else str(class_id) for class_id in class_ids.tolist()]
-        offset += len(class_ids)
-    labels = np.concatenate(labels)
+        stored[path.name] = np.asarray(original)
+    if options.tiered_labels not in TIERED_LABELS:
+        raise DatasetError(f"tiered_labels {options.tiered_labels!r}: expected one of {', '.join(TIERED_LABELS)}")
+    if options.tiered_labels == "raw" and len(parts) > 1:
+        labels, class_names = _raw_labels(stored, dataset_dir)
+    else:
+        labels, class_names = _offset_labels(stored, dataset_dir)
     shapes = [npz_array_shape(path, "images")[0] for path in image_files]
     num_images = sum(shape[0] for shape in shapes)
     if num_images != len(labels):
@@ -106,7 +142,9 @@ def read_tiered(dataset_dir: Path, split: str, options: ReadOptions = ReadOption
     images = read_npz_arrays([(path, "images") for path in image_files]) if options.load_images else None
     if images is not None:
         check_images(images, labels, str(image_files[0]))
-    return SplitData(labels=labels, class_names=class_names, images=images, image_shape=tuple(shapes[0][1:]))
+    return SplitData(labels=labels, class_names=class_names, images=images, image_shape=tuple(shapes[0][1:]),
+                     image_members=() if images is not None else tuple((path, "images") for path in image_files),
+                     stored_class_ids={name: np.unique(original) for name, original in stored.items()})
 
 
 def _read_split_csv(path: Path) -> tuple[list[str], list[str]]:

@@ -21,10 +21,10 @@ from bml.evaluation.datasets import build_evaluation_dataset
 from bml.evaluation.errors import EvaluationError
 from bml.evaluation.protocol import (accuracy_summary, evaluate_episodes, evaluate_heads, sample_episodes,
                                      seed_summaries)
-from bml.evaluation.results import parse_seed_range, results_paths, write_results
+from bml.evaluation.results import CheckpointIdentity, ResultsPaths, parse_seed_range, results_paths, write_results
 
 __all__ = [
-    "BASE_MEANS_STORAGE", "DEFAULT_CHUNK_MB", "SPAN_FIT_EPISODES", "STORAGE_FALLBACK_NOTE", "EmbeddingOptions", "EvaluationError", "LogitsSink",
+    "BASE_MEANS_STORAGE", "CheckpointIdentity", "DEFAULT_CHUNK_MB", "ResultsPaths", "SPAN_FIT_EPISODES", "STORAGE_FALLBACK_NOTE", "EmbeddingOptions", "EvaluationError", "LogitsSink",
     "accuracy_summary", "allocate_cache", "available_memory_bytes", "base_class_means", "base_means_path",
     "build_evaluation_dataset", "centered_statistics", "embed_dataset", "evaluate_episodes", "evaluate_heads",
     "float_chunks", "mean_row", "parse_seed_range", "results_paths", "sample_episodes", "score_episodes",

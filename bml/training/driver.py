@@ -136,7 +136,7 @@ def open_data(args: argparse.Namespace, context: distributed.DistributedContext)
     """The training split (every process) and the val split (the main process, which validates), checked
     against the run's episodes before any step."""
     train_set = build_dataset(args.dataset, "train", args.data_root, args.image_size, train=True,
-                              transform=args.transform)
+                              transform=args.transform, tiered_labels=args.tiered_labels)
     val_set = None
     if args.val_split and context.is_main_process:
         val_set = build_dataset(args.dataset, args.val_split, args.data_root, args.image_size, train=False,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from bml import cli
-from bml.datasets import AUGMENT_MODES
+from bml.datasets import AUGMENT_MODES, TIERED_LABELS
 from bml.models.backbones import backbone_flag_choices
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY
 from bml.utils import argtypes
@@ -26,6 +26,11 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                            "in PIL) or 'device' (workers send uint8 images and their random parameters; crop, "
                            "colour jitter, flips and normalisation run batched on the training device); default: "
                            "device on a GPU, host on a CPU")
+    data.add_argument("--tiered_labels", default=TIERED_LABELS[0], choices=TIERED_LABELS,
+                      help="tieredImageNet, whose training joins train and val: offset numbers val's classes after "
+                           "train's (448 distinct classes); raw concatenates the labels as the files store them, as "
+                           "the original code did: where the files' ids overlap (python -m bml.datasets summary "
+                           "says whether they do), a val class shares its classifier output with a train class")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default="Res12", choices=backbone_flag_choices(),
@@ -95,9 +100,6 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                           "original's default); O1 (Apex autocast with fp32 weights) = --amp fp16; O2 (Apex's "
                           "fp16 model with fp32 master weights) has no torch.amp equivalent and also becomes "
                           "--amp fp16 (autocast, fp32 weights), with a warning")
-    run.add_argument("--tf32", default="on", choices=("on", "off"),
-                     help="on: PyTorch's default, cuDNN convolutions in fp32 may use TF32 on GPUs of compute "
-                          "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere")
     run.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on GPUs)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the training step; compilation failures fall back to eager with a warning; "

@@ -1,10 +1,11 @@
 """File writes the project cares about: atomic replacement, writable outputs checked before long work,
-and a full disk reported in those words."""
+and a full disk reported in those words; and files hashed in chunks (`hash_file`)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -16,6 +17,17 @@ import filelock
 
 TEMPORARY_SUFFIX = ".tmp"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_HASH_CHUNK_BYTES = 1 << 20
+
+
+def hash_file(path: str | os.PathLike, digest: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+    """`digest` (a new sha256 by default) updated with the bytes of `path`, read in 1 MiB chunks: a checkpoint
+    or an image is hashed without being held in memory twice."""
+    digest = digest if digest is not None else hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest
 
 
 class OutputError(OSError):
