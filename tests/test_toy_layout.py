@@ -57,7 +57,10 @@ def test_read_split_passes_the_options_through(toy_root):
 
 def test_summarize_asks_for_metadata_only(toy_root, capsys):
     expected = {"classes": CLASSES, "images": CLASSES * PER_CLASS, "image_shape": [STORED, STORED, 3]}
-    assert summarize("ToySquares", toy_root) == {split: expected for split in ("train", "val", "test")}
+    summary = summarize("ToySquares", toy_root)
+    assert {split: {key: entry[key] for key in expected} for split, entry in summary.items()} == {
+        split: expected for split in ("train", "val", "test")}
+    assert all(entry["fingerprint"]["images"] == CLASSES * PER_CLASS for entry in summary.values())
     assert all(not options.load_images for _, options in CALLS)
     assert datasets_main(["summary", "--dataset", "toysquares", "--data_root", str(toy_root)]) == 0
     assert capsys.readouterr().out.startswith("ToySquares (data root")

@@ -30,19 +30,22 @@ def split_fingerprint(labels: np.ndarray, image_shape: Sequence[int] | None, ima
                       paths: np.ndarray | None = None,
                       image_members: Sequence[tuple[Path, str]] = ()) -> dict[str, object]:
     """{images, image_shape, labels, pixels, sampled} of a split whose images are in `images`, in the files
-    `paths`, or in the .npz members `image_members` (only the sampled rows are read)."""
+    `paths`, or in the .npz members `image_members` (only the sampled rows are read). A layout whose reader
+    offers none of these without loading every image gets no pixel digest (`pixels` None, `sampled` 0)."""
     rows = sample_rows(len(labels))
     pixels = hashlib.sha256()
     if paths is not None:
         for path in paths[rows]:
             hash_file(path, pixels)
-    else:
+    elif images is not None or image_members:
         sample = images[rows] if images is not None else read_npz_rows(list(image_members), rows)
         pixels.update(np.ascontiguousarray(sample).tobytes())
+    else:
+        rows = rows[:0]
     label_bytes = np.ascontiguousarray(labels, dtype="<i8").tobytes()
     return {"images": len(labels), "image_shape": list(image_shape) if image_shape is not None else None,
             "labels": hashlib.sha256(label_bytes).hexdigest()[:DIGEST_CHARS],
-            "pixels": pixels.hexdigest()[:DIGEST_CHARS], "sampled": len(rows)}
+            "pixels": pixels.hexdigest()[:DIGEST_CHARS] if len(rows) else None, "sampled": len(rows)}
 
 
 def dataset_fingerprint(dataset: FewShotDataset) -> dict[str, object]:
