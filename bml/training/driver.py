@@ -23,22 +23,24 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from bml.calibration import calibrate_checkpoints
-from bml.checkpoint import CheckpointError, save_checkpoint
+from bml.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from bml.datasets import DatasetError, EpisodeSampler, build_dataset
 from bml.evaluation import EvaluationError
 from bml.models import build_model
-from bml.recipes import get_recipe
+from bml.methods import get_method
 from bml.training.engine import evaluate, train_one_epoch
 from bml.training.guard import STOP_CAUSING_FLAGS, NonFiniteLossError, check_weights_bounded, weight_norm
 from bml.training.processes import agreed_stop, on_main_process
 from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
+from bml.training.init_from import load_init_weights
 from bml.training.settings import (SettingsError, finish_settings, loss_settings, record_run_folder,
-                                   record_training_data, run_plan)
+                                   record_training_data, run_plan, run_recipe)
 from bml.training.signals import StopOnSignal
 from bml.training.state import TrainComponents, TrainingState, checkpoint_state, resume
 from bml.training.step_plan import build_training_loader, steps_per_epoch
@@ -98,10 +100,18 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
 
 def _train(args: argparse.Namespace, context: distributed.DistributedContext,
            resources: contextlib.ExitStack) -> TrainingOutcome:
-    save_folder = prepare_run(args, context, resources)
-    data = open_data(args, context)
+    explicit_folder = args.save_folder is not None
+    for warning in finish_settings(args, context):
+        warn(warning)
+    data = open_data(args, context)   # before the run folder: a run that cannot read its data leaves nothing
+    save_folder = prepare_run(args, context, resources, explicit_folder)
+    last_path = save_folder / LAST_CHECKPOINT
+    if args.is_continue and finished_run(last_path, args.epochs):
+        info(f"--is_continue: {last_path} has finished all {args.epochs} epochs; nothing to continue. "
+             f"{next_steps(args, save_folder / BEST_CHECKPOINT if (save_folder / BEST_CHECKPOINT).is_file() else last_path)}")
+        return TrainingOutcome(0, save_folder=save_folder)
     parts = build_components(args, context)
-    state = restore_or_start(args, parts, context, save_folder / LAST_CHECKPOINT, data.steps)
+    state = restore_or_start(args, parts, context, last_path, data.steps)
     logger = RunLogger(save_folder, enabled=context.is_main_process)
     logger.write_config(args)
     announce(args, context, data, save_folder)
@@ -116,11 +126,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
 
 
 def prepare_run(args: argparse.Namespace, context: distributed.DistributedContext,
-                resources: contextlib.ExitStack) -> Path:
-    """The settings finished, the run folder claimed and locked, the random streams seeded, the GPU configured."""
-    explicit_folder = args.save_folder is not None
-    for warning in finish_settings(args, context):
-        warn(warning)
+                resources: contextlib.ExitStack, explicit_folder: bool) -> Path:
+    """The run folder claimed and locked (`explicit_folder`: given with -s), the random streams seeded, the GPU
+    configured; the settings are finished."""
     folder = on_main_process(lambda: claim_run_folder(args, explicit_folder, resources))
     record_run_folder(args, folder)
     log_to(folder / MESSAGES_FILE)
@@ -131,11 +139,20 @@ def prepare_run(args: argparse.Namespace, context: distributed.DistributedContex
     return Path(args.save_folder)
 
 
+def finished_run(last_path: Path, epochs: int) -> bool:
+    """Whether the run's `last.pth` has done all `epochs` (an --is_continue would only recalibrate it)."""
+    if not last_path.is_file():
+        return False
+    saved = read_checkpoint(last_path).get("training_state") or {}
+    return saved.get("epoch", 0) >= epochs and not saved.get("epoch_step", 0)
+
+
 def open_data(args: argparse.Namespace, context: distributed.DistributedContext) -> RunData:
     """The training split (every process) and the val split (the main process, which validates), checked
     against the run's episodes before any step."""
     train_set = build_dataset(args.dataset, "train", args.data_root, args.image_size, train=True,
                               transform=args.transform)
+    check_training_episodes(args, np.asarray(train_set.labels))
     val_set = None
     if args.val_split and context.is_main_process:
         val_set = build_dataset(args.dataset, args.val_split, args.data_root, args.image_size, train=False,
@@ -143,6 +160,29 @@ def open_data(args: argparse.Namespace, context: distributed.DistributedContext)
     on_main_process(lambda: check_validation_episodes(args, val_set))
     record_training_data(args, train_set.num_classes)
     return RunData(train_set, val_set, steps_per_epoch(args, len(train_set)))
+
+
+def check_training_episodes(args: argparse.Namespace, labels: np.ndarray) -> None:
+    """Every training step's shape must fit the training split: checked here, not inside a loader worker."""
+    counts = np.bincount(labels)
+    method = get_method(args)
+    if not method.batches:
+        try:
+            EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries, episodes=1)
+        except DatasetError:
+            raise SettingsError(
+                f"training episodes of {args.n_train_ways} ways x ({args.n_train_shots} shots + {args.n_train_queries} "
+                f"queries) do not fit the training split of {args.dataset}: {len(counts)} classes, the smallest of "
+                f"{counts.min()} images. Use --n_train_ways at most {len(counts)} and --n_train_shots + "
+                f"--n_train_queries at most {counts.min()}") from None
+    extra = getattr(args, method.extra_batch_flag) if method.extra_batch_flag else 0
+    images_per_epoch = extra * args.episodes_per_epoch * args.episodes_per_step
+    if images_per_epoch > len(labels):
+        raise SettingsError(
+            f"--{method.extra_batch_flag} {extra} over {args.episodes_per_epoch} steps of {args.episodes_per_step} "
+            f"episode(s) needs {images_per_epoch} distinct images an epoch, but the training split of {args.dataset} "
+            f"has {len(labels)}: lower --{method.extra_batch_flag} (at most "
+            f"{len(labels) // (args.episodes_per_epoch * args.episodes_per_step)}) or --episodes_per_epoch")
 
 
 def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None) -> None:
@@ -160,7 +200,10 @@ def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None)
 def build_components(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainComponents:
     """The model on its device, its optimiser, gradient scaler and training wrappers."""
     device = context.device
-    model = build_model(args).to(device)
+    model = build_model(args)
+    if args.init_from:
+        info(load_init_weights(model, args.init_from).describe())
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, model)
@@ -201,7 +244,7 @@ def announce(args: argparse.Namespace, context: distributed.DistributedContext, 
          f"{args.epochs} epochs of {data.steps} steps of {args.episodes_per_step} episode(s) "
          f"({args.episodes_per_process} on each of {context.world_size} process(es)) on {context.device.type}, "
          f"amp {args.amp}; saving to {save_folder}")
-    if get_recipe(args.dataset).trains_on_val:
+    if run_recipe(args).trains_on_val:
         info(f"{args.dataset} trains on its val classes too: no checkpoint is chosen on val; the final model "
              f"({save_folder / LAST_CHECKPOINT}) is the one to evaluate, as published")
     elif data.val_set is not None:

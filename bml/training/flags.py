@@ -7,10 +7,11 @@ import argparse
 
 from bml import cli
 from bml.datasets import AUGMENT_MODES
-from bml.models.backbones import backbone_flag_choices
+from bml.models.backbones import DEFAULT_BACKBONE, backbone_flag_choices, backbone_spec
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY
 from bml.utils import argtypes
 
+DEFAULT_BACKBONE_FLAG = backbone_spec(DEFAULT_BACKBONE).flag_name
 
 
 def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
@@ -28,8 +29,13 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                            "device on a GPU, host on a CPU")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="Res12", choices=backbone_flag_choices(),
-                       help="the ResNet of the trunk and views (the original's names)")
+    model.add_argument("--backbone", default=None, choices=backbone_flag_choices(),
+                       help=f"the ResNet of the trunk and views (the original's names); default: "
+                            f"{DEFAULT_BACKBONE_FLAG}, with --init_from the checkpoint's")
+    model.add_argument("--init_from", default=None, metavar="CHECKPOINT",
+                       help="fine-tune: start from this checkpoint's trunk and views (a released one or a run's "
+                            "best.pth; its backbone and width are used) with a new base-class classifier sized to "
+                            "this run's training classes; the plan says what was loaded and what initialised")
     model.add_argument("--width", type=argtypes.number(0, above_minimum=True), default=None,
                        help="channel-width multiplier (1.0 = the published model); default: the recipe's")
     model.add_argument("--drop_rate", type=argtypes.number(0, 1, below_maximum=True), default=None,
@@ -104,6 +110,13 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
     run.add_argument("--dry_run", action="store_true",
                      help="print the resolved plan of the run (device, processes, episodes per step, precision, "
                           "schedule, ...) as one JSON object and exit, without reading images or using the GPU")
+    run.add_argument("--estimate", action="store_true",
+                     help="time a few training steps of this run's shape on its device with synthetic images (no "
+                          "data read, nothing saved), print the projected training time and, on a GPU, the peak "
+                          "memory as one JSON object, and exit")
+    run.add_argument("--config", default=None, metavar="RUN/config.json",
+                     help="rerun a run's settings: every flag not given takes its value in this config.json (the "
+                          "run folder, device and loader workers excepted); flags given on the command line win")
     return parser
 
 
