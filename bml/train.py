@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from bml.recipes import BML_LOSSES
-from bml.training import get_common_parser, train
+from bml.training import get_common_parser, parse_training_args, train
 from bml.utils import argtypes
 
 
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """The `bml-train` command."""
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(parse_training_args(get_args_parser())))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bml.training import get_common_parser, train
+from bml.training import get_common_parser, parse_training_args, train
 from bml.utils import argtypes
 
 
@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """The `bml-train-baseline` command."""
-    sys.exit(main(get_args_parser().parse_args()))
+    sys.exit(main(parse_training_args(get_args_parser())))
 
 
 if __name__ == "__main__":

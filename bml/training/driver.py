@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -34,7 +33,9 @@ from bml.datasets import DatasetError, EpisodeSampler, build_dataset
 from bml.evaluation import EvaluationError
 from bml.models import build_model
 from bml.methods import get_method
-from bml.training.engine import evaluate, train_one_epoch
+from bml.training.engine import evaluate, forward_backward, train_one_epoch
+from bml.training.estimate import (ESTIMATE_NUM_CLASSES, TIMED_STEPS, WARMUP_STEPS, images_per_step,
+                                   measured_projection, synthetic_step_batch, time_steps)
 from bml.training.guard import STOP_CAUSING_FLAGS, NonFiniteLossError, check_weights_bounded, weight_norm
 from bml.training.processes import agreed_stop, on_main_process
 from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
@@ -86,6 +87,8 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
             print(json.dumps(run_plan(args), indent=2))   # the command's output, not a message
             return TrainingOutcome(0)
         context = distributed.init_distributed_mode(args.device)
+        if args.estimate:
+            return estimate_run(args, context)
         with contextlib.ExitStack() as resources:
             return _train(args, context, resources)
     except (SettingsError, DatasetError, CheckpointError, NonFiniteLossError, EvaluationError, OutputError,
@@ -98,11 +101,43 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
         distributed.cleanup()
 
 
+def estimate_run(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainingOutcome:
+    """`--estimate`: time a few steps of the run's shape on its device with synthetic images and print the
+    projection (`bml.training.estimate`) as one JSON object; reads no data (an image folder's file listing
+    aside), writes nothing."""
+    for warning in finish_settings(args, context):
+        warn(warning)
+    facts = getattr(args, "folder_facts", None) or {}
+    record_training_data(args, facts.get("train_classes", ESTIMATE_NUM_CLASSES))
+    info(f"Estimating: {WARMUP_STEPS} warm-up and {TIMED_STEPS} timed training steps of {images_per_step(args)} "
+         f"synthetic images on {context.device}")
+    parts = build_components(args, context)
+    parts.model.train()
+    images, labels = synthetic_step_batch(args, args.num_classes)
+    settings = loss_settings(args, 1)
+
+    def step() -> None:
+        forward_backward(parts, images, labels, settings, 0)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
+
+    cuda = context.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(context.device)
+    seconds = time_steps(step, context.device)
+    peak = torch.cuda.max_memory_allocated(context.device) if cuda else None
+    if context.is_main_process:
+        print(json.dumps(measured_projection(args, seconds, facts.get("train_images"), peak), indent=2))
+    return TrainingOutcome(0)
+
+
 def _train(args: argparse.Namespace, context: distributed.DistributedContext,
            resources: contextlib.ExitStack) -> TrainingOutcome:
     explicit_folder = args.save_folder is not None
     for warning in finish_settings(args, context):
         warn(warning)
+    info(f"Reading {args.dataset}: the training split" + (f" and {args.val_split}" if args.val_split else ""))
     data = open_data(args, context)   # before the run folder: a run that cannot read its data leaves nothing
     save_folder = prepare_run(args, context, resources, explicit_folder)
     last_path = save_folder / LAST_CHECKPOINT
@@ -303,9 +338,11 @@ def finish(args: argparse.Namespace, parts: TrainComponents, state: TrainingStat
     last_path = save_folder / LAST_CHECKPOINT
     info(f"Done: {args.epochs} epochs. Last checkpoint: {last_path}")
     if data.val_set is not None:   # the main process: temperatures fitted on val, stored in last.pth and best.pth
+        info(f"Calibrating: fitting the temperatures of {last_path} and {BEST_CHECKPOINT} on {args.val_episodes} "
+             f"{args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}")
         info(calibrate_checkpoints([last_path, save_folder / BEST_CHECKPOINT], data.val_set, args.n_ways,
                                    args.n_shots, args.n_queries, args.val_episodes, parts.device, args.amp,
-                                   args.num_workers))
+                                   args.num_workers, progress=True))
     if last_validation:
         info(f"Validation accuracy ({args.n_ways}-way {args.n_shots}-shot, {args.val_episodes} episodes of the val "
              f"split): last {last_validation['acc']:.2f} +- {last_validation['ci95']:.2f}%, best "
@@ -320,6 +357,7 @@ def finish(args: argparse.Namespace, parts: TrainComponents, state: TrainingStat
 def write_curves(save_folder: Path) -> None:
     """curves.png in the run folder (`bml.plot`); a plotting failure only warns: the run itself is done."""
     try:
+        info("Drawing the training curves")
         from bml.plot import CURVES, plot_runs   # imported here: matplotlib would slow down every `--help`
 
         info(f"Curves: {plot_runs([save_folder], save_folder / CURVES)}")
@@ -372,10 +410,11 @@ def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingS
 
 def validate(args: argparse.Namespace, model: nn.Module, val_set: Dataset, device: torch.device) -> dict[str, float]:
     """Validation accuracy on fixed episodes (seed 0), without touching the training RNG streams."""
+    info(f"Validating on {args.val_episodes} {args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate(model, val_set, way=args.n_ways, shot=args.n_shots, query=args.n_queries,
                         episodes=args.val_episodes, seed=0, device=device, amp=args.validation_amp,
-                        num_workers=args.num_workers, progress=sys.stderr.isatty())
+                        num_workers=args.num_workers, progress=True)
 
 
 def _stopped(args: argparse.Namespace, exit_code: int, last_path: Path, model: nn.Module,

@@ -4,6 +4,7 @@ and `bml.train_baseline`; flags several commands share are in `bml.cli`)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from bml import cli
 from bml.datasets import AUGMENT_MODES
@@ -120,3 +121,36 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
     return parser
 
 
+NOT_RERUN = ("save_folder", "is_continue", "dry_run", "estimate", "config", "device", "num_workers")
+"""Settings of a config.json that `--config` does not take over: where and on what this run goes, what it does."""
+TRAINING_SCRIPTS = {"bml": "train_bml.py", "global": "train_baseline.py --mode global",
+                    "local": "train_baseline.py --mode local"}
+
+
+def stored_settings(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The settings of a run's config.json that `parser`'s flags take (all but `NOT_RERUN`); a config of another
+    method's run is an error naming the command that reruns it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError) as problem:
+        parser.error(f"--config {path}: cannot read it as a run's config.json ({problem})")
+    if not isinstance(stored, dict):
+        parser.error(f"--config {path}: not a run's config.json (a JSON object of settings)")
+    flags = {action.dest for action in parser._actions} | {"model"}
+    model = stored.get("model", parser.get_default("model"))
+    modes = {action.dest for action in parser._actions if action.choices and model in action.choices}
+    if model != parser.get_default("model") and "model" not in modes:
+        parser.error(f"--config {path} is of a {model} run: rerun it with python {TRAINING_SCRIPTS.get(model, model)} "
+                     f"--config {path}")
+    return {key: value for key, value in stored.items() if key in flags and key not in NOT_RERUN}
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, where `--config RUN/config.json` gives every flag left out its stored value."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=None)
+    path = config.parse_known_args(argv)[0].config
+    if path:
+        parser.set_defaults(**stored_settings(parser, path), config_read=True)
+    return parser.parse_args(argv)

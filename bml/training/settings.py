@@ -24,6 +24,7 @@ from bml.methods import get_method
 from bml.models.backbones import backbone_spec
 from bml.recipes import (FOLDER_RULE, LR_BY_OPTIMIZER, RECIPES, FolderFacts, Recipe, folder_recipe, get_recipe,
                          lr_schedule)
+from bml.training.estimate import WARN_AFTER_HOURS, rough_projection
 from bml.training.flags import DEFAULT_BACKBONE_FLAG
 from bml.training.init_from import ARCHITECTURE_KEYS, checkpoint_architecture, planned_init
 from bml.utils import argtypes, distributed
@@ -137,6 +138,8 @@ def default_save_folder(args: argparse.Namespace) -> Path:
     parts += [args.optim, f"lr{args.lr:g}"]
     if args.clip_grad:
         parts.append(f"clip{args.clip_grad:g}")
+    if getattr(args, "init_from", None):
+        parts.append("finetuned")
     parts += [f"e{args.epochs}", f"s{args.seed}"]
     return Path("output") / "_".join(str(part) for part in parts)
 
@@ -174,6 +177,9 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     Raises SettingsError, or DeviceError when this torch build has no kernels for the GPU: before any
     data is read or any step runs.
     """
+    if getattr(args, "config", None) and not getattr(args, "config_read", False):
+        raise SettingsError(f"--config {args.config} was not read: parse the command line with "
+                            "bml.training.parse_training_args (the entry points do)")
     args.dataset = canonical_name(args.dataset)
     apply_recipe(args)
     if "weights" in get_method(args).loss_flags:
@@ -214,10 +220,16 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
     device = distributed.resolve_device(args.device, local_rank, select=False)
     context = distributed.DistributedContext(rank=0, local_rank=local_rank, world_size=world_size, device=device)
     warnings = finish_settings(args, context)
+    facts = getattr(args, "folder_facts", None)
+    projection = rough_projection(args, device.type, world_size, facts["train_images"] if facts else None)
+    if projection and projection["hours"] > WARN_AFTER_HOURS:
+        warnings.append(f"this recipe trains on {projection['training_images']:,} images: at about "
+                        f"{projection['assumed_images_per_s']:g} images/s on {device.type} (a stated reference figure, "
+                        f"not a measurement) that is about {projection['hours'] / 24:.1f} days. Measure it with "
+                        "--estimate; shorten it with --epochs or --episodes_per_epoch, or train on a GPU")
     for warning in warnings:
         warn(warning)
     gpu = gpu_info(device)
-    facts = getattr(args, "folder_facts", None)
     recipe = ({"rule": FOLDER_RULE, "folder": facts} if facts else
               {"rule": f"the recipe of {args.dataset} (bml.recipes.RECIPES)" if args.dataset in RECIPES else
                "the published recipe"})
@@ -239,7 +251,8 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
            if get_method(args).batches else {}),
         "lr_schedule": lr_schedule(args.lr, args.lr_milestones, args.lr_gammas), "optim": args.optim,
         "val_split": args.val_split, "transform": args.transform, "image_size": args.image_size,
-        "save_folder": args.save_folder, "recipe": recipe, "init_from": initialisation, "warnings": warnings,
+        "save_folder": args.save_folder, "recipe": recipe, "init_from": initialisation,
+        "projected_training": projection, "warnings": warnings,
     }
 
 
