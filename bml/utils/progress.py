@@ -40,8 +40,7 @@ class TenthLines:
         tenths = LINES_PER_TASK * self.done // self.total if self.total else LINES_PER_TASK
         if tenths > self.tenths:
             self.tenths = min(tenths, LINES_PER_TASK)
-            unit = f" {self.unit}s" if self.unit else ""
-            info(f"{self.what}: {100 * self.tenths // LINES_PER_TASK}% ({min(self.done, self.total)}/{self.total}{unit})")
+            info(f"{self.what}: {100 * self.tenths // LINES_PER_TASK}% ({min(self.done, self.total)}/{self.total})")
 
     def close(self) -> None:
         pass
