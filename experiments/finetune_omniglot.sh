@@ -18,8 +18,8 @@ cd "$(dirname "$0")/.."
 OUT=output/finetune_omniglot
 SOURCE=$OUT/glyphs_source
 # The budget of both omniglot-small runs: EPOCHS x STEPS steps of 100-way 1-shot 1-query episodes.
-EPOCHS=${EPOCHS:-3}
-STEPS=${STEPS:-30}
+EPOCHS=${EPOCHS:-2}
+STEPS=${STEPS:-25}
 BUDGET=(--dataset omniglot-small --data_root "$DATA_ROOT" --image_size 28 --epochs "$EPOCHS"
         --episodes_per_epoch "$STEPS" --n_train_ways 100 --n_train_shots 1 --n_train_queries 1 --eval_freq 1
         --val_episodes 300 --seed "$SEED" --num_workers 1 --print_freq 10)

@@ -295,3 +295,12 @@ def test_two_nodes_compute_the_gradient_of_one_process_with_the_same_episodes(tm
     for rank in (0, 1):
         gradients = torch.load(tmp_path / "nodes" / f"grad{rank}.pt")
         assert all(torch.allclose(gradients[name], expected[name], rtol=1e-4, atol=1e-6) for name in expected)
+
+
+def test_resume_command_of_a_multi_node_run(monkeypatch):
+    from bml.training.run_folder import launcher_command
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launcher_command(4)[:3] == ["torchrun", "--nnodes=2", "--nproc_per_node=2"]
+    assert launcher_command(2) == ["torchrun", "--standalone", "--nproc_per_node=2"]
+    assert launcher_command(1) == ["python"]
