@@ -145,7 +145,7 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
         info(f"--is_continue: {last_path} has finished all {args.epochs} epochs; nothing to continue. "
              f"{next_steps(args, save_folder / BEST_CHECKPOINT if (save_folder / BEST_CHECKPOINT).is_file() else last_path)}")
         return TrainingOutcome(0, save_folder=save_folder)
-    parts = build_components(args, context)
+    parts = build_components(args, context, init_weights=not (args.is_continue and last_path.is_file()))
     state = restore_or_start(args, parts, context, last_path, data.steps)
     logger = RunLogger(save_folder, enabled=context.is_main_process)
     logger.write_config(args)
@@ -232,11 +232,13 @@ def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None)
                             "--n_queries (or --eval_freq 0: no validation)") from None
 
 
-def build_components(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainComponents:
-    """The model on its device, its optimiser, gradient scaler and training wrappers."""
+def build_components(args: argparse.Namespace, context: distributed.DistributedContext,
+                     init_weights: bool = True) -> TrainComponents:
+    """The model on its device (with `init_weights`, from --init_from's checkpoint when given; a resumed run
+    loads its own), its optimiser, gradient scaler and training wrappers."""
     device = context.device
     model = build_model(args)
-    if args.init_from:
+    if args.init_from and init_weights:
         info(load_init_weights(model, args.init_from).describe())
     model = model.to(device)
     if args.channels_last:
