@@ -129,7 +129,8 @@ FOLDER_RULE = (f"an image folder's recipe (bml.recipes.folder_recipe): the publi
                f"min({PUBLISHED.n_train_ways}, classes) ways, min({PUBLISHED.n_train_shots}, m // 2) shots and "
                f"min({PUBLISHED.n_train_queries}, m - shots) queries (m: the fewest images of a training class); "
                f"steps per epoch = training images // images per episode (every image about once an epoch), "
-               f"1 to {PUBLISHED.episodes_per_epoch}; one episode per step; validation episodes of min({PUBLISHED.n_ways}, "
+               f"1 to {PUBLISHED.episodes_per_epoch}; one episode per step; validation episodes of "
+               f"min({PUBLISHED.n_ways}, "
                f"val classes) ways, 1 shot, min({PUBLISHED.n_queries}, m_val - 1) queries, none without a val/ "
                f"folder; image size min({MAX_FOLDER_IMAGE_SIZE}, the images' shorter side)")
 

@@ -117,7 +117,8 @@ def image_folder(root: Path, classes: dict[str, tuple[int, int]], side: int = 24
         for c in range(count):
             (root / split / f"c{c}").mkdir(parents=True)
             for i in range(images):
-                Image.fromarray(np.full((side, side, 3), 10 * c + i, np.uint8)).save(root / split / f"c{c}" / f"{i}.png")
+                pixels = np.full((side, side, 3), 10 * c + i, np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
 
 
 def test_image_folder_gets_a_recipe_from_its_size(tmp_path):
@@ -216,11 +217,11 @@ def test_dry_run_warns_when_the_recipe_takes_days(capsys):
 # 7. progress off a terminal: a line per tenth
 def test_progress_off_a_terminal_prints_a_line_per_tenth(capsys):
     assert list(progress(range(37), "embedding", unit="batch")) == list(range(37))
-    lines = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "embedding: 10% (4/37)" and lines[-1] == "embedding: 100% (37/37)"
     assert len(lines) == 10
     list(progress(range(3), "scoring"))
-    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert len(capsys.readouterr().err.splitlines()) == 3
 
 
 # 10. a SLURM job array of an experiment's command lines
@@ -279,13 +280,13 @@ def test_two_nodes_compute_the_gradient_of_one_process_with_the_same_episodes(tm
     helper.write_text(STEP_HELPER)
     flags = [*TINY, "--episodes_per_step", "2", "--drop_rate", "0"]
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--node_rank",
-                               str(node), "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
-                               "--rdzv_id", "two-nodes", str(helper), str(tmp_path / "nodes"), *flags],
-                              cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for node in (0, 1)]
+    agent = [str(Path(sys.executable).parent / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1",
+             "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two-nodes"]
     (tmp_path / "nodes").mkdir()
     (tmp_path / "single").mkdir()
+    nodes = [subprocess.Popen([*agent, "--node_rank", str(node), str(helper), str(tmp_path / "nodes"), *flags],
+                              cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for node in (0, 1)]
     single = subprocess.run([sys.executable, str(helper), str(tmp_path / "single"), *flags], cwd=ROOT,
                             env=subprocess_env(), capture_output=True, text=True, timeout=300)
     outputs = [node.communicate(timeout=300)[0] for node in nodes]

@@ -142,8 +142,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
     save_folder = prepare_run(args, context, resources, explicit_folder)
     last_path = save_folder / LAST_CHECKPOINT
     if args.is_continue and finished_run(last_path, args.epochs):
-        info(f"--is_continue: {last_path} has finished all {args.epochs} epochs; nothing to continue. "
-             f"{next_steps(args, save_folder / BEST_CHECKPOINT if (save_folder / BEST_CHECKPOINT).is_file() else last_path)}")
+        best = save_folder / BEST_CHECKPOINT
+        info(f"--is_continue: {last_path} has finished all {args.epochs} epochs; nothing to continue (raise --epochs "
+             f"to train on). {next_steps(args, best if best.is_file() else last_path)}")
         return TrainingOutcome(0, save_folder=save_folder)
     parts = build_components(args, context, init_weights=not (args.is_continue and last_path.is_file()))
     state = restore_or_start(args, parts, context, last_path, data.steps)

@@ -62,7 +62,8 @@ def _module(key: str) -> str:
 def init_report(model: nn.Module, weights: Mapping[str, torch.Tensor], source: str,
                 classes: str | None = None) -> InitReport:
     """Which of `model`'s tensors come from `weights` (all but the classifier, which must all match) and
-    which are new (`classes`: how the report names the training classes; default: their number). Raises CheckpointError naming the flags to change when the trunk or views do not match."""
+    which are new (`classes`: how the report names the training classes; default: their number). Raises
+    CheckpointError naming the flags to change when the trunk or views do not match."""
     expected = {key: value for key, value in model.state_dict().items() if not key.startswith(CLASSIFIER_PREFIX)}
     missing = sorted(key for key in expected if key not in weights)
     misshaped = sorted(key for key in expected if key in weights and weights[key].shape != expected[key].shape)

@@ -13,12 +13,11 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
-import numpy as np
-
-from bml.datasets import (DATASETS, DatasetError, EpisodeSampler, canonical_name, default_num_workers,
-                          input_transform_settings, read_split)
+from bml.datasets import (DATASETS, DatasetError, canonical_name, default_num_workers, input_transform_settings,
+                          read_split)
 from bml.datasets.image_files import read_image_sizes
 from bml.methods import get_method
 from bml.models.backbones import backbone_spec
@@ -50,16 +49,12 @@ def parse_weights(text: str) -> tuple[float, float, float]:
 
 def image_folder_facts(name: str, data_root: str | None) -> FolderFacts:
     """An image folder's size, from its file listing and the header of its first training image (no pixels read)."""
-    def counts(split: str) -> np.ndarray:
-        try:
-            return np.bincount(read_split(name, split, data_root, load_images=False).labels)
-        except DatasetError:
-            if split == "train":
-                raise
-            return np.zeros(0, dtype=np.int64)   # no val/ folder: no validation
-
     train = read_split(name, "train", data_root, load_images=False)
-    train_counts, val_counts = np.bincount(train.labels), counts("val")
+    try:
+        val_counts = np.bincount(read_split(name, "val", data_root, load_images=False).labels)
+    except DatasetError:   # no val/ folder: no validation
+        val_counts = np.zeros(0, dtype=np.int64)
+    train_counts = np.bincount(train.labels)
     side = int(read_image_sizes(train.paths[:1]).min())
     return FolderFacts(train_classes=len(train_counts), train_images=int(train_counts.sum()),
                        min_train_images_per_class=int(train_counts.min()), val_classes=len(val_counts),

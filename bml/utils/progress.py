@@ -1,8 +1,9 @@
 """Progress of work that takes more than a moment, shown the one way that suits where the output goes.
 
 On a terminal: a tqdm bar on stderr. Elsewhere (nohup, a batch job's log, a pipe), a bar would be one
-endless line of carriage returns, so a line per tenth of the work goes through `bml.utils.messages.info`
-instead (rank 0 only, also into the run's messages.txt). Use it for any loop a user may wait on:
+endless line of carriage returns, so a line per tenth of the work goes to stderr through
+`bml.utils.messages.progress_line` instead (rank 0 only, also into the run's messages.txt). Use it for any
+loop a user may wait on:
 
     for batch in progress(loader, "validation: embedding", total=len(loader), unit="batch"):
         ...
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from bml.utils.messages import info
+from bml.utils.messages import progress_line
 
 Item = TypeVar("Item")
 LINES_PER_TASK = 10
@@ -29,7 +30,7 @@ def on_terminal() -> bool:
 
 
 class TenthLines:
-    """The off-terminal progress: `info` lines at each tenth of `total` (tqdm's update/close/context API)."""
+    """The off-terminal progress: a line at each tenth of `total` (tqdm's update/close/context API)."""
 
     def __init__(self, total: int, what: str, unit: str = "") -> None:
         self.total, self.what, self.unit = max(int(total), 0), what, unit
@@ -40,7 +41,8 @@ class TenthLines:
         tenths = LINES_PER_TASK * self.done // self.total if self.total else LINES_PER_TASK
         if tenths > self.tenths:
             self.tenths = min(tenths, LINES_PER_TASK)
-            info(f"{self.what}: {100 * self.tenths // LINES_PER_TASK}% ({min(self.done, self.total)}/{self.total})")
+            percent = 100 * self.tenths // LINES_PER_TASK
+            progress_line(f"{self.what}: {percent}% ({min(self.done, self.total)}/{self.total})")
 
     def close(self) -> None:
         pass
