@@ -9,8 +9,7 @@
 # 2. omniglot-small, the same short budget twice: from scratch, and --init_from the glyphs model (its trunk and
 #    views; a new classifier over omniglot-small's 178 training classes); same lr, episodes, steps and seed;
 # 3. each best-on-val checkpoint, and the glyphs model itself (cross-domain), evaluated on the test split (47 unseen
-#    Japanese characters), 5-way and 20-way
-#    1-shot, prototype head.
+#    Japanese characters), 5-way and 20-way 1-shot, prototype head.
 set -euo pipefail
 
 DATA_ROOT=${1:-../shared/data}

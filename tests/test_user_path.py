@@ -197,7 +197,7 @@ def test_tensorboard_has_the_settings_and_the_step_points(finished_run):
 def test_estimate_times_real_steps_without_data(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("bml.training.driver.build_dataset", lambda *a, **k: pytest.fail("--estimate read data"))
     assert train(bml_args("--estimate", "-s", str(tmp_path / "run"))).exit_code == 0
-    result = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    result = json.loads(capsys.readouterr().out)
     assert result["images_per_step"] == 25 and result["steps"] == 4 * 50
     assert result["projected_hours"] == pytest.approx(200 * result["seconds_per_step"] / 3600, abs=1e-3)
     assert result["peak_gpu_memory_gib"] is None and not (tmp_path / "run").exists()

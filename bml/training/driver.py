@@ -50,7 +50,7 @@ from bml.utils import distributed
 from bml.utils.device import AMP_DTYPES, configure_tf32
 from bml.utils.io import OutputError
 from bml.utils.logger import RunLogger
-from bml.utils.messages import error, info, log_to, warn
+from bml.utils.messages import error, info, log_to, progress_line, warn
 from bml.utils.rng import derive_seed, restore_rng_state, seed_everything
 
 EXIT_FAILURE = 1
@@ -109,8 +109,8 @@ def estimate_run(args: argparse.Namespace, context: distributed.DistributedConte
         warn(warning)
     facts = getattr(args, "folder_facts", None) or {}
     record_training_data(args, facts.get("train_classes", ESTIMATE_NUM_CLASSES))
-    info(f"Estimating: {WARMUP_STEPS} warm-up and {TIMED_STEPS} timed training steps of {images_per_step(args)} "
-         f"synthetic images on {context.device}")
+    progress_line(f"Estimating: {WARMUP_STEPS} warm-up and {TIMED_STEPS} timed training steps of "
+                  f"{images_per_step(args)} synthetic images on {context.device}")
     parts = build_components(args, context)
     parts.model.train()
     images, labels = synthetic_step_batch(args, args.num_classes)
