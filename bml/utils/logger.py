@@ -60,8 +60,8 @@ class RunLogger:
             path = self.save_folder / "config.json"
             with explain_disk_full(path, len(text) + 1):
                 path.write_text(text + "\n")
-            rows = "\n".join(f"| {key} | {json.dumps(value, default=str)} |" for key, value in sorted(vars(args).items()))
-            self.writer.add_text("settings", "| setting | value |\n|---|---|\n" + rows)
+            rows = [f"| {key} | {json.dumps(value, default=str)} |" for key, value in sorted(vars(args).items())]
+            self.writer.add_text("settings", "\n".join(["| setting | value |", "|---|---|", *rows]))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
