@@ -118,13 +118,16 @@ def embedding_parser() -> argparse.ArgumentParser:
 
 
 def run_command(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callable[[argparse.Namespace], int],
-                description: str | None = None) -> NoReturn:
+                description: str | None = None,
+                parse: Callable[[argparse.ArgumentParser], argparse.Namespace] = argparse.ArgumentParser.parse_args
+                ) -> NoReturn:
     """A console command: parse the command line with the command's parser and exit with `main`'s code.
 
     `description`: the parser is one built to serve as a parent (`add_help=False`), so it is wrapped in one
-    that has `--help`, this description and `HelpFormatter`.
+    that has `--help`, this description and `HelpFormatter`. `parse`: how the parser reads the command line
+    (training's also reads `--config`).
     """
     parser = get_args_parser()
     if description is not None:
         parser = argparse.ArgumentParser(parents=[parser], description=description, formatter_class=HelpFormatter)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main(parse(parser)))

@@ -25,8 +25,8 @@ from types import ModuleType
 
 import torch
 
-from bml.datasets import canonical_name
-from bml.training import SettingsError, apply_recipe, run_plan
+from bml.datasets import DatasetError, canonical_name
+from bml.training import SettingsError, apply_recipe, parse_training_args, run_plan
 from bml.utils import messages
 from bml.utils.distributed import DeviceError
 
@@ -79,8 +79,12 @@ def main(argv: list[str]) -> int:
     if not Path(script).is_file():
         parser.error(f"no training script {script}: give the path of train_bml.py or train_baseline.py")
     module = load_script(script)
-    args = module.get_args_parser().parse_args(script_argv)
-    filled = apply_recipe(argparse.Namespace(**{**vars(args), "dataset": canonical_name(args.dataset)}))
+    args = parse_training_args(module.get_args_parser(), script_argv)
+    try:
+        filled = apply_recipe(argparse.Namespace(**{**vars(args), "dataset": canonical_name(args.dataset)}))
+    except (SettingsError, DatasetError) as error:
+        messages.error(str(error))
+        return EXIT_FAILURE
     processes = process_count(args, filled.episodes_per_step, torch.cuda.device_count())
     command = launch_command(script, [arg for arg in script_argv if arg != "--dry_run"], processes)
     if not args.dry_run:
@@ -88,7 +92,7 @@ def main(argv: list[str]) -> int:
         os.execv(command[0], command)
     try:
         plan = run_plan(args, world_size=processes)
-    except (SettingsError, DeviceError) as error:
+    except (SettingsError, DatasetError, DeviceError) as error:
         messages.error(str(error))
         return EXIT_FAILURE
     print(json.dumps({**plan, "launch": shlex.join(command)}, indent=2))

@@ -108,11 +108,60 @@ RECIPES: dict[str, Recipe] = {
     "omniglot": OMNIGLOT,
     "omniglot-small": OMNIGLOT,
 }
-"""Any other name is an image-folder data set and gets the published recipe."""
+"""Any other name is an image-folder data set: its recipe is derived from its size (`folder_recipe`)."""
+
+MAX_FOLDER_IMAGE_SIZE = 84   # the published input size: larger images are resized down to it
 
 
-def get_recipe(dataset: str) -> Recipe:
-    return RECIPES.get(dataset, PUBLISHED)
+@dataclass(frozen=True)
+class FolderFacts:
+    """What an image folder's recipe depends on, read from its file listing and one image header."""
+
+    train_classes: int
+    train_images: int
+    min_train_images_per_class: int
+    val_classes: int              # 0: no val/ folder
+    min_val_images_per_class: int
+    image_side: int               # the shorter side of its first training image
+
+
+FOLDER_RULE = (f"an image folder's recipe (bml.recipes.folder_recipe): the published one, with training episodes of "
+               f"min({PUBLISHED.n_train_ways}, classes) ways, min({PUBLISHED.n_train_shots}, m // 2) shots and "
+               f"min({PUBLISHED.n_train_queries}, m - shots) queries (m: the fewest images of a training class); "
+               f"steps per epoch = training images // images per episode (every image about once an epoch), "
+               f"1 to {PUBLISHED.episodes_per_epoch}; one episode per step; validation episodes of "
+               f"min({PUBLISHED.n_ways}, "
+               f"val classes) ways, 1 shot, min({PUBLISHED.n_queries}, m_val - 1) queries, none without a val/ "
+               f"folder; image size min({MAX_FOLDER_IMAGE_SIZE}, the images' shorter side)")
+
+
+def folder_recipe(facts: FolderFacts) -> tuple[Recipe, int]:
+    """The recipe of an image folder, and its image size, as `FOLDER_RULE` states.
+
+    Raises ValueError when the folder cannot make a training episode (fewer than 2 classes, or a class of
+    fewer than 2 images)."""
+    if facts.train_classes < 2 or facts.min_train_images_per_class < 2:
+        raise ValueError(f"the training split has {facts.train_classes} classes and its smallest class "
+                         f"{facts.min_train_images_per_class} images: an episode needs at least 2 classes of at "
+                         "least 2 images (one support, one query)")
+    ways = min(PUBLISHED.n_train_ways, facts.train_classes)
+    shots = min(PUBLISHED.n_train_shots, facts.min_train_images_per_class // 2)
+    queries = min(PUBLISHED.n_train_queries, facts.min_train_images_per_class - shots)
+    steps = min(PUBLISHED.episodes_per_epoch, max(1, facts.train_images // (ways * (shots + queries))))
+    validates = facts.val_classes >= 2 and facts.min_val_images_per_class >= 2
+    recipe = dataclasses.replace(
+        PUBLISHED, n_train_ways=ways, n_train_shots=shots, n_train_queries=queries, episodes_per_epoch=steps,
+        episodes_per_step=1, n_ways=min(PUBLISHED.n_ways, facts.val_classes) if validates else PUBLISHED.n_ways,
+        n_queries=min(PUBLISHED.n_queries, facts.min_val_images_per_class - 1) if validates else PUBLISHED.n_queries,
+        eval_freq=PUBLISHED.eval_freq if validates else 0)
+    return recipe, min(MAX_FOLDER_IMAGE_SIZE, facts.image_side)
+
+
+def get_recipe(dataset: str, folder: FolderFacts | None = None) -> Recipe:
+    """The recipe of a named data set; an image folder's is derived from its `folder` facts when given."""
+    if dataset in RECIPES:
+        return RECIPES[dataset]
+    return folder_recipe(folder)[0] if folder is not None else PUBLISHED
 
 
 def lr_factor(completed_epochs: int, milestones: list[int], gammas: list[float]) -> float:

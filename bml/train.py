@@ -11,7 +11,7 @@ import argparse
 
 from bml import cli
 from bml.recipes import BML_LOSSES
-from bml.training import get_common_parser, train
+from bml.training import get_common_parser, parse_training_args, train
 from bml.utils import argtypes
 
 
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """The `bml-train` command."""
-    cli.run_command(get_args_parser, main)
+    cli.run_command(get_args_parser, main, parse=parse_training_args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from bml import cli
-from bml.training import get_common_parser, train
+from bml.training import get_common_parser, parse_training_args, train
 from bml.utils import argtypes
 
 
@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """The `bml-train-baseline` command."""
-    cli.run_command(get_args_parser, main)
+    cli.run_command(get_args_parser, main, parse=parse_training_args)
 
 
 if __name__ == "__main__":

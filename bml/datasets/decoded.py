@@ -18,16 +18,15 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from bml.utils.io import atomic_write
 from bml.utils.messages import info, warn
+from bml.utils.progress import progress
 
 from .errors import DatasetError
 from .image_files import cache_dir, read_image_sizes
@@ -161,7 +160,7 @@ def open_decoded_images(paths: np.ndarray, decode: Callable[[int], np.ndarray], 
         with atomic_write(pixels_path) as handle:
             np.lib.format.write_array_header_1_0(handle, {"descr": "|u1", "fortran_order": False,
                                                           "shape": (needed,)})
-            for i in tqdm(range(len(paths)), desc="decode", unit="image", disable=not sys.stderr.isatty()):
+            for i in progress(range(len(paths)), "decoding", unit="image"):
                 image = decode(i)
                 if image.shape != (*sizes[i], 3):
                     raise DatasetError(f"{paths[i]} decodes to {image.shape[:2]} pixels but its header says "

@@ -17,12 +17,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bml.datasets.device_augment import EvalCrops, to_model_input
 from bml.evaluation.errors import EvaluationError
 from bml.utils.device import AMP_DTYPES
 from bml.utils.messages import info
+from bml.utils.progress import progress
 
 FLOAT16_MAX, FLOAT16_SMALLEST_NORMAL = 65504.0, 2.0 ** -14
 STORAGE_FALLBACK_NOTE = (f"the embeddings fall outside the float16 range (above {FLOAT16_MAX:g}, or an image's all "
@@ -122,7 +122,7 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
     cache: tuple[torch.Tensor, ...] = ()
     start = 0
     try:
-        for images, _ in tqdm(loader, desc="embed", unit="batch", disable=not options.progress):
+        for images, _ in progress(loader, "embedding", unit="batch", enabled=options.progress):
             images = images.to(device, non_blocking=True)
             if crops is not None:
                 images = to_model_input(images, crops.mean, crops.std)

@@ -10,9 +10,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bml.evaluation.errors import EvaluationError
+from bml.utils.progress import progress_bar
 from bml.scoring import (BASE_MEAN, HEADS, PROTO, ViewScores, centered_prototype_logits, class_prototypes,
                          episode_labels, heads_needing, support_span_coordinates, votes_for)
 
@@ -120,7 +120,7 @@ def score_episodes(embeddings: Sequence[torch.Tensor], episodes: np.ndarray, way
 
     pending: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []   # in the support's span, not yet fitted
     pending_start = 0
-    with tqdm(total=num_episodes, desc="score", unit="episode", disable=not progress) as bar:
+    with progress_bar(num_episodes, "scoring", unit="episode", enabled=progress) as bar:
         for start in range(0, num_episodes, chunk):
             indices = torch.from_numpy(np.ascontiguousarray(episodes[start:start + chunk])).long()
             query_indices = indices[:, way * shot:].to(device)

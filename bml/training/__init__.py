@@ -14,9 +14,9 @@
 """
 
 from bml.training.driver import TrainingOutcome, train
-from bml.training.flags import get_common_parser
+from bml.training.flags import get_common_parser, parse_training_args
 from bml.training.settings import (SettingsError, apply_recipe, default_save_folder, finish_settings, parse_weights,
                                    resolve_episodes, run_plan)
 
 __all__ = ["SettingsError", "TrainingOutcome", "apply_recipe", "default_save_folder", "finish_settings",
-           "get_common_parser", "parse_weights", "resolve_episodes", "run_plan", "train"]
+           "get_common_parser", "parse_training_args", "parse_weights", "resolve_episodes", "run_plan", "train"]

@@ -18,27 +18,30 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from bml.calibration import calibrate_checkpoints
-from bml.checkpoint import CheckpointError, save_checkpoint
+from bml.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from bml.datasets import DatasetError, EpisodeSampler, build_dataset
 from bml.evaluation import EvaluationError
 from bml.models import build_model
-from bml.recipes import get_recipe
-from bml.training.engine import evaluate, train_one_epoch
+from bml.methods import get_method
+from bml.training.engine import evaluate, forward_backward, train_one_epoch
+from bml.training.estimate import (ESTIMATE_NUM_CLASSES, TIMED_STEPS, WARMUP_STEPS, images_per_step,
+                                   measured_projection, synthetic_step_batch, time_steps)
 from bml.training.guard import STOP_CAUSING_FLAGS, NonFiniteLossError, check_weights_bounded, weight_norm
 from bml.training.processes import agreed_stop, on_main_process
 from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
+from bml.training.init_from import load_init_weights
 from bml.training.settings import (SettingsError, finish_settings, loss_settings, record_compile_status,
-                                   record_run_folder, record_training_data, run_plan)
+                                   record_run_folder, record_training_data, run_plan, run_recipe)
 from bml.training.signals import StopOnSignal
 from bml.training.state import TrainComponents, TrainingState, checkpoint_state, resume
 from bml.training.step_plan import build_training_loader, steps_per_epoch
@@ -48,7 +51,7 @@ from bml.utils import distributed
 from bml.utils.device import AMP_DTYPES, configure_tf32
 from bml.utils.io import OutputError
 from bml.utils.logger import RunLogger
-from bml.utils.messages import error, info, log_to, warn
+from bml.utils.messages import error, info, log_to, progress_line, warn
 from bml.utils.rng import derive_seed, restore_rng_state, seed_everything
 
 EXIT_FAILURE = 1
@@ -85,6 +88,8 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
             print(json.dumps(run_plan(args), indent=2))   # the command's output, not a message
             return TrainingOutcome(0)
         context = distributed.init_distributed_mode(args.device)
+        if args.estimate:
+            return estimate_run(args, context)
         with contextlib.ExitStack() as resources:
             return _train(args, context, resources)
     except (SettingsError, DatasetError, CheckpointError, NonFiniteLossError, EvaluationError, OutputError,
@@ -97,12 +102,53 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
         distributed.cleanup()
 
 
+def estimate_run(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainingOutcome:
+    """`--estimate`: time a few steps of the run's shape on its device with synthetic images and print the
+    projection (`bml.training.estimate`) as one JSON object; reads no data (an image folder's file listing
+    aside), writes nothing."""
+    for warning in finish_settings(args, context):
+        warn(warning)
+    facts = getattr(args, "folder_facts", None) or {}
+    record_training_data(args, facts.get("train_classes", ESTIMATE_NUM_CLASSES))
+    progress_line(f"Estimating: {WARMUP_STEPS} warm-up and {TIMED_STEPS} timed training steps of "
+                  f"{images_per_step(args)} synthetic images on {context.device}")
+    parts = build_components(args, context)
+    parts.model.train()
+    images, labels = synthetic_step_batch(args, args.num_classes)
+    settings = loss_settings(args, 1)
+
+    def step() -> None:
+        forward_backward(parts, images, labels, settings, 0)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
+
+    cuda = context.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(context.device)
+    seconds = time_steps(step, context.device)
+    peak = torch.cuda.max_memory_allocated(context.device) if cuda else None
+    if context.is_main_process:
+        print(json.dumps(measured_projection(args, seconds, facts.get("train_images"), peak), indent=2))
+    return TrainingOutcome(0)
+
+
 def _train(args: argparse.Namespace, context: distributed.DistributedContext,
            resources: contextlib.ExitStack) -> TrainingOutcome:
-    save_folder = prepare_run(args, context, resources)
-    data = open_data(args, context)
-    parts = build_components(args, context)
-    state = restore_or_start(args, parts, context, save_folder / LAST_CHECKPOINT, data.steps)
+    explicit_folder = args.save_folder is not None
+    for warning in finish_settings(args, context):
+        warn(warning)
+    info(f"Reading {args.dataset}: the training split" + (f" and {args.val_split}" if args.val_split else ""))
+    data = open_data(args, context)   # before the run folder: a run that cannot read its data leaves nothing
+    save_folder = prepare_run(args, context, resources, explicit_folder)
+    last_path = save_folder / LAST_CHECKPOINT
+    if args.is_continue and finished_run(last_path, args.epochs):
+        best = save_folder / BEST_CHECKPOINT
+        info(f"--is_continue: {last_path} has finished all {args.epochs} epochs; nothing to continue (raise --epochs "
+             f"to train on). {next_steps(args, best if best.is_file() else last_path)}")
+        return TrainingOutcome(0, save_folder=save_folder)
+    parts = build_components(args, context, init_weights=not (args.is_continue and last_path.is_file()))
+    state = restore_or_start(args, parts, context, last_path, data.steps)
     logger = RunLogger(save_folder, enabled=context.is_main_process)
     logger.write_config(args)
     announce(args, context, data, save_folder)
@@ -117,11 +163,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
 
 
 def prepare_run(args: argparse.Namespace, context: distributed.DistributedContext,
-                resources: contextlib.ExitStack) -> Path:
-    """The settings finished, the run folder claimed and locked, the random streams seeded, the GPU configured."""
-    explicit_folder = args.save_folder is not None
-    for warning in finish_settings(args, context):
-        warn(warning)
+                resources: contextlib.ExitStack, explicit_folder: bool) -> Path:
+    """The run folder claimed and locked (`explicit_folder`: given with -s), the random streams seeded, the GPU
+    configured; the settings are finished."""
     folder = on_main_process(lambda: claim_run_folder(args, explicit_folder, resources))
     record_run_folder(args, folder)
     log_to(folder / MESSAGES_FILE)
@@ -132,11 +176,20 @@ def prepare_run(args: argparse.Namespace, context: distributed.DistributedContex
     return Path(args.save_folder)
 
 
+def finished_run(last_path: Path, epochs: int) -> bool:
+    """Whether the run's `last.pth` has done all `epochs` (an --is_continue would only recalibrate it)."""
+    if not last_path.is_file():
+        return False
+    saved = read_checkpoint(last_path).get("training_state") or {}
+    return saved.get("epoch", 0) >= epochs and not saved.get("epoch_step", 0)
+
+
 def open_data(args: argparse.Namespace, context: distributed.DistributedContext) -> RunData:
     """The training split (every process) and the val split (the main process, which validates), checked
     against the run's episodes before any step."""
     train_set = build_dataset(args.dataset, "train", args.data_root, args.image_size, train=True,
                               transform=args.transform, tiered_labels=args.tiered_labels)
+    check_training_episodes(args, np.asarray(train_set.labels))
     val_set = None
     if args.val_split and context.is_main_process:
         val_set = build_dataset(args.dataset, args.val_split, args.data_root, args.image_size, train=False,
@@ -144,6 +197,29 @@ def open_data(args: argparse.Namespace, context: distributed.DistributedContext)
     on_main_process(lambda: check_validation_episodes(args, val_set))
     record_training_data(args, train_set.num_classes)
     return RunData(train_set, val_set, steps_per_epoch(args, len(train_set)))
+
+
+def check_training_episodes(args: argparse.Namespace, labels: np.ndarray) -> None:
+    """Every training step's shape must fit the training split: checked here, not inside a loader worker."""
+    counts = np.bincount(labels)
+    method = get_method(args)
+    if not method.batches:
+        try:
+            EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries, episodes=1)
+        except DatasetError:
+            raise SettingsError(
+                f"training episodes of {args.n_train_ways} ways x ({args.n_train_shots} shots + {args.n_train_queries} "
+                f"queries) do not fit the training split of {args.dataset}: {len(counts)} classes, the smallest of "
+                f"{counts.min()} images. Use --n_train_ways at most {len(counts)} and --n_train_shots + "
+                f"--n_train_queries at most {counts.min()}") from None
+    extra = getattr(args, method.extra_batch_flag) if method.extra_batch_flag else 0
+    images_per_epoch = extra * args.episodes_per_epoch * args.episodes_per_step
+    if images_per_epoch > len(labels):
+        raise SettingsError(
+            f"--{method.extra_batch_flag} {extra} over {args.episodes_per_epoch} steps of {args.episodes_per_step} "
+            f"episode(s) needs {images_per_epoch} distinct images an epoch, but the training split of {args.dataset} "
+            f"has {len(labels)}: lower --{method.extra_batch_flag} (at most "
+            f"{len(labels) // (args.episodes_per_epoch * args.episodes_per_step)}) or --episodes_per_epoch")
 
 
 def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None) -> None:
@@ -158,10 +234,15 @@ def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None)
                             "--n_queries (or --eval_freq 0: no validation)") from None
 
 
-def build_components(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainComponents:
-    """The model on its device, its optimiser, gradient scaler and training wrappers."""
+def build_components(args: argparse.Namespace, context: distributed.DistributedContext,
+                     init_weights: bool = True) -> TrainComponents:
+    """The model on its device (with `init_weights`, from --init_from's checkpoint when given; a resumed run
+    loads its own), its optimiser, gradient scaler and training wrappers."""
     device = context.device
-    model = build_model(args).to(device)
+    model = build_model(args)
+    if args.init_from and init_weights:
+        info(load_init_weights(model, args.init_from).describe())
+    model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(args, model)
@@ -202,7 +283,7 @@ def announce(args: argparse.Namespace, context: distributed.DistributedContext, 
          f"{args.epochs} epochs of {data.steps} steps of {args.episodes_per_step} episode(s) "
          f"({args.episodes_per_process} on each of {context.world_size} process(es)) on {context.device.type}, "
          f"amp {args.amp}; saving to {save_folder}")
-    if get_recipe(args.dataset).trains_on_val:
+    if run_recipe(args).trains_on_val:
         info(f"{args.dataset} trains on its val classes too: no checkpoint is chosen on val; the final model "
              f"({save_folder / LAST_CHECKPOINT}) is the one to evaluate, as published")
     elif data.val_set is not None:
@@ -276,9 +357,11 @@ def finish(args: argparse.Namespace, parts: TrainComponents, state: TrainingStat
     last_path = save_folder / LAST_CHECKPOINT
     info(f"Done: {args.epochs} epochs. Last checkpoint: {last_path}")
     if data.val_set is not None:   # the main process: temperatures fitted on val, stored in last.pth and best.pth
+        info(f"Calibrating: fitting the temperatures of {last_path} and {BEST_CHECKPOINT} on {args.val_episodes} "
+             f"{args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}")
         info(calibrate_checkpoints([last_path, save_folder / BEST_CHECKPOINT], data.val_set, args.n_ways,
                                    args.n_shots, args.n_queries, args.val_episodes, parts.device, args.amp,
-                                   args.num_workers))
+                                   args.num_workers, progress=True))
     if last_validation:
         info(f"Validation accuracy ({args.n_ways}-way {args.n_shots}-shot, {args.val_episodes} episodes of the val "
              f"split): last {last_validation['acc']:.2f} +- {last_validation['ci95']:.2f}%, best "
@@ -293,6 +376,7 @@ def finish(args: argparse.Namespace, parts: TrainComponents, state: TrainingStat
 def write_curves(save_folder: Path) -> None:
     """curves.png in the run folder (`bml.plot`); a plotting failure only warns: the run itself is done."""
     try:
+        info("Drawing the training curves")
         from bml.plot import CURVES, plot_runs   # imported here: matplotlib would slow down every `--help`
 
         info(f"Curves: {plot_runs([save_folder], save_folder / CURVES)}")
@@ -349,10 +433,11 @@ def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingS
 
 def validate(args: argparse.Namespace, model: nn.Module, val_set: Dataset, device: torch.device) -> dict[str, float]:
     """Validation accuracy on fixed episodes (seed 0), without touching the training RNG streams."""
+    info(f"Validating on {args.val_episodes} {args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate(model, val_set, way=args.n_ways, shot=args.n_shots, query=args.n_queries,
                         episodes=args.val_episodes, seed=0, device=device, amp=args.validation_amp,
-                        num_workers=args.num_workers, progress=sys.stderr.isatty())
+                        num_workers=args.num_workers, progress=True)
 
 
 def _stopped(args: argparse.Namespace, exit_code: int, last_path: Path, model: nn.Module,

@@ -4,13 +4,15 @@ and `bml.train_baseline`; flags several commands share are in `bml.cli`)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 from bml import cli
 from bml.datasets import AUGMENT_MODES, TIERED_LABELS
-from bml.models.backbones import backbone_flag_choices
+from bml.models.backbones import DEFAULT_BACKBONE, backbone_flag_choices, backbone_spec
 from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY
 from bml.utils import argtypes
 
+DEFAULT_BACKBONE_FLAG = backbone_spec(DEFAULT_BACKBONE).flag_name
 
 
 def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
@@ -33,8 +35,13 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                            "says whether they do), a val class shares its classifier output with a train class")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--backbone", default="Res12", choices=backbone_flag_choices(),
-                       help="the ResNet of the trunk and views (the original's names)")
+    model.add_argument("--backbone", default=None, choices=backbone_flag_choices(),
+                       help=f"the ResNet of the trunk and views (the original's names); default: "
+                            f"{DEFAULT_BACKBONE_FLAG}, with --init_from the checkpoint's")
+    model.add_argument("--init_from", default=None, metavar="CHECKPOINT",
+                       help="fine-tune: start from this checkpoint's trunk and views (a released one or a run's "
+                            "best.pth; its backbone and width are used) with a new base-class classifier sized to "
+                            "this run's training classes; the plan says what was loaded and what initialised")
     model.add_argument("--width", type=argtypes.number(0, above_minimum=True), default=None,
                        help="channel-width multiplier (1.0 = the published model); default: the recipe's")
     model.add_argument("--drop_rate", type=argtypes.number(0, 1, below_maximum=True), default=None,
@@ -107,6 +114,46 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
     run.add_argument("--dry_run", action="store_true",
                      help="print the resolved plan of the run (device, processes, episodes per step, precision, "
                           "schedule, ...) as one JSON object and exit, without reading images or using the GPU")
+    run.add_argument("--estimate", action="store_true",
+                     help="time a few training steps of this run's shape on its device with synthetic images (no "
+                          "data read, nothing saved), print the projected training time and, on a GPU, the peak "
+                          "memory as one JSON object, and exit")
+    run.add_argument("--config", default=None, metavar="RUN/config.json",
+                     help="rerun a run's settings: every flag not given takes its value in this config.json (the "
+                          "run folder, device and loader workers excepted); flags given on the command line win")
     return parser
 
 
+NOT_RERUN = ("save_folder", "is_continue", "dry_run", "estimate", "config", "device", "num_workers")
+"""Settings of a config.json that `--config` does not take over: where and on what this run goes, what it does."""
+TRAINING_SCRIPTS = {"bml": "train_bml.py", "global": "train_baseline.py --mode global",
+                    "local": "train_baseline.py --mode local"}
+
+
+def stored_settings(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The settings of a run's config.json that `parser`'s flags take (all but `NOT_RERUN`); a config of another
+    method's run is an error naming the command that reruns it."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            stored = json.load(handle)
+    except (OSError, ValueError) as problem:
+        parser.error(f"--config {path}: cannot read it as a run's config.json ({problem})")
+    if not isinstance(stored, dict):
+        parser.error(f"--config {path}: not a run's config.json (a JSON object of settings)")
+    flags = {action.dest for action in parser._actions} | {"model"}
+    model = stored.get("model", parser.get_default("model"))
+    modes = {action.dest for action in parser._actions if action.choices and model in action.choices}
+    if model != parser.get_default("model") and "model" not in modes:
+        parser.error(f"--config {path} is of a {model} run: rerun it with python {TRAINING_SCRIPTS.get(model, model)} "
+                     f"--config {path}")
+    return {key: value for key, value in stored.items() if key in flags and key not in NOT_RERUN}
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)`, where `--config RUN/config.json` gives every flag left out its stored value."""
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", default=None)
+    path = config.parse_known_args(argv)[0].config
+    if path:
+        parser.set_defaults(**stored_settings(parser, path), config_read=True)
+    return parser.parse_args(argv)

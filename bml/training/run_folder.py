@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -62,8 +63,19 @@ def resume_command(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) ->
             argv.append(arg)
     if "-s" not in argv and "--save_folder" not in argv:
         argv += ["-s", args.save_folder]
-    launcher = ["torchrun", "--standalone", f"--nproc_per_node={args.world_size}"] if args.world_size > 1 else ["python"]
-    return shlex.join([*launcher, sys.argv[0], *argv, "--is_continue"])
+    return shlex.join([*launcher_command(args.world_size), sys.argv[0], *argv, "--is_continue"])
+
+
+def launcher_command(world_size: int) -> list[str]:
+    """How this run's processes were started: python, torchrun on one machine, or torchrun on several nodes
+    (`LOCAL_WORLD_SIZE` processes each; the rendezvous endpoint is the user's, shown as HOST:PORT)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if world_size == 1:
+        return ["python"]
+    if per_node >= world_size:
+        return ["torchrun", "--standalone", f"--nproc_per_node={world_size}"]
+    return ["torchrun", f"--nnodes={world_size // per_node}", f"--nproc_per_node={per_node}", "--rdzv_backend=c10d",
+            "--rdzv_endpoint=HOST:PORT"]
 
 
 def next_steps(args: argparse.Namespace, checkpoint: Path) -> str:

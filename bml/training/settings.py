@@ -13,11 +13,19 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from bml.datasets import canonical_name, default_num_workers, input_transform_settings
+from bml.datasets import (DATASETS, DatasetError, canonical_name, default_num_workers, input_transform_settings,
+                          read_split)
+from bml.datasets.image_files import read_image_sizes
 from bml.methods import get_method
-from bml.recipes import LR_BY_OPTIMIZER, Recipe, get_recipe, lr_schedule
+from bml.models.backbones import backbone_spec
+from bml.recipes import (FOLDER_RULE, LR_BY_OPTIMIZER, RECIPES, FolderFacts, Recipe, folder_recipe, get_recipe,
+                         lr_schedule)
+from bml.training.estimate import WARN_AFTER_HOURS, rough_projection
+from bml.training.flags import DEFAULT_BACKBONE_FLAG
+from bml.training.init_from import ARCHITECTURE_KEYS, checkpoint_architecture, planned_init
 from bml.utils import argtypes, distributed
 from bml.utils.device import check_cuda_arch, gpu_info, resolve_amp, tf32_active
 from bml.utils.messages import warn
@@ -39,19 +47,75 @@ def parse_weights(text: str) -> tuple[float, float, float]:
     return argtypes.weight_values(text)
 
 
+def image_folder_facts(name: str, data_root: str | None) -> FolderFacts:
+    """An image folder's size, from its file listing and the header of its first training image (no pixels read)."""
+    train = read_split(name, "train", data_root, load_images=False)
+    try:
+        val_counts = np.bincount(read_split(name, "val", data_root, load_images=False).labels)
+    except DatasetError:   # no val/ folder: no validation
+        val_counts = np.zeros(0, dtype=np.int64)
+    train_counts = np.bincount(train.labels)
+    side = int(read_image_sizes(train.paths[:1]).min())
+    return FolderFacts(train_classes=len(train_counts), train_images=int(train_counts.sum()),
+                       min_train_images_per_class=int(train_counts.min()), val_classes=len(val_counts),
+                       min_val_images_per_class=int(val_counts.min()) if len(val_counts) else 0, image_side=side)
+
+
+def run_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe `apply_recipe` filled `args` from (an image folder's: derived from the facts it recorded)."""
+    facts = getattr(args, "folder_facts", None)
+    return get_recipe(args.dataset, FolderFacts(**facts) if facts else None)
+
+
+def apply_init_architecture(args: argparse.Namespace) -> None:
+    """With --init_from, the checkpoint's backbone and width where not given (given ones must equal them);
+    the model trained must be the checkpoint's kind."""
+    if not getattr(args, "init_from", None):
+        return
+    try:
+        architecture = checkpoint_architecture(args.init_from)
+    except (OSError, ValueError) as problem:   # CheckpointError is a ValueError
+        raise SettingsError(str(problem)) from None
+    if architecture["model"] != args.model:
+        raise SettingsError(f"--init_from {args.init_from} holds a {architecture['model']} model, this command "
+                            f"trains {args.model}: fine-tune it with "
+                            + ("train_bml.py" if architecture["model"] == "bml" else
+                               f"train_baseline.py --mode {architecture['model']}"))
+    recorded = {"backbone": backbone_spec(architecture["backbone"]).flag_name, "width": architecture["width"]}
+    for key in ARCHITECTURE_KEYS:
+        given = getattr(args, key, None)
+        if given is not None and (backbone_spec(given).flag_name if key == "backbone" else given) != recorded[key]:
+            raise SettingsError(f"--{key} {given} differs from the {recorded[key]} of --init_from {args.init_from}: "
+                                f"leave --{key} out (a checkpoint's weights load only into its own architecture)")
+        setattr(args, key, recorded[key])
+
+
 def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
     """Fill every recipe flag that `args` has and left at None from `args.dataset`'s recipe (in place, also
     returned).
 
-    `args.transform` and `args.image_size` are filled from the data set's input settings;
-    `args.lr_milestones` and `args.lr_gammas` are added: the decay points of this run.
+    An image folder's recipe is derived from its size (`bml.recipes.FOLDER_RULE`; its facts are recorded in
+    `args.folder_facts`). `args.transform` and `args.image_size` are filled from the data set's input settings
+    (an image folder: at most its images' size); `args.lr_milestones` and `args.lr_gammas` are added: the decay
+    points of this run. With --init_from, the backbone and width are the checkpoint's.
     """
-    recipe = get_recipe(args.dataset)
+    apply_init_architecture(args)
+    if hasattr(args, "backbone") and args.backbone is None:
+        args.backbone = DEFAULT_BACKBONE_FLAG
+    folder_size = None
+    if args.dataset not in DATASETS and hasattr(args, "n_train_ways"):   # an image folder to train on
+        facts = image_folder_facts(args.dataset, getattr(args, "data_root", None))
+        try:
+            folder_size = folder_recipe(facts)[1]
+        except ValueError as problem:
+            raise SettingsError(f"{args.dataset}: {problem}") from None
+        args.folder_facts = dataclasses.asdict(facts)
+    recipe = run_recipe(args)
     for name in (f.name for f in dataclasses.fields(Recipe)):
         if name != "schedule" and hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, getattr(recipe, name))
     args.transform, args.image_size = input_transform_settings(
-        {"dataset": args.dataset}, getattr(args, "image_size", None), getattr(args, "transform", None))
+        {"dataset": args.dataset}, getattr(args, "image_size", None) or folder_size, getattr(args, "transform", None))
     if getattr(args, "lr", None) is None:
         args.lr = LR_BY_OPTIMIZER[args.optim]
     args.lr_milestones = list(recipe.schedule.milestones(args.epochs))
@@ -64,11 +128,13 @@ def default_save_folder(args: argparse.Namespace) -> Path:
     method = get_method(args)
     parts = [args.dataset, method.run_name, args.backbone, f"w{args.width:g}", f"{args.image_size}px",
              *method.run_name_parts(args)]
-    if args.episodes_per_step != get_recipe(args.dataset).episodes_per_step:
+    if args.episodes_per_step != run_recipe(args).episodes_per_step:
         parts.append(f"x{args.episodes_per_step}")
     parts += [args.optim, f"lr{args.lr:g}"]
     if args.clip_grad:
         parts.append(f"clip{args.clip_grad:g}")
+    if getattr(args, "init_from", None):
+        parts.append("finetuned")
     parts += [f"e{args.epochs}", f"s{args.seed}"]
     return Path("output") / "_".join(str(part) for part in parts)
 
@@ -106,6 +172,9 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     Raises SettingsError, or DeviceError when this torch build has no kernels for the GPU: before any
     data is read or any step runs.
     """
+    if getattr(args, "config", None) and not getattr(args, "config_read", False):
+        raise SettingsError(f"--config {args.config} was not read: parse the command line with "
+                            "bml.training.parse_training_args (the entry points do)")
     args.dataset = canonical_name(args.dataset)
     apply_recipe(args)
     if "weights" in get_method(args).loss_flags:
@@ -116,7 +185,7 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     args.device = str(context.device)
     args.amp, amp_warnings = resolve_amp(args.amp, args.amp_opt_level, context.device)
     args.validation_amp = VALIDATION_AMP
-    trains_on_val = get_recipe(args.dataset).trains_on_val
+    trains_on_val = run_recipe(args).trains_on_val
     args.val_split = None if trains_on_val or args.eval_freq == 0 else "val"
     args.augment = args.augment or ("device" if context.device.type == "cuda" else "host")
     if args.num_workers is None:
@@ -151,9 +220,25 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
     device = distributed.resolve_device(args.device, local_rank, select=False)
     context = distributed.DistributedContext(rank=0, local_rank=local_rank, world_size=world_size, device=device)
     warnings = finish_settings(args, context)
+    facts = getattr(args, "folder_facts", None)
+    projection = rough_projection(args, device.type, world_size, facts["train_images"] if facts else None)
+    if projection and projection["hours"] > WARN_AFTER_HOURS:
+        warnings.append(f"this recipe trains on {projection['training_images']:,} images: at about "
+                        f"{projection['assumed_images_per_s']:g} images/s on {device.type} (a stated reference figure, "
+                        f"not a measurement) that is about {projection['hours'] / 24:.1f} days. Measure it with "
+                        "--estimate; shorten it with --epochs or --episodes_per_epoch, or train on a GPU")
     for warning in warnings:
         warn(warning)
     gpu = gpu_info(device)
+    recipe = ({"rule": FOLDER_RULE, "folder": facts} if facts else
+              {"rule": f"the recipe of {args.dataset} (bml.recipes.RECIPES)" if args.dataset in RECIPES else
+               "the published recipe"})
+    initialisation = None
+    if args.init_from:
+        try:
+            initialisation = planned_init(vars(args), args.init_from).as_dict()
+        except (OSError, ValueError) as problem:
+            raise SettingsError(str(problem)) from None
     return {
         "model": args.model, "dataset": args.dataset, "device": str(device),
         "gpu": None if gpu is None else gpu.as_dict(), "world_size": world_size,
@@ -166,7 +251,8 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
            if get_method(args).batches else {}),
         "lr_schedule": lr_schedule(args.lr, args.lr_milestones, args.lr_gammas), "optim": args.optim,
         "val_split": args.val_split, "transform": args.transform, "image_size": args.image_size,
-        "save_folder": args.save_folder, "warnings": warnings,
+        "save_folder": args.save_folder, "recipe": recipe, "init_from": initialisation,
+        "projected_training": projection, "warnings": warnings,
     }
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from bml.recipes import MOMENTUM, WEIGHT_DECAY, lr_factor
 from bml.utils import distributed
-from bml.utils.messages import warn
+from bml.utils.messages import info, warn
 
 
 KEEP_BUFFERS = ("forward_sync_buffers" if "forward_sync_buffers" in
@@ -62,6 +62,8 @@ def wrap_for_training(args: argparse.Namespace, model: nn.Module, context: distr
 
             torch._dynamo.config.suppress_errors = True  # a backend failure falls back to eager, with a warning
             loss_module = torch.compile(loss_module)
+            info("--compile: the first training steps compile the model (a minute or more; a step of another "
+                 "shape, e.g. the last partial one, compiles again)")
         except Exception as error:  # torch.compile is unavailable on some platforms / Python versions
             warn(f"torch.compile is unavailable here ({error}); training without compilation")
     return loss_module, ddp

@@ -40,7 +40,8 @@ class RunLogger:
     - `log_steps.txt`: the same training keys averaged over a few steps at a time (about ten points
       an epoch, 'epoch' fractional), so that a short run draws a curve (`bml.plot`); kept apart from
       `log.txt`, whose readers expect one line per epoch;
-    - `tensorboard/`: scalars (loss terms, learning rate, images/s, validation accuracy).
+    - `tensorboard/`: scalars (loss terms, learning rate, images/s, validation accuracy), the points of
+      `log_steps.txt` under `steps/` (x axis: the global step), and the run's settings as text (`settings`).
     """
 
     def __init__(self, save_folder: Path, enabled: bool) -> None:
@@ -59,6 +60,8 @@ class RunLogger:
             path = self.save_folder / "config.json"
             with explain_disk_full(path, len(text) + 1):
                 path.write_text(text + "\n")
+            rows = [f"| {key} | {json.dumps(value, default=str)} |" for key, value in sorted(vars(args).items())]
+            self.writer.add_text("settings", "\n".join(["| setting | value |", "|---|---|", *rows]))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is not None:
@@ -77,6 +80,9 @@ class RunLogger:
         if self.enabled:
             with open(self.save_folder / "log_steps.txt", "a") as log_file:
                 log_file.write(json.dumps(stats, sort_keys=True) + "\n")
+            for name, value in stats.items():
+                if name != "step":
+                    self.writer.add_scalar(f"steps/{name}", value, stats["step"])
 
     def close(self) -> None:
         if self.writer is not None:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-INFO, WARNING, ERROR = "info", "warning", "error"
-_PREFIXES = {INFO: "", WARNING: "WARNING: ", ERROR: "ERROR: "}
+INFO, PROGRESS, WARNING, ERROR = "info", "progress", "warning", "error"
+_PREFIXES = {INFO: "", PROGRESS: "", WARNING: "WARNING: ", ERROR: "ERROR: "}
 _log_file: TextIO | None = None
 
 
@@ -38,8 +38,9 @@ def log_to(path: str | Path | None) -> None:
 
 
 def emit(level: str, message: str, every_rank: bool = False) -> None:
-    """Show `message` at `level` (`INFO`, `WARNING`, `ERROR`); `every_rank` also on processes other than rank 0
-    (an error that only that process saw)."""
+    """Show `message` at `level` (`INFO`, `PROGRESS`, `WARNING`, `ERROR`); `every_rank` also on processes other
+    than rank 0 (an error that only that process saw). Progress goes to stderr, as progress bars do, so that a
+    command's own output on stdout stays clean."""
     if not every_rank and not _is_main_process():
         return
     text = _PREFIXES[level] + message
@@ -55,6 +56,11 @@ def emit(level: str, message: str, every_rank: bool = False) -> None:
 
 def info(message: str) -> None:
     emit(INFO, message)
+
+
+def progress_line(message: str) -> None:
+    """A line of progress off a terminal (`bml.utils.progress`)."""
+    emit(PROGRESS, message)
 
 
 def warn(message: str) -> None:
