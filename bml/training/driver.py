@@ -41,10 +41,10 @@ from bml.training.settings import (SettingsError, finish_settings, loss_settings
                                    record_training_data, run_plan)
 from bml.training.signals import StopOnSignal
 from bml.training.state import TrainComponents, TrainingState, checkpoint_state, resume
-from bml.training.step_plan import build_training_loader, steps_per_epoch
+from bml.training.step_plan import build_training_loader, dropblock_counter, steps_per_epoch
 from bml.training.wrappers import build_optimizer, set_epoch_lr, wrap_for_training
 from bml.utils import distributed
-from bml.utils.device import AMP_DTYPES, configure_tf32
+from bml.utils.device import AMP_DTYPES, compute_precision, configure_tf32
 from bml.utils.io import OutputError
 from bml.utils.logger import RunLogger
 from bml.utils.messages import error, info, log_to, warn
@@ -100,7 +100,7 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
            resources: contextlib.ExitStack) -> TrainingOutcome:
     save_folder = prepare_run(args, context, resources)
     data = open_data(args, context)
-    parts = build_components(args, context)
+    parts = build_components(args, context, data)
     state = restore_or_start(args, parts, context, save_folder / LAST_CHECKPOINT, data.steps)
     logger = RunLogger(save_folder, enabled=context.is_main_process)
     logger.write_config(args)
@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
 def prepare_run(args: argparse.Namespace, context: distributed.DistributedContext,
                 resources: contextlib.ExitStack) -> Path:
     """The settings finished, the run folder claimed and locked, the random streams seeded, the GPU configured."""
-    explicit_folder = args.save_folder is not None
+    explicit_folder = args.run_folder is not None
     for warning in finish_settings(args, context):
         warn(warning)
     folder = on_main_process(lambda: claim_run_folder(args, explicit_folder, resources))
@@ -157,8 +157,9 @@ def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None)
                             "--n_queries (or --eval_freq 0: no validation)") from None
 
 
-def build_components(args: argparse.Namespace, context: distributed.DistributedContext) -> TrainComponents:
-    """The model on its device, its optimiser, gradient scaler and training wrappers."""
+def build_components(args: argparse.Namespace, context: distributed.DistributedContext,
+                     data: RunData) -> TrainComponents:
+    """The model on its device, its optimiser, gradient scaler, training wrappers and DropBlock counter."""
     device = context.device
     model = build_model(args).to(device)
     if args.channels_last:
@@ -168,7 +169,8 @@ def build_components(args: argparse.Namespace, context: distributed.DistributedC
     loss_module, ddp = wrap_for_training(args, model, context)
     return TrainComponents(model=model, loss_module=loss_module, ddp=ddp, optimizer=optimizer, scaler=scaler,
                            device=device, amp_dtype=AMP_DTYPES[args.amp], channels_last=args.channels_last,
-                           clip_grad=args.clip_grad)
+                           clip_grad=args.clip_grad,
+                           dropblock_count=dropblock_counter(args, len(data.train_set)))
 
 
 def restore_or_start(args: argparse.Namespace, parts: TrainComponents, context: distributed.DistributedContext,
@@ -200,12 +202,12 @@ def announce(args: argparse.Namespace, context: distributed.DistributedContext, 
     info(f"Training {args.model} on {args.dataset} ({len(data.train_set)} images, {args.num_classes} classes): "
          f"{args.epochs} epochs of {data.steps} steps of {args.episodes_per_step} episode(s) "
          f"({args.episodes_per_process} on each of {context.world_size} process(es)) on {context.device.type}, "
-         f"amp {args.amp}; saving to {save_folder}")
-    if get_recipe(args.dataset).trains_on_val:
+         f"precision {args.precision}; saving to {save_folder}")
+    if get_recipe(args.dataset, args.model).trains_on_val:
         info(f"{args.dataset} trains on its val classes too: no checkpoint is chosen on val; the final model "
              f"({save_folder / LAST_CHECKPOINT}) is the one to evaluate, as published")
     elif data.val_set is not None:
-        precision = "fp32" if args.validation_amp == "off" else args.validation_amp
+        precision = compute_precision(args.validation_amp, args.tf32, context.device)
         info(f"Validation on {args.val_split} in {precision} (as eval_bml.py evaluates) chooses "
              f"{save_folder / BEST_CHECKPOINT}")
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 from pathlib import Path
 
 import torch
 
 from bml.datasets import canonical_name, default_num_workers, input_transform_settings
 from bml.methods import get_method
-from bml.recipes import LR_BY_OPTIMIZER, Recipe, get_recipe, lr_schedule
+from bml.recipes import DECAY_STEP_GAMMA, LR_BY_OPTIMIZER, Recipe, decay_step_milestones, get_recipe, lr_schedule
+from bml.training.flags import DEFAULT_SAVE_PARENT
 from bml.utils import argtypes, distributed
-from bml.utils.device import check_cuda_arch, gpu_info, resolve_amp, tf32_active
+from bml.utils.device import check_cuda_arch, compute_precision, gpu_info, resolve_amp, tf32_active
 from bml.utils.messages import warn
 
 VALIDATION_AMP = "off"   # eval_bml.py's default: the checkpoint is chosen at the precision it is evaluated at
@@ -40,13 +42,14 @@ def parse_weights(text: str) -> tuple[float, float, float]:
 
 
 def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every recipe flag that `args` has and left at None from `args.dataset`'s recipe (in place, also
-    returned).
+    """Fill every recipe flag that `args` has and left at None from the recipe of `args.model` on `args.dataset`
+    (in place, also returned).
 
     `args.transform` and `args.image_size` are filled from the data set's input settings;
-    `args.lr_milestones` and `args.lr_gammas` are added: the decay points of this run.
+    `args.lr_milestones` and `args.lr_gammas` are added: the decay points of this run (every --decay_step epochs
+    when there is one, else the recipe's schedule).
     """
-    recipe = get_recipe(args.dataset)
+    recipe = get_recipe(args.dataset, getattr(args, "model", "bml"))
     for name in (f.name for f in dataclasses.fields(Recipe)):
         if name != "schedule" and hasattr(args, name) and getattr(args, name) is None:
             setattr(args, name, getattr(recipe, name))
@@ -54,23 +57,42 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
         {"dataset": args.dataset}, getattr(args, "image_size", None), getattr(args, "transform", None))
     if getattr(args, "lr", None) is None:
         args.lr = LR_BY_OPTIMIZER[args.optim]
-    args.lr_milestones = list(recipe.schedule.milestones(args.epochs))
-    args.lr_gammas = list(recipe.schedule.gammas[args.optim])
+    if getattr(args, "decay_step", None):
+        args.lr_milestones = list(decay_step_milestones(args.decay_step, args.epochs))
+        args.lr_gammas = [DECAY_STEP_GAMMA] * len(args.lr_milestones)
+    else:
+        args.lr_milestones = list(recipe.schedule.milestones(args.epochs))
+        args.lr_gammas = list(recipe.schedule.gammas[args.optim])
     return args
 
 
 def default_save_folder(args: argparse.Namespace) -> Path:
-    """output/<name>, the name recording the settings that distinguish runs (as the original did)."""
+    """<--save_folder>/<name> (output/<name> by default), the name recording the settings that distinguish runs
+    (as the original's `-s params` gave params/<name>)."""
     method = get_method(args)
     parts = [args.dataset, method.run_name, args.backbone, f"w{args.width:g}", f"{args.image_size}px",
              *method.run_name_parts(args)]
-    if args.episodes_per_step != get_recipe(args.dataset).episodes_per_step:
+    if args.episodes_per_step != get_recipe(args.dataset, args.model).episodes_per_step:
         parts.append(f"x{args.episodes_per_step}")
     parts += [args.optim, f"lr{args.lr:g}"]
     if args.clip_grad:
         parts.append(f"clip{args.clip_grad:g}")
     parts += [f"e{args.epochs}", f"s{args.seed}"]
-    return Path("output") / "_".join(str(part) for part in parts)
+    return Path(args.save_folder or DEFAULT_SAVE_PARENT) / "_".join(str(part) for part in parts)
+
+
+def check_training_request(args: argparse.Namespace) -> None:
+    """The original's flags that do not train here, refused with what to run instead."""
+    if getattr(args, "is_eval", False):
+        command = ["python", "eval_bml.py", "--dataset", args.dataset, "--ckp_path", args.ckp_path or "CHECKPOINT"]
+        for flag in ("transform", "n_shots", "data_root"):
+            if getattr(args, flag, None) is not None:
+                command += [f"--{flag}", str(getattr(args, flag))]
+        raise SettingsError(f"--is_eval: evaluation is eval_bml.py's (the published protocol: 10 seeds x 2,000 "
+                            f"episodes); run: {shlex.join(command)}")
+    if getattr(args, "spatial", False) and get_method(args).name == "bml":
+        raise SettingsError("--spatial applies to --mode global or local (BML's losses are per position already): "
+                            "leave it out, or add --mode global / --mode local")
 
 
 def resolve_episodes(args: argparse.Namespace, world_size: int) -> list[str]:
@@ -107,6 +129,7 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     data is read or any step runs.
     """
     args.dataset = canonical_name(args.dataset)
+    check_training_request(args)
     apply_recipe(args)
     if "weights" in get_method(args).loss_flags:
         parse_weights(args.weights)
@@ -115,13 +138,14 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     args.world_size = context.world_size
     args.device = str(context.device)
     args.amp, amp_warnings = resolve_amp(args.amp, args.amp_opt_level, context.device)
+    args.precision = compute_precision(args.amp, args.tf32, context.device)
     args.validation_amp = VALIDATION_AMP
-    trains_on_val = get_recipe(args.dataset).trains_on_val
+    trains_on_val = get_recipe(args.dataset, args.model).trains_on_val
     args.val_split = None if trains_on_val or args.eval_freq == 0 else "val"
     args.augment = args.augment or ("device" if context.device.type == "cuda" else "host")
     if args.num_workers is None:
         args.num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    args.save_folder = str(args.save_folder or default_save_folder(args))
+    args.save_folder = str(args.run_folder or default_save_folder(args))   # now the run's own folder
     return warnings + amp_warnings
 
 
@@ -153,7 +177,8 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
         "model": args.model, "dataset": args.dataset, "device": str(device),
         "gpu": None if gpu is None else gpu.as_dict(), "world_size": world_size,
         "episodes_per_step": args.episodes_per_step, "episodes_per_process": args.episodes_per_process,
-        "amp": args.amp, "tf32": tf32_active(args.tf32, device), "validation_amp": args.validation_amp,
+        "amp": args.amp, "precision": args.precision, "tf32": tf32_active(args.tf32, device),
+        "validation_amp": args.validation_amp, "dropblock_counter": args.dropblock_counter,
         "epochs": args.epochs,
         "steps_per_epoch": None if get_method(args).batches else args.episodes_per_epoch,
         **({"steps_per_epoch_rule": f"training images // {args.batch_size} (--batch_size): each episode slot "
@@ -161,7 +186,7 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
            if get_method(args).batches else {}),
         "lr_schedule": lr_schedule(args.lr, args.lr_milestones, args.lr_gammas), "optim": args.optim,
         "val_split": args.val_split, "transform": args.transform, "image_size": args.image_size,
-        "save_folder": args.save_folder, "warnings": warnings,
+        "save_folder": args.save_folder, "save_freq": args.save_freq, "warnings": warnings,
     }
 
 
