@@ -29,9 +29,8 @@ def claim_run_folder(args: argparse.Namespace, explicit: bool, resources: contex
     """The folder this run writes to, checked writable and locked for the run (`resources` releases it).
 
     A fresh run never takes a folder that holds another run's checkpoints or log: a folder given with
-    --run_folder is refused, one named under -s / --save_folder is replaced by the next free `<name>-2`,
-    `<name>-3`, ... Orphan
-    temporary files of a killed save are removed once the lock is held.
+    --run_folder (`explicit`) is refused, one named under -s / --save_folder is replaced by the next free
+    `<name>-2`, `<name>-3`, ... Orphan temporary files of a killed save are removed once the lock is held.
     """
     folder = Path(args.save_folder)
     if not args.is_continue and folder.is_dir() and run_records(folder):
