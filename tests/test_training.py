@@ -97,7 +97,7 @@ def test_recipes_fill_only_what_is_not_given():
         == [0.1, 0.006, 0.006, 0.0012]
     adam = apply_recipe(train_bml.get_args_parser().parse_args(["--dataset", "miniImageNet", "--optim", "adam"]))
     assert adam.lr == 1e-3 and adam.lr_gammas == [0.1, 0.1]
-    assert not hasattr(mini, "batch_size")   # baseline-only flags stay out of BML's config
+    assert "_b128_" not in str(default_save_folder(mini))   # --mode global's batch size is no BML setting
     assert mini.clip_grad == 0.0
     omniglot = apply_recipe(train_bml.get_args_parser().parse_args(["--dataset", "omniglot"]))
     assert (omniglot.n_train_ways, omniglot.n_train_shots, omniglot.n_train_queries, omniglot.clip_grad,
