@@ -19,7 +19,8 @@ def get_common_parser(description: str, model: str, modes: tuple[str, ...]) -> a
     those `--mode` offers. Recipe flags default to None: `bml.training.settings.apply_recipe` fills them."""
     parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter,
                                      parents=[cli.dataset_parser(), cli.input_parser(), cli.episode_parser(),
-                                              cli.device_parser(), cli.precision_parser()])
+                                              cli.device_parser(), cli.precision_parser(),
+                                              cli.checkpoint_parser(required=False)])
     parser.set_defaults(dataset="glyphs", model=model)   # the embedded set, as in train_bml.sh
     method = parser.add_argument_group("method")
     method.add_argument("--mode", dest="model", choices=modes,
@@ -134,7 +135,6 @@ def get_common_parser(description: str, model: str, modes: tuple[str, ...]) -> a
     run.add_argument("--is_eval", action="store_true",
                      help="the original's evaluation switch: stops, naming the eval_bml.py command that evaluates "
                           "--ckp_path")
-    run.add_argument("--ckp_path", default=None, help="with --is_eval: the checkpoint to evaluate")
     run.add_argument("--dry_run", action="store_true",
                      help="print the resolved plan of the run (device, processes, episodes per step, precision, "
                           "schedule, ...) as one JSON object and exit, without reading images or using the GPU")
