@@ -244,7 +244,8 @@ def test_validation_runs_at_eval_bml_precision(tmp_path, monkeypatch):
 def test_adam_has_no_weight_decay_as_the_original():
     model = torch.nn.Linear(2, 2)
     sgd = {"momentum": 0.9, "weight_decay": 5e-4}
-    assert build_optimizer(argparse.Namespace(optim="adam", lr=1e-3, **sgd), model).param_groups[0]["weight_decay"] == 0
+    adam = build_optimizer(argparse.Namespace(optim="adam", lr=1e-3, **sgd), model)
+    assert adam.param_groups[0]["weight_decay"] == 0
     assert build_optimizer(argparse.Namespace(optim="SGD", lr=0.1, **sgd), model).param_groups[0]["weight_decay"] == 5e-4
 
 

@@ -28,7 +28,7 @@ from bml.training import apply_recipe
 from bml.training.driver import RunData, announce
 from bml.training.engine import forward_backward
 from bml.training.run_folder import claim_run_folder, resume_command
-from bml.training.settings import finish_settings, run_plan
+from bml.training.settings import finish_settings
 from bml.training.state import TrainComponents
 from bml.training.step_plan import dropblock_counter
 from bml.training.wrappers import build_optimizer, wrap_for_training
