@@ -37,12 +37,13 @@ from bml.training.engine import evaluate, train_one_epoch
 from bml.training.guard import STOP_CAUSING_FLAGS, NonFiniteLossError, check_weights_bounded, weight_norm
 from bml.training.processes import agreed_stop, on_main_process
 from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
-from bml.training.settings import (SettingsError, finish_settings, loss_settings, record_run_folder,
-                                   record_training_data, run_plan)
+from bml.training.settings import (SettingsError, finish_settings, loss_settings, record_compile_status,
+                                   record_run_folder, record_training_data, run_plan)
 from bml.training.signals import StopOnSignal
 from bml.training.state import TrainComponents, TrainingState, checkpoint_state, resume
 from bml.training.step_plan import build_training_loader, dropblock_counter, steps_per_epoch
-from bml.training.wrappers import build_optimizer, set_epoch_lr, wrap_for_training
+from bml.training.wrappers import (COMPILE_REPORT_STEPS, build_optimizer, report_compile_after, set_epoch_lr,
+                                   wrap_for_training)
 from bml.utils import distributed
 from bml.utils.device import AMP_DTYPES, compute_precision, configure_tf32
 from bml.utils.io import OutputError
@@ -221,6 +222,9 @@ def run_epochs(args: argparse.Namespace, parts: TrainComponents, state: Training
     try:
         batches = build_training_loader(args, data.train_set, (state.epoch + 1, state.epoch_step), data.steps, rank,
                                         parts.device)
+        if args.compile:
+            batches = report_compile_after(batches, COMPILE_REPORT_STEPS, lambda status: report_compile(args, status,
+                                                                                                        logger))
         for epoch in range(state.epoch + 1, args.epochs + 1):
             set_epoch_lr(args, parts.optimizer, epoch - 1)
             loader = islice(batches, data.steps - state.epoch_step)
@@ -241,6 +245,18 @@ def run_epochs(args: argparse.Namespace, parts: TrainComponents, state: Training
                                  "--amp off, or check the data; then resume with this command, adding the --lr "
                                  "or --amp you choose:\n  " + resume_command(args, STOP_CAUSING_FLAGS)) from problem
     return None, last_validation
+
+
+def report_compile(args: argparse.Namespace, status: dict, logger: RunLogger) -> None:
+    """Say what torch.compile made of the first steps, warn once when it fell back to eager, and keep it in
+    config.json (`compile_status`)."""
+    info(f"torch.compile: {status['graphs']} graph(s), {status['graph_breaks']} graph break(s), "
+         f"{status['fallbacks']} fallback(s) to eager in the first {COMPILE_REPORT_STEPS} steps")
+    if status["eager"]:
+        warn("--compile fell back to eager: the training step runs uncompiled (see torch's warning above for why); "
+             "leave --compile out to skip the attempt")
+    record_compile_status(args, status)
+    logger.write_config(args)
 
 
 def save_interrupted(args: argparse.Namespace, parts: TrainComponents, state: TrainingState, last_path: Path) -> bool:
@@ -291,7 +307,9 @@ def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingS
               train_stats: dict[str, float], val_set: Dataset | None, logger: RunLogger) -> dict[str, float]:
     """Validate when due (rank 0), log the epoch, write last.pth (and best.pth, epoch_<N>.pth).
 
-    Returns the validation results, empty when there was no validation. Collective under DDP.
+    Returns the validation results, empty when there was no validation. Collective under DDP: whatever makes
+    validation fail on rank 0 (an EvaluationError, out of memory, a loader worker, the data) is raised on every
+    process at once, after the epoch is saved.
     """
     state.epoch, state.epoch_step, state.epoch_sums = epoch, 0, {}
     stats = {"epoch": epoch, "step": state.step, **train_stats}
@@ -303,6 +321,8 @@ def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingS
             validation = validate(args, parts.model, val_set, parts.device)
         except EvaluationError as problem:   # the epoch's training is still saved below
             failure = f"validation after epoch {epoch} failed: {problem}"
+        except Exception as problem:  # noqa: BLE001 (out of memory, a loader worker, the data: every rank must hear)
+            failure = f"validation after epoch {epoch} failed: {type(problem).__name__}: {problem}"
     if validation:
         if validation["acc"] > state.max_accuracy:
             state.max_accuracy, state.best_epoch = validation["acc"], epoch

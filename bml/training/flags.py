@@ -14,16 +14,17 @@ from bml.utils import argtypes
 DEFAULT_SAVE_PARENT = "output"
 
 
-def get_common_parser(description: str, model: str, modes: tuple[str, ...]) -> argparse.ArgumentParser:
+def get_common_parser(description: str, model: str, modes: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
     """Flags shared by BML and the baselines; `model` is the method trained by default (`bml.methods`), `modes`
-    those `--mode` offers. Recipe flags default to None: `bml.training.settings.apply_recipe` fills them."""
+    those `--mode` offers (default: `model` alone). Recipe flags default to None:
+    `bml.training.settings.apply_recipe` fills them."""
     parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter,
                                      parents=[cli.dataset_parser(), cli.input_parser(), cli.episode_parser(),
                                               cli.device_parser(), cli.precision_parser(),
                                               cli.checkpoint_parser(required=False)])
     parser.set_defaults(dataset="glyphs", model=model)   # the embedded set, as in train_bml.sh
     method = parser.add_argument_group("method")
-    method.add_argument("--mode", dest="model", choices=modes,
+    method.add_argument("--mode", dest="model", choices=modes or (model,),
                         help=f"the method trained (default: {model}): bml, the two views learning from each other; "
                              "global, a classifier over the base classes on shuffled batches; local, episodic "
                              "prototypes (no margin)")
@@ -128,7 +129,8 @@ def get_common_parser(description: str, model: str, modes: tuple[str, ...]) -> a
                           "capability 8.0+ (faster, 10-bit mantissa); off: full fp32 everywhere")
     run.add_argument("--channels_last", action="store_true", help="channels-last memory format (faster on GPUs)")
     run.add_argument("--compile", action="store_true",
-                     help="torch.compile the training step; compilation failures fall back to eager with a warning")
+                     help="torch.compile the training step; compilation failures fall back to eager with a warning; "
+                          "what it compiled is printed after the first steps and kept in config.json")
     run.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
                      help="accepted for `python -m torch.distributed.launch`, which passes it; the rank is read "
                           "from the environment (LOCAL_RANK), as under torchrun")

@@ -21,7 +21,8 @@ def agreed_stop(stop: StopOnSignal, device: torch.device) -> int:
     signum = torch.tensor([float(stop.signum or 0)], device=device)
     if distributed.is_dist_avail_and_initialized():
         torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
-    return 128 + int(signum.item()) if signum.item() > 0 else 0
+    code = int(signum.item())   # once an epoch: the only wait for the device here
+    return 128 + code if code > 0 else 0
 
 
 def on_main_process(check: Callable[[], Result]) -> Result:

@@ -159,6 +159,11 @@ def record_training_data(args: argparse.Namespace, num_classes: int) -> None:
     args.num_classes = num_classes
 
 
+def record_compile_status(args: argparse.Namespace, status: dict) -> None:
+    """What torch.compile made of the first steps (`bml.training.wrappers.compile_report`), kept in config.json."""
+    args.compile_status = status
+
+
 def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
     """The resolved plan of a run, as `--dry_run` prints it; neither reads images nor touches GPU memory.
 

@@ -4,6 +4,8 @@ its per-epoch learning rate."""
 from __future__ import annotations
 
 import argparse
+import inspect
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -11,6 +13,12 @@ from torch import nn
 from bml.recipes import lr_factor
 from bml.utils import distributed
 from bml.utils.messages import warn
+
+
+KEEP_BUFFERS = ("forward_sync_buffers" if "forward_sync_buffers" in
+                inspect.signature(nn.parallel.DistributedDataParallel).parameters else "broadcast_buffers")
+"""As the original (broadcast_buffers=False; torch 2.14 renames it): each process keeps the BatchNorm statistics
+of its own episodes, nothing is broadcast from rank 0 before each forward pass."""
 
 
 class LossForward(nn.Module):
@@ -46,7 +54,7 @@ def wrap_for_training(args: argparse.Namespace, model: nn.Module, context: distr
     ddp = None
     if context.distributed:
         device_ids = [context.device.index] if context.device.type == "cuda" else None
-        ddp = nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids)
+        ddp = nn.parallel.DistributedDataParallel(loss_module, device_ids=device_ids, **{KEEP_BUFFERS: False})
         loss_module = ddp
     if args.compile:
         try:
@@ -57,3 +65,34 @@ def wrap_for_training(args: argparse.Namespace, model: nn.Module, context: distr
         except Exception as error:  # torch.compile is unavailable on some platforms / Python versions
             warn(f"torch.compile is unavailable here ({error}); training without compilation")
     return loss_module, ddp
+
+
+COMPILE_REPORT_STEPS = 2
+"""Steps after which what torch.compile made of the training step is reported (the second one compiles
+anew if the first specialised on something that changes every step)."""
+
+
+def compile_counters() -> dict[str, int]:
+    """torch.compile's running totals in this process: graphs compiled, graph breaks, and frames whose
+    compilation failed and that run eagerly instead."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "fallbacks": counters["frames"]["total"] - counters["frames"]["ok"]}
+
+
+def compile_report(before: dict[str, int]) -> dict:
+    """What torch.compile did since the totals `before` (`compile_counters`); 'eager' when nothing was
+    compiled or some frame fell back to eager."""
+    status = {key: value - before[key] for key, value in compile_counters().items()}
+    return {**status, "eager": status["graphs"] == 0 or status["fallbacks"] > 0}
+
+
+def report_compile_after(batches: Iterable, steps: int, report: Callable[[dict], None]) -> Iterator:
+    """`batches` unchanged; before the batch of step `steps + 1` is handed out (the steps before it done),
+    `report(compile_report(...))` of what those steps compiled."""
+    before = compile_counters()
+    for index, batch in enumerate(batches):
+        if index == steps:
+            report(compile_report(before))
+        yield batch

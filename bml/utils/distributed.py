@@ -17,6 +17,8 @@ import torch.distributed as dist
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 """Long enough for the other processes to wait while rank 0 validates on a large split."""
+LEAVE_TIMEOUT = timedelta(minutes=1)
+"""How long a process that is done waits for the others before it leaves the process group."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,16 @@ def all_gather_objects(obj: object) -> list:
 
 
 def cleanup() -> None:
-    """Leave the process group so the launcher sees a clean exit."""
+    """Leave the process group together (a barrier first) so the launcher sees a clean exit.
+
+    The barrier waits LEAVE_TIMEOUT at most: a process that leaves alone (an error the others did not see)
+    still exits, and the launcher stops the rest."""
     if is_dist_avail_and_initialized():
+        try:   # Gloo's plain barrier would wait for the group's 30-minute timeout
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=LEAVE_TIMEOUT)
+            else:
+                dist.barrier(async_op=True).wait(LEAVE_TIMEOUT)
+        except RuntimeError:   # timed out, or another process already gone: leave anyway
+            pass
         dist.destroy_process_group()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+import filelock
 
 TEMPORARY_SUFFIX = ".tmp"
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -113,26 +114,28 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
 
 
 LOCK_FILE = ".lock"
+HOLDER_FILE = ".lock.pid"
+"""The process id of the lock's holder, for the message a second run gets (a locked file may not be
+readable on Windows, so it is kept beside the lock)."""
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `folder` while the block runs; OutputError at once if another process
-    holds it. The lock is the kernel's (flock), so a crashed or killed holder never leaves it stuck."""
-    path = Path(folder) / LOCK_FILE
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise OutputError(errno.EBUSY, f"another run (process {holder}) is writing to {folder}: wait for it to "
-                                           "finish, or choose another --save_folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    holds it. The lock is the operating system's (`filelock`: flock on Unix, LockFileEx on Windows), so a
+    crashed or killed holder never leaves it stuck."""
+    folder = Path(folder)
+    lock = filelock.FileLock(folder / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        holder = folder / HOLDER_FILE
+        pid = (holder.read_text().strip() if holder.is_file() else "") or "unknown"
+        raise OutputError(errno.EBUSY, f"another run (process {pid}) is writing to {folder}: wait for it to "
+                                       "finish, or choose another --save_folder") from None
+    try:
+        (folder / HOLDER_FILE).write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        (folder / HOLDER_FILE).unlink(missing_ok=True)
+        lock.release()
