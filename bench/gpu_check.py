@@ -185,8 +185,9 @@ def read_log(folder: Path) -> list[dict]:
 def check_train(run: Run, log: Path, precision: str) -> dict:
     """Train `scale.epochs` epochs, resume from last.pth for one more; judge the log."""
     scale, folder = run.scale, run.path(f"train_{precision}")
-    command = ["bash", str(ROOT / "train_bml.sh"), "miniImageNet", "--data_root", str(run.data_root), "-s", str(folder),
-               "--augment", "device", "--transform", "A", "--eval_freq", "1", "--val_episodes", str(scale.val_episodes),
+    command = ["bash", str(ROOT / "train_bml.sh"), "miniImageNet", "--data_root", str(run.data_root),
+               "--run_folder", str(folder), "--augment", "device", "--transform", "A", "--eval_freq", "1",
+               "--val_episodes", str(scale.val_episodes),
                "--episodes_per_epoch", str(scale.episodes_per_epoch), "--print_freq", "1000", *scale.train_flags,
                *PRECISION_FLAGS[precision]]
     started = time.perf_counter()

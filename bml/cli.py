@@ -104,10 +104,17 @@ def episode_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def checkpoint_parser(required: bool = True) -> argparse.ArgumentParser:
+    """A trained checkpoint: what evaluation and prediction read (training takes it with the original's
+    --is_eval, to name the evaluation command)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--ckp_path", required=required, default=None, help="checkpoint (released or this project's)")
+    return parser
+
+
 def embedding_parser() -> argparse.ArgumentParser:
     """A trained checkpoint and how its images are embedded (evaluation and prediction)."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--ckp_path", required=True, help="checkpoint (released or this project's)")
+    parser = argparse.ArgumentParser(add_help=False, parents=[checkpoint_parser()])
     embedding = parser.add_argument_group("embedding")
     embedding.add_argument("--embed_batch_size", "--batch_size", dest="embed_batch_size",
                            type=argtypes.positive_int, default=128,

@@ -1,5 +1,5 @@
-"""Per-dataset training recipes: the published settings (the paper's, see docs/ARCHITECTURE.md), and CPU-sized
-ones for the small sets.
+"""Training recipes per data set and method: the published settings (the paper's, see docs/ARCHITECTURE.md), and
+CPU-sized ones for the small sets.
 
 The entry scripts leave every recipe flag at None; `apply_recipe` fills what the user did not
 give (`bml.training.settings.apply_recipe`), so `python train_bml.py --dataset CUB` trains exactly as published while any flag given
@@ -17,6 +17,13 @@ from bml.utils import argtypes
 LR_BY_OPTIMIZER = {"SGD": 0.1, "adam": 1e-3}
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
+DECAY_STEP_GAMMA = 0.1
+"""--decay_step N: the lr is multiplied by this every N epochs (the original's tieredImageNet schedule)."""
+ORIGINAL_EVAL_FREQ = 20
+ORIGINAL_EVAL_EPISODES = 2000
+"""The original evaluated this many test episodes every ORIGINAL_EVAL_FREQ epochs during training, each a
+forward pass that advanced its DropBlock counter (`bml.training.step_plan.dropblock_counter`)."""
+DROPBLOCK_COUNTERS = ("original", "steps")
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,13 @@ class LRSchedule:
         return tuple(max(1, round(fraction * epochs)) for fraction in self.fractions)
 
 
+def decay_step_milestones(decay_step: int, epochs: int) -> tuple[int, ...]:
+    """--decay_step N: the epochs N, 2N, ... before the last one, after which the lr is multiplied by
+    DECAY_STEP_GAMMA (the original decayed there whatever --epochs was)."""
+    return tuple(range(decay_step, epochs, decay_step))
+
+
 PUBLISHED_SCHEDULE = LRSchedule(fractions=(0.5, 0.7), gammas={"SGD": (0.06, 0.2), "adam": (0.1, 0.1)})
-TIERED_SCHEDULE = LRSchedule(fractions=(0.2, 0.4, 0.6, 0.8), gammas={"SGD": (0.1,) * 4, "adam": (0.1,) * 4})
 
 
 @dataclass(frozen=True)
@@ -79,28 +91,37 @@ class Recipe:
     optim: str = "SGD"
     clip_grad: float = 0.0                # max gradient norm of a step; 0: off (as published)
     schedule: LRSchedule = field(default=PUBLISHED_SCHEDULE)
+    # lr x0.1 every this many epochs instead of `schedule` (tieredImageNet: 40, as the original at any --epochs).
+    decay_step: int | None = None
     # Episodes (global baseline: batches) averaged into one optimiser step over all processes together. The
     # published models: 2, one per GPU on 2 GPUs; the CPU-sized recipes: 1. The launchers start at most this many
     # processes and each runs its share.
     episodes_per_step: int = 1
     # Recipes whose training split includes the val classes (tieredImageNet): nothing is chosen on val.
     trains_on_val: bool = False
+    # What drives the DropBlock ramp: 'original', the forward passes the original's schedule made (its test
+    # episodes every 20 epochs included: full drop near epoch 68 of 100); 'steps', the training steps only.
+    dropblock_counter: str = "original"
 
 
 PUBLISHED = Recipe(episodes_per_step=2)
 # CPU-sized, chosen on val (docs/RESULTS.md, "The demo"): a narrow network on small images, 8 short epochs of
 # wide 1-shot episodes, the gradient norm clipped as for Omniglot; about 40,000 training images in all.
 GLYPHS = Recipe(width=0.25, epochs=8, episodes_per_epoch=52, n_train_ways=32, n_train_shots=1,
-                n_train_queries=2, val_episodes=300, eval_freq=2, save_freq=0, batch_size=64, clip_grad=10.0)
+                n_train_queries=2, val_episodes=300, eval_freq=2, save_freq=0, batch_size=64, clip_grad=10.0,
+                dropblock_counter="steps")
 # Omniglot's episodes and clipping were chosen on val (docs/RESULTS.md): wide episodes, and a clipped gradient
 # norm so that the local loss's first gradients do not stall the trunk.
 OMNIGLOT = Recipe(width=0.25, epochs=20, episodes_per_epoch=100, n_train_ways=100, n_train_shots=1,
-                  n_train_queries=1, val_episodes=600, eval_freq=5, save_freq=0, batch_size=64, clip_grad=10.0)
+                  n_train_queries=1, val_episodes=600, eval_freq=5, save_freq=0, batch_size=64, clip_grad=10.0,
+                  dropblock_counter="steps")
+# tieredImageNet: the original's lr x0.1 every 40 epochs, over BML's 200 epochs (its train_bml.sh passes
+# --epochs 200) and over the baselines' 100 (`METHOD_RECIPES`: its train_baseline.sh passes no --epochs).
+TIERED = dataclasses.replace(PUBLISHED, epochs=200, eval_freq=40, decay_step=40, trains_on_val=True)
 
 RECIPES: dict[str, Recipe] = {
     "miniImageNet": PUBLISHED,
-    "tieredImageNet": dataclasses.replace(PUBLISHED, epochs=200, eval_freq=40, save_freq=40,
-                                          schedule=TIERED_SCHEDULE, trains_on_val=True),
+    "tieredImageNet": TIERED,
     "FC100": PUBLISHED,
     "CIFAR-FS": PUBLISHED,
     "CUB": PUBLISHED,
@@ -108,7 +129,15 @@ RECIPES: dict[str, Recipe] = {
     "omniglot": OMNIGLOT,
     "omniglot-small": OMNIGLOT,
 }
-"""Any other name is an image-folder data set: its recipe is derived from its size (`folder_recipe`)."""
+"""BML's recipe of each data set, and the baselines' where `METHOD_RECIPES` has none; any other name is an
+image-folder data set: its recipe is derived from its size (`folder_recipe`)."""
+
+METHOD_RECIPES: dict[tuple[str, str], Recipe] = {
+    ("tieredImageNet", "global"): dataclasses.replace(TIERED, epochs=100),
+    ("tieredImageNet", "local"): dataclasses.replace(TIERED, epochs=100),
+}
+"""(data set, method) pairs whose recipe differs from the data set's: the original's baselines on tieredImageNet
+ran its default 100 epochs."""
 
 MAX_FOLDER_IMAGE_SIZE = 84   # the published input size: larger images are resized down to it
 
@@ -157,8 +186,11 @@ def folder_recipe(facts: FolderFacts) -> tuple[Recipe, int]:
     return recipe, min(MAX_FOLDER_IMAGE_SIZE, facts.image_side)
 
 
-def get_recipe(dataset: str, folder: FolderFacts | None = None) -> Recipe:
-    """The recipe of a named data set; an image folder's is derived from its `folder` facts when given."""
+def get_recipe(dataset: str, method: str = "bml", folder: FolderFacts | None = None) -> Recipe:
+    """The recipe of `method` ('bml', 'global', 'local', ...) on a named data set; an image folder's is derived
+    from its `folder` facts when given."""
+    if (dataset, method) in METHOD_RECIPES:
+        return METHOD_RECIPES[(dataset, method)]
     if dataset in RECIPES:
         return RECIPES[dataset]
     return folder_recipe(folder)[0] if folder is not None else PUBLISHED

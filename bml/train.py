@@ -18,7 +18,9 @@ from bml.utils import argtypes
 def get_args_parser() -> argparse.ArgumentParser:
     parser = get_common_parser("Train BML: a shared ResNet trunk with a global view (base-class classifier) "
                                "and a local view (episodic prototypes with an elastic margin) that learn "
-                               "from each other. Flags left out follow the dataset's published recipe.", model="bml")
+                               "from each other (or, with --mode global/local, a baseline, as the original's one "
+                               "script). Flags left out follow the dataset's published recipe.", model="bml",
+                               modes=("bml", "global", "local"))
     losses = parser.add_argument_group("BML losses")
     losses.add_argument("--weights", type=argtypes.loss_weights, default=BML_LOSSES.weights,
                         help="weights of the global, local and mutual losses, joined by '_'")

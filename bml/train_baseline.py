@@ -11,22 +11,12 @@ import argparse
 
 from bml import cli
 from bml.training import get_common_parser, parse_training_args, train
-from bml.utils import argtypes
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = get_common_parser("Train baseline-global (linear classifier over the base classes, shuffled batches) "
-                               "or baseline-local (prototypes on the recipe's episodes, no margin). Flags left out "
-                               "follow the dataset's published recipe.", model="global")
-    baseline = parser.add_argument_group("baseline")
-    baseline.add_argument("--mode", dest="model", choices=("global", "local"),
-                          help="global: classifier over base classes; local: episodic prototype loss")
-    baseline.add_argument("--batch_size", type=argtypes.positive_int, default=None,
-                          help="images per step and process for --mode global (recipe: 128)")
-    baseline.add_argument("--spatial", action="store_true",
-                          help="classify (global) or compare to prototypes (local) at every feature-map position "
-                               "instead of on the pooled feature")
-    return parser
+    return get_common_parser("Train baseline-global (linear classifier over the base classes, shuffled batches) "
+                             "or baseline-local (prototypes on the recipe's episodes, no margin). Flags left out "
+                             "follow the dataset's published recipe.", model="global", modes=("global", "local"))
 
 
 def main(args: argparse.Namespace) -> int:

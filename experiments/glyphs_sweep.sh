@@ -26,7 +26,7 @@ run() {   # run NAME FLAGS...: train into $OUT/NAME unless NAMES were given and 
     fi
     echo "$name: training ($(date +%H:%M))"
     /usr/bin/time -f "$name %U %S %e" -a -o "$OUT/times.txt" \
-        python train_bml.py "${COMMON[@]}" "$@" -s "$OUT/$name" > "$OUT/$name.out" 2>&1
+        python train_bml.py "${COMMON[@]}" "$@" --run_folder "$OUT/$name" > "$OUT/$name.out" 2>&1
     grep "^Validation accuracy" "$OUT/$name.out"
 }
 

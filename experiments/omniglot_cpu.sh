@@ -61,10 +61,10 @@ for MODEL in $MODELS; do
         continue
     fi
     case $MODEL in
-        bml) timed bml python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" -s "$OUT/bml" ;;
-        local) timed local python train_baseline.py --mode local "${COMMON[@]}" "${EPISODIC[@]}" -s "$OUT/local" ;;
+        bml) timed bml python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --run_folder "$OUT/bml" ;;
+        local) timed local python train_baseline.py --mode local "${COMMON[@]}" "${EPISODIC[@]}" --run_folder "$OUT/local" ;;
         global) timed global python train_baseline.py --mode global "${COMMON[@]}" --batch_size "$PER_STEP" \
-                    -s "$OUT/global" ;;
+                    --run_folder "$OUT/global" ;;
     esac
 done
 

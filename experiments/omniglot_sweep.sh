@@ -26,7 +26,7 @@ run() {   # run NAME COMMAND...: train into $OUT/NAME, record the wall time in $
         return
     fi
     echo "$name: training ($(date +%H:%M))"
-    "$@" -s "$OUT/$name" > "$OUT/$name.out" 2>&1
+    "$@" --run_folder "$OUT/$name" > "$OUT/$name.out" 2>&1
     echo "$name $((SECONDS - start))" >> "$OUT/times.txt"
 }
 

@@ -22,7 +22,7 @@ PY
 
 echo "== wheel: bml-train (tiny glyphs run)"
 "$WORK/env/bin/bml-train" --dataset glyphs --epochs 1 --episodes_per_epoch 4 --n_train_ways 5 --n_train_shots 1 \
-    --n_train_queries 2 --val_episodes 20 --eval_freq 1 --width 0.25 --num_workers 0 -s run
+    --n_train_queries 2 --val_episodes 20 --eval_freq 1 --width 0.25 --num_workers 0 --run_folder run
 test -f run/last.pth
 
 echo "== wheel: bml-eval"

@@ -33,7 +33,7 @@ def run_folder(tmp_path_factory) -> Path:
     folder, threads = tmp_path_factory.mktemp("calibration") / "run", torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert train_bml.main(train_bml.get_args_parser().parse_args([*TRAIN, "-s", str(folder)])) == 0
+        assert train_bml.main(train_bml.get_args_parser().parse_args([*TRAIN, "--run_folder", str(folder)])) == 0
     finally:
         torch.set_num_threads(threads)
     return folder

@@ -206,7 +206,7 @@ def test_a_validation_failure_on_rank_0_stops_every_rank_at_once(tmp_path):
     folder = tmp_path / "run"
     command = [str(PYTHON_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(helper), *TINY,
                "--epochs", "2", "--episodes_per_epoch", "2", "--episodes_per_step", "2", "--eval_freq", "1",
-               "-s", str(folder)]
+               "--run_folder", str(folder)]
     process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

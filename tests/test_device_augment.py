@@ -427,7 +427,7 @@ def test_training_defaults_fit_the_device_and_the_machine(monkeypatch, simulate_
     monkeypatch.setattr(sampler_module, "available_cpus", lambda: 2)
 
     def settings(device: str, *flags: str):
-        args = train_bml.get_args_parser().parse_args(["--dataset", "glyphs", "-s", str(tmp_path), *flags])
+        args = train_bml.get_args_parser().parse_args(["--dataset", "glyphs", "--run_folder", str(tmp_path), *flags])
         args.model = "bml"
         finish_settings(args, DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device(device)))
         return args

@@ -246,7 +246,7 @@ def test_tiered_chooses_nothing_on_val_it_trains_on(tmp_path, capsys):
     folder = tmp_path / "run"
     args = train_bml.get_args_parser().parse_args(
         [*TINY[2:], "--dataset", "tieredImageNet", "--data_root", str(tmp_path / "data"), "--epochs", "1",
-         "--episodes_per_epoch", "1", "--episodes_per_step", "1", "-s", str(folder)])
+         "--episodes_per_epoch", "1", "--episodes_per_step", "1", "--run_folder", str(folder)])
     assert train_bml.main(args) == 0
     assert "no checkpoint is chosen on val" in capsys.readouterr().out
     assert not (folder / "best.pth").exists() and (folder / "last.pth").exists()
@@ -268,8 +268,10 @@ def test_validation_runs_at_eval_bml_precision(tmp_path, monkeypatch):
 
 def test_adam_has_no_weight_decay_as_the_original():
     model = torch.nn.Linear(2, 2)
-    assert build_optimizer(argparse.Namespace(optim="adam", lr=1e-3), model).param_groups[0]["weight_decay"] == 0
-    assert build_optimizer(argparse.Namespace(optim="SGD", lr=0.1), model).param_groups[0]["weight_decay"] == 5e-4
+    sgd = {"momentum": 0.9, "weight_decay": 5e-4}
+    adam = build_optimizer(argparse.Namespace(optim="adam", lr=1e-3, **sgd), model)
+    assert adam.param_groups[0]["weight_decay"] == 0
+    assert build_optimizer(argparse.Namespace(optim="SGD", lr=0.1, **sgd), model).param_groups[0]["weight_decay"] == 5e-4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -177,7 +177,7 @@ TINY = ["--dataset", "glyphs", "--width", "0.125", "--image_size", "32", "--n_tr
 
 
 def train(folder: Path | None, *extra: str) -> int:
-    save = ["-s", str(folder)] if folder is not None else []
+    save = ["--run_folder", str(folder)] if folder is not None else []
     return train_bml.main(train_bml.get_args_parser().parse_args([*TINY, *save, *extra]))
 
 

@@ -73,9 +73,9 @@ TINY = ["--dataset", "glyphs", "--width", "0.125", "--image_size", "32", "--epoc
 
 def test_a_toy_method_trains_resumes_and_evaluates(toy_method, tmp_path, capsys):
     folder = tmp_path / "run"
-    args = toy_parser().parse_args([*TINY, "--epochs", "1", "-s", str(folder)])
+    args = toy_parser().parse_args([*TINY, "--epochs", "1", "--run_folder", str(folder)])
     assert train(args).exit_code == 0
-    args = toy_parser().parse_args([*TINY, "-s", str(folder), "--is_continue"])
+    args = toy_parser().parse_args([*TINY, "--run_folder", str(folder), "--is_continue"])
     assert train(args).exit_code == 0
     assert "Resuming" in capsys.readouterr().out
     checkpoint = read_checkpoint(folder / "last.pth")

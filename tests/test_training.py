@@ -37,11 +37,11 @@ TINY = ["--dataset", "glyphs", "--width", "0.125", "--image_size", "32", "--n_tr
 
 
 def bml_args(save_folder: Path, *extra: str):
-    return train_bml.get_args_parser().parse_args([*TINY, "-s", str(save_folder), *extra])
+    return train_bml.get_args_parser().parse_args([*TINY, "--run_folder", str(save_folder), *extra])
 
 
 def baseline_args(save_folder: Path, *extra: str):
-    return train_baseline.get_args_parser().parse_args([*TINY, "-s", str(save_folder), *extra])
+    return train_baseline.get_args_parser().parse_args([*TINY, "--run_folder", str(save_folder), *extra])
 
 
 def epoch_log(save_folder: Path) -> list[dict]:
@@ -97,7 +97,7 @@ def test_recipes_fill_only_what_is_not_given():
         == [0.1, 0.006, 0.006, 0.0012]
     adam = apply_recipe(train_bml.get_args_parser().parse_args(["--dataset", "miniImageNet", "--optim", "adam"]))
     assert adam.lr == 1e-3 and adam.lr_gammas == [0.1, 0.1]
-    assert not hasattr(mini, "batch_size")   # baseline-only flags stay out of BML's config
+    assert "_b128_" not in str(default_save_folder(mini))   # --mode global's batch size is no BML setting
     assert mini.clip_grad == 0.0
     omniglot = apply_recipe(train_bml.get_args_parser().parse_args(["--dataset", "omniglot"]))
     assert (omniglot.n_train_ways, omniglot.n_train_shots, omniglot.n_train_queries, omniglot.clip_grad,
@@ -244,7 +244,7 @@ def test_bf16_and_channels_last_on_cpu(tmp_path):
 def test_sigterm_saves_and_prints_the_resume_command(tmp_path):
     folder = tmp_path / "term"
     command = [sys.executable, str(ROOT / "train_bml.py"), *TINY, "--epochs", "50", "--episodes_per_epoch", "100",
-               "--eval_freq", "0", "-s", str(folder)]
+               "--eval_freq", "0", "--run_folder", str(folder)]
     process = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -258,7 +258,7 @@ def test_sigterm_saves_and_prints_the_resume_command(tmp_path):
     assert process.wait(timeout=120) == 128 + signal.SIGTERM, "".join(lines)
     reader.join(timeout=10)
     output = "".join(lines)
-    assert "SIGTERM received" in output and "--is_continue" in output and f"-s {folder}" in output
+    assert "SIGTERM received" in output and "--is_continue" in output and f"--run_folder {folder}" in output
     checkpoint = read_checkpoint(folder / "last.pth")
     assert checkpoint["epoch"] == 0 and checkpoint["training_state"]["epoch_step"] == checkpoint["step"] >= 2
 
@@ -281,7 +281,7 @@ def test_two_processes_with_gloo_stay_in_sync(tmp_path):
     folder = tmp_path / "ddp"
     command = [str(PYTHON_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(helper), str(tmp_path),
                *TINY, "--epochs", "2", "--episodes_per_epoch", "2", "--episodes_per_step", "2", "--eval_freq", "2",
-               "-s", str(folder)]
+               "--run_folder", str(folder)]
     result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -86,11 +86,12 @@ class FewShotModel(nn.Module):
 
     @property
     def dropblock_step(self) -> int:
-        """DropBlock ramp counter t (training steps): advanced by each training-mode forward.
+        """DropBlock ramp counter t: advanced by each training-mode forward.
 
-        A trainer sets it to the global step before each episode's forward, so that all the
-        episodes of one optimiser step see the same t, and saves it in its checkpoints (it is
-        not in the state dict). Models without DropBlock (ResNet-18) just keep the value."""
+        A trainer sets it to its count for the global step (`--dropblock_counter`) before each
+        episode's forward, so that all the episodes of one optimiser step see the same t, and
+        saves it in its checkpoints (it is not in the state dict). Models without DropBlock
+        (ResNet-18) just keep the value."""
         blocks = self.dropblocks()
         return blocks[0].step if blocks else self._dropblock_step
 

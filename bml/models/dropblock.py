@@ -41,7 +41,9 @@ class DropBlock(nn.Module):
     one on every training-mode forward and can be set directly; models expose it as
     ``model.dropblock_step`` and the trainer saves it with its checkpoints. The original code
     also advanced its counter on evaluation passes, which ended its ramp near epoch 68 instead
-    of 80; here evaluation passes neither drop nor count, so ``step`` follows the training steps.
+    of 80; here evaluation passes neither drop nor count, and the trainer sets ``step`` before
+    each training pass to the count it chose (``--dropblock_counter``: the original's forward
+    passes, or the training steps).
 
     The block size is clamped to the feature map, so small inputs (28-32 px) work.
     """

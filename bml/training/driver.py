@@ -44,11 +44,11 @@ from bml.training.settings import (SettingsError, finish_settings, loss_settings
                                    record_run_folder, record_training_data, run_plan, run_recipe)
 from bml.training.signals import StopOnSignal
 from bml.training.state import TrainComponents, TrainingState, checkpoint_state, resume
-from bml.training.step_plan import build_training_loader, steps_per_epoch
+from bml.training.step_plan import build_training_loader, dropblock_counter, steps_per_epoch
 from bml.training.wrappers import (COMPILE_REPORT_STEPS, build_optimizer, report_compile_after, set_epoch_lr,
                                    wrap_for_training)
 from bml.utils import distributed
-from bml.utils.device import AMP_DTYPES, configure_tf32
+from bml.utils.device import AMP_DTYPES, compute_precision, configure_tf32
 from bml.utils.io import OutputError
 from bml.utils.logger import RunLogger
 from bml.utils.messages import error, info, log_to, progress_line, warn
@@ -135,7 +135,7 @@ def estimate_run(args: argparse.Namespace, context: distributed.DistributedConte
 
 def _train(args: argparse.Namespace, context: distributed.DistributedContext,
            resources: contextlib.ExitStack) -> TrainingOutcome:
-    explicit_folder = args.save_folder is not None
+    explicit_folder = args.run_folder is not None
     for warning in finish_settings(args, context):
         warn(warning)
     info(f"Reading {args.dataset}: the training split" + (f" and {args.val_split}" if args.val_split else ""))
@@ -147,7 +147,7 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
         info(f"--is_continue: {last_path} has finished all {args.epochs} epochs; nothing to continue (raise --epochs "
              f"to train on). {next_steps(args, best if best.is_file() else last_path)}")
         return TrainingOutcome(0, save_folder=save_folder)
-    parts = build_components(args, context, init_weights=not (args.is_continue and last_path.is_file()))
+    parts = build_components(args, context, data, init_weights=not (args.is_continue and last_path.is_file()))
     state = restore_or_start(args, parts, context, last_path, data.steps)
     logger = RunLogger(save_folder, enabled=context.is_main_process)
     logger.write_config(args)
@@ -164,8 +164,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
 
 def prepare_run(args: argparse.Namespace, context: distributed.DistributedContext,
                 resources: contextlib.ExitStack, explicit_folder: bool) -> Path:
-    """The run folder claimed and locked (`explicit_folder`: given with -s), the random streams seeded, the GPU
-    configured; the settings are finished."""
+    """The run folder claimed and locked (`explicit_folder`: given with --run_folder), the random streams seeded,
+    the GPU configured; the settings are finished."""
     folder = on_main_process(lambda: claim_run_folder(args, explicit_folder, resources))
     record_run_folder(args, folder)
     log_to(folder / MESSAGES_FILE)
@@ -235,9 +235,9 @@ def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None)
 
 
 def build_components(args: argparse.Namespace, context: distributed.DistributedContext,
-                     init_weights: bool = True) -> TrainComponents:
+                     data: RunData, init_weights: bool = True) -> TrainComponents:
     """The model on its device (with `init_weights`, from --init_from's checkpoint when given; a resumed run
-    loads its own), its optimiser, gradient scaler and training wrappers."""
+    loads its own), its optimiser, gradient scaler, training wrappers and DropBlock counter."""
     device = context.device
     model = build_model(args)
     if args.init_from and init_weights:
@@ -250,7 +250,8 @@ def build_components(args: argparse.Namespace, context: distributed.DistributedC
     loss_module, ddp = wrap_for_training(args, model, context)
     return TrainComponents(model=model, loss_module=loss_module, ddp=ddp, optimizer=optimizer, scaler=scaler,
                            device=device, amp_dtype=AMP_DTYPES[args.amp], channels_last=args.channels_last,
-                           clip_grad=args.clip_grad)
+                           clip_grad=args.clip_grad,
+                           dropblock_count=dropblock_counter(args, len(data.train_set)))
 
 
 def restore_or_start(args: argparse.Namespace, parts: TrainComponents, context: distributed.DistributedContext,
@@ -282,12 +283,12 @@ def announce(args: argparse.Namespace, context: distributed.DistributedContext, 
     info(f"Training {args.model} on {args.dataset} ({len(data.train_set)} images, {args.num_classes} classes): "
          f"{args.epochs} epochs of {data.steps} steps of {args.episodes_per_step} episode(s) "
          f"({args.episodes_per_process} on each of {context.world_size} process(es)) on {context.device.type}, "
-         f"amp {args.amp}; saving to {save_folder}")
+         f"precision {args.precision}; saving to {save_folder}")
     if run_recipe(args).trains_on_val:
         info(f"{args.dataset} trains on its val classes too: no checkpoint is chosen on val; the final model "
              f"({save_folder / LAST_CHECKPOINT}) is the one to evaluate, as published")
     elif data.val_set is not None:
-        precision = "fp32" if args.validation_amp == "off" else args.validation_amp
+        precision = compute_precision(args.validation_amp, args.tf32, context.device)
         info(f"Validation on {args.val_split} in {precision} (as eval_bml.py evaluates) chooses "
              f"{save_folder / BEST_CHECKPOINT}")
 

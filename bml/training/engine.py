@@ -62,7 +62,7 @@ def forward_backward(parts: TrainComponents, images: torch.Tensor, labels: torch
     memory_format = torch.channels_last if parts.channels_last else torch.contiguous_format
     averaged = None
     for slot in range(slots):
-        parts.model.dropblock_step = step   # every episode of a step sees the same DropBlock rate
+        parts.model.dropblock_step = parts.dropblock_count(step)   # every episode of a step: the same rate
         last_slot = slot == slots - 1
         with contextlib.nullcontext() if parts.ddp is None or last_slot else parts.ddp.no_sync():
             batch = images[slot].to(parts.device, non_blocking=True, memory_format=memory_format)
@@ -73,7 +73,7 @@ def forward_backward(parts: TrainComponents, images: torch.Tensor, labels: torch
             parts.scaler.scale(losses["total"] / slots).backward()
         terms = torch.stack([value.detach().float() for value in losses.values()]) / slots
         averaged = terms if averaged is None else averaged + terms
-    parts.model.dropblock_step = step + 1
+    parts.model.dropblock_step = parts.dropblock_count(step + 1)
     return list(losses), averaged
 
 

@@ -9,19 +9,32 @@ import json
 from bml import cli
 from bml.datasets import AUGMENT_MODES, TIERED_LABELS
 from bml.models.backbones import DEFAULT_BACKBONE, backbone_flag_choices, backbone_spec
-from bml.recipes import LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY
+from bml.recipes import DECAY_STEP_GAMMA, DROPBLOCK_COUNTERS, LR_BY_OPTIMIZER, MOMENTUM, WEIGHT_DECAY
 from bml.utils import argtypes
 
 DEFAULT_BACKBONE_FLAG = backbone_spec(DEFAULT_BACKBONE).flag_name
+DEFAULT_SAVE_PARENT = "output"
 
 
-def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
-    """Flags shared by BML and the baselines; `model` is the method trained by default (`bml.methods`).
-    Recipe flags default to None: `bml.training.settings.apply_recipe` fills them."""
+def get_common_parser(description: str, model: str, modes: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """Flags shared by BML and the baselines; `model` is the method trained by default (`bml.methods`), `modes`
+    those `--mode` offers (default: `model` alone). Recipe flags default to None:
+    `bml.training.settings.apply_recipe` fills them."""
     parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter,
                                      parents=[cli.dataset_parser(), cli.input_parser(), cli.episode_parser(),
-                                              cli.device_parser(), cli.precision_parser()])
+                                              cli.device_parser(), cli.precision_parser(),
+                                              cli.checkpoint_parser(required=False)])
     parser.set_defaults(dataset="glyphs", model=model)   # the embedded set, as in train_bml.sh
+    method = parser.add_argument_group("method")
+    method.add_argument("--mode", dest="model", choices=modes or (model,),
+                        help=f"the method trained (default: {model}): bml, the two views learning from each other; "
+                             "global, a classifier over the base classes on shuffled batches; local, episodic "
+                             "prototypes (no margin)")
+    method.add_argument("--batch_size", type=argtypes.positive_int, default=None,
+                        help="images per step and episode slot for --mode global (recipe: 128)")
+    method.add_argument("--spatial", action="store_true",
+                        help="--mode global / local: classify (global) or compare to prototypes (local) at every "
+                             "feature-map position instead of on the pooled feature (BML's losses always are)")
     data = parser.add_argument_group("training data")
     data.add_argument("--augment", default=None, choices=AUGMENT_MODES,
                       help="where training images are augmented: 'host' (each worker runs the whole transform "
@@ -46,6 +59,11 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                        help="channel-width multiplier (1.0 = the published model); default: the recipe's")
     model.add_argument("--drop_rate", type=argtypes.number(0, 1, below_maximum=True), default=None,
                        help="dropout / DropBlock rate of the ResNet-12 blocks (recipe: 0.1)")
+    model.add_argument("--dropblock_counter", default=None, choices=DROPBLOCK_COUNTERS,
+                       help="what ramps DropBlock up (full drop after 40,000): original, the forward passes the "
+                            "original code made, its 2,000 test episodes every 20 epochs included (full drop near "
+                            "epoch 68 of 100; the published recipes); steps, the training steps only (epoch 80; "
+                            "glyphs and Omniglot)")
 
     episodes = parser.add_argument_group("training episodes")
     episodes.add_argument("--n_train_ways", type=argtypes.integer(minimum=2), default=None,
@@ -68,8 +86,8 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                                "warns)")
 
     validation = parser.add_argument_group("validation (on the val split)")
-    validation.add_argument("--val_episodes", type=argtypes.positive_int, default=None,
-                            help="validation episodes (recipe: 2000)")
+    validation.add_argument("--val_episodes", "--episodes", dest="val_episodes", type=argtypes.positive_int,
+                            default=None, help="validation episodes (recipe: 2000; --episodes: the original's name)")
     validation.add_argument("--eval_freq", type=argtypes.non_negative_int, default=None,
                             help="validate every this many epochs and after the last one; 0: never (recipe: 20)")
 
@@ -77,11 +95,18 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
     optimisation.add_argument("--epochs", type=argtypes.positive_int, default=None,
                               help="training epochs (recipe: 100; tiered 200)")
     optimisation.add_argument("--optim", default=None, choices=tuple(LR_BY_OPTIMIZER),
-                              help=f"SGD (momentum {MOMENTUM}, weight decay {WEIGHT_DECAY}) or Adam (no weight "
-                                   "decay, as the original) (recipe: SGD)")
+                              help="SGD (with --momentum and --weight_decay) or Adam (no weight decay, as the "
+                                   "original) (recipe: SGD)")
+    optimisation.add_argument("--momentum", type=argtypes.number(0, 1), default=MOMENTUM, help="SGD momentum")
+    optimisation.add_argument("--weight_decay", type=argtypes.number(minimum=0), default=WEIGHT_DECAY,
+                              help="SGD weight decay")
     optimisation.add_argument("--lr", type=argtypes.number(minimum=0), default=None,
                               help="initial learning rate (SGD 0.1, Adam 1e-3); decayed x0.06 after 50%% of the "
-                                   "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 20%%)")
+                                   "epochs and x0.2 after 70%% (Adam x0.1 at both; tieredImageNet x0.1 every 40 "
+                                   "epochs)")
+    optimisation.add_argument("--decay_step", type=argtypes.positive_int, default=None,
+                              help=f"multiply the lr by {DECAY_STEP_GAMMA:g} every this many epochs instead of the "
+                                   "recipe's schedule (the original's tieredImageNet schedule: 40)")
     optimisation.add_argument("--clip_grad", type=argtypes.number(minimum=0), default=None,
                               help="clip the gradient norm of each step to this value; 0: off (recipe: 0 as "
                                    "published; glyphs and Omniglot 10: keeps the local loss's large first gradients "
@@ -91,15 +116,19 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
                               help="seed of initialisation, episodes and augmentation")
 
     run = parser.add_argument_group("run")
-    run.add_argument("-s", "--save_folder", default=None,
-                     help="where checkpoints and logs go; default: output/<a name recording the main settings>. "
-                          "A fresh run refuses a folder given here that holds another run's checkpoints or log; "
-                          "in the default folder it takes the next free <name>-2, <name>-3, ...")
+    run.add_argument("-s", "--save_folder", default=DEFAULT_SAVE_PARENT,
+                     help="parent folder of the runs, as in the original: the run goes to <save_folder>/<a name "
+                          "recording the main settings>, or to the next free <name>-2, <name>-3, ... when that "
+                          "holds another run")
+    run.add_argument("--run_folder", default=None,
+                     help="the run's own folder exactly, instead of one under --save_folder; a fresh run refuses "
+                          "it when it holds another run's checkpoints or log")
     run.add_argument("--is_continue", action="store_true",
-                     help="resume from last.pth in the save folder (exactly: same lr, counters, RNG); starts "
+                     help="resume from last.pth in the run folder (exactly: same lr, counters, RNG); starts "
                           "afresh when there is none")
     run.add_argument("--save_freq", type=argtypes.non_negative_int, default=None,
-                     help="also keep epoch_<N>.pth every this many epochs; 0: only best.pth and last.pth")
+                     help="also keep epoch_<N>.pth every this many epochs, as the original's ckpt_epoch_<N>.pth "
+                          "(recipe: 20); 0: only best.pth and last.pth")
     run.add_argument("--print_freq", type=argtypes.positive_int, default=50,
                      help="steps between log lines and TensorBoard points")
     run.add_argument("--amp_opt_level", default=None, choices=("O0", "O1", "O2"),
@@ -111,6 +140,12 @@ def get_common_parser(description: str, model: str) -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the training step; compilation failures fall back to eager with a warning; "
                           "what it compiled is printed after the first steps and kept in config.json")
+    run.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, default=None,
+                     help="accepted for `python -m torch.distributed.launch`, which passes it; the rank is read "
+                          "from the environment (LOCAL_RANK), as under torchrun")
+    run.add_argument("--is_eval", action="store_true",
+                     help="the original's evaluation switch: stops, naming the eval_bml.py command that evaluates "
+                          "--ckp_path")
     run.add_argument("--dry_run", action="store_true",
                      help="print the resolved plan of the run (device, processes, episodes per step, precision, "
                           "schedule, ...) as one JSON object and exit, without reading images or using the GPU")

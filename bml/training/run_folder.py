@@ -30,39 +30,42 @@ def claim_run_folder(args: argparse.Namespace, explicit: bool, resources: contex
     """The folder this run writes to, checked writable and locked for the run (`resources` releases it).
 
     A fresh run never takes a folder that holds another run's checkpoints or log: a folder given with
-    -s is refused, a default folder is replaced by the next free `<name>-2`, `<name>-3`, ... Orphan
-    temporary files of a killed save are removed once the lock is held.
+    --run_folder (`explicit`) is refused, one named under -s / --save_folder is replaced by the next free
+    `<name>-2`, `<name>-3`, ... Orphan temporary files of a killed save are removed once the lock is held.
     """
     folder = Path(args.save_folder)
     if not args.is_continue and folder.is_dir() and run_records(folder):
         if explicit:
             raise SettingsError(f"{folder} already holds a run ({', '.join(run_records(folder))}): add "
-                                "--is_continue to continue it, or delete that folder (or pass another -s) to start "
-                                "afresh")
+                                "--is_continue to continue it, or delete that folder (or pass another --run_folder) to "
+                                "start afresh")
         taken = folder
         folder = next(candidate for candidate in (folder.with_name(f"{folder.name}-{n}") for n in range(2, 10**6))
                       if not (candidate.is_dir() and run_records(candidate)))
         info(f"{taken} already holds a run (continue it with --is_continue); this run goes to {folder}")
-    check_output_folder(folder, "--save_folder")
+    check_output_folder(folder, "--run_folder" if explicit else "--save_folder")
     resources.enter_context(folder_lock(folder))
     for orphan in remove_orphan_temporaries(folder):
         info(f"removed {orphan}, left by a save that was killed")
     return folder
 
 
+FOLDER_FLAGS = ("-s", "--save_folder", "--run_folder", "--local-rank", "--local_rank")
+"""Left out of a resume command, which names the run's own folder (and is started by torchrun)."""
+
+
 def resume_command(args: argparse.Namespace, leave_out: tuple[str, ...] = ()) -> str:
-    """The command that continues this run (the current one plus --is_continue and its save folder),
+    """The command that continues this run (the current one plus --is_continue and its --run_folder),
     without the flags in `leave_out` (and their values)."""
     argv, drop_value = [], False
     for arg in sys.argv[1:]:
         if drop_value:
             drop_value = False
-        elif arg.split("=", 1)[0] in leave_out:
+        elif arg.split("=", 1)[0] in leave_out + FOLDER_FLAGS:
             drop_value = "=" not in arg
         elif arg != "--is_continue":
             argv.append(arg)
-    if "-s" not in argv and "--save_folder" not in argv:
-        argv += ["-s", args.save_folder]
+    argv += ["--run_folder", args.save_folder]
     return shlex.join([*launcher_command(args.world_size), sys.argv[0], *argv, "--is_continue"])
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,13 @@ from bml.datasets import (DATASETS, DatasetError, canonical_name, default_num_wo
 from bml.datasets.image_files import read_image_sizes
 from bml.methods import get_method
 from bml.models.backbones import backbone_spec
-from bml.recipes import (FOLDER_RULE, LR_BY_OPTIMIZER, RECIPES, FolderFacts, Recipe, folder_recipe, get_recipe,
-                         lr_schedule)
+from bml.recipes import (DECAY_STEP_GAMMA, FOLDER_RULE, LR_BY_OPTIMIZER, RECIPES, FolderFacts, Recipe,
+                         decay_step_milestones, folder_recipe, get_recipe, lr_schedule)
 from bml.training.estimate import WARN_AFTER_HOURS, rough_projection
-from bml.training.flags import DEFAULT_BACKBONE_FLAG
+from bml.training.flags import DEFAULT_BACKBONE_FLAG, DEFAULT_SAVE_PARENT
 from bml.training.init_from import ARCHITECTURE_KEYS, checkpoint_architecture, planned_init
 from bml.utils import argtypes, distributed
-from bml.utils.device import check_cuda_arch, gpu_info, resolve_amp, tf32_active
+from bml.utils.device import check_cuda_arch, compute_precision, gpu_info, resolve_amp, tf32_active
 from bml.utils.messages import warn
 
 VALIDATION_AMP = "off"   # eval_bml.py's default: the checkpoint is chosen at the precision it is evaluated at
@@ -64,7 +65,7 @@ def image_folder_facts(name: str, data_root: str | None) -> FolderFacts:
 def run_recipe(args: argparse.Namespace) -> Recipe:
     """The recipe `apply_recipe` filled `args` from (an image folder's: derived from the facts it recorded)."""
     facts = getattr(args, "folder_facts", None)
-    return get_recipe(args.dataset, FolderFacts(**facts) if facts else None)
+    return get_recipe(args.dataset, getattr(args, "model", "bml"), folder=FolderFacts(**facts) if facts else None)
 
 
 def apply_init_architecture(args: argparse.Namespace) -> None:
@@ -91,13 +92,14 @@ def apply_init_architecture(args: argparse.Namespace) -> None:
 
 
 def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every recipe flag that `args` has and left at None from `args.dataset`'s recipe (in place, also
-    returned).
+    """Fill every recipe flag that `args` has and left at None from the recipe of `args.model` on `args.dataset`
+    (in place, also returned).
 
     An image folder's recipe is derived from its size (`bml.recipes.FOLDER_RULE`; its facts are recorded in
     `args.folder_facts`). `args.transform` and `args.image_size` are filled from the data set's input settings
     (an image folder: at most its images' size); `args.lr_milestones` and `args.lr_gammas` are added: the decay
-    points of this run. With --init_from, the backbone and width are the checkpoint's.
+    points of this run (every --decay_step epochs when there is one, else the recipe's schedule). With
+    --init_from, the backbone and width are the checkpoint's.
     """
     apply_init_architecture(args)
     if hasattr(args, "backbone") and args.backbone is None:
@@ -118,13 +120,18 @@ def apply_recipe(args: argparse.Namespace) -> argparse.Namespace:
         {"dataset": args.dataset}, getattr(args, "image_size", None) or folder_size, getattr(args, "transform", None))
     if getattr(args, "lr", None) is None:
         args.lr = LR_BY_OPTIMIZER[args.optim]
-    args.lr_milestones = list(recipe.schedule.milestones(args.epochs))
-    args.lr_gammas = list(recipe.schedule.gammas[args.optim])
+    if getattr(args, "decay_step", None):
+        args.lr_milestones = list(decay_step_milestones(args.decay_step, args.epochs))
+        args.lr_gammas = [DECAY_STEP_GAMMA] * len(args.lr_milestones)
+    else:
+        args.lr_milestones = list(recipe.schedule.milestones(args.epochs))
+        args.lr_gammas = list(recipe.schedule.gammas[args.optim])
     return args
 
 
 def default_save_folder(args: argparse.Namespace) -> Path:
-    """output/<name>, the name recording the settings that distinguish runs (as the original did)."""
+    """<--save_folder>/<name> (output/<name> by default), the name recording the settings that distinguish runs
+    (as the original's `-s params` gave params/<name>)."""
     method = get_method(args)
     parts = [args.dataset, method.run_name, args.backbone, f"w{args.width:g}", f"{args.image_size}px",
              *method.run_name_parts(args)]
@@ -136,7 +143,21 @@ def default_save_folder(args: argparse.Namespace) -> Path:
     if getattr(args, "init_from", None):
         parts.append("finetuned")
     parts += [f"e{args.epochs}", f"s{args.seed}"]
-    return Path("output") / "_".join(str(part) for part in parts)
+    return Path(args.save_folder or DEFAULT_SAVE_PARENT) / "_".join(str(part) for part in parts)
+
+
+def check_training_request(args: argparse.Namespace) -> None:
+    """The original's flags that do not train here, refused with what to run instead."""
+    if getattr(args, "is_eval", False):
+        command = ["python", "eval_bml.py", "--dataset", args.dataset, "--ckp_path", args.ckp_path or "CHECKPOINT"]
+        for flag in ("transform", "n_shots", "data_root"):
+            if getattr(args, flag, None) is not None:
+                command += [f"--{flag}", str(getattr(args, flag))]
+        raise SettingsError(f"--is_eval: evaluation is eval_bml.py's (the published protocol: 10 seeds x 2,000 "
+                            f"episodes); run: {shlex.join(command)}")
+    if getattr(args, "spatial", False) and get_method(args).name == "bml":
+        raise SettingsError("--spatial applies to --mode global or local (BML's losses are per position already): "
+                            "leave it out, or add --mode global / --mode local")
 
 
 def resolve_episodes(args: argparse.Namespace, world_size: int) -> list[str]:
@@ -176,6 +197,7 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
         raise SettingsError(f"--config {args.config} was not read: parse the command line with "
                             "bml.training.parse_training_args (the entry points do)")
     args.dataset = canonical_name(args.dataset)
+    check_training_request(args)
     apply_recipe(args)
     if "weights" in get_method(args).loss_flags:
         parse_weights(args.weights)
@@ -184,13 +206,14 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     args.world_size = context.world_size
     args.device = str(context.device)
     args.amp, amp_warnings = resolve_amp(args.amp, args.amp_opt_level, context.device)
+    args.precision = compute_precision(args.amp, args.tf32, context.device)
     args.validation_amp = VALIDATION_AMP
     trains_on_val = run_recipe(args).trains_on_val
     args.val_split = None if trains_on_val or args.eval_freq == 0 else "val"
     args.augment = args.augment or ("device" if context.device.type == "cuda" else "host")
     if args.num_workers is None:
         args.num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    args.save_folder = str(args.save_folder or default_save_folder(args))
+    args.save_folder = str(args.run_folder or default_save_folder(args))   # now the run's own folder
     return warnings + amp_warnings
 
 
@@ -243,7 +266,8 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
         "model": args.model, "dataset": args.dataset, "device": str(device),
         "gpu": None if gpu is None else gpu.as_dict(), "world_size": world_size,
         "episodes_per_step": args.episodes_per_step, "episodes_per_process": args.episodes_per_process,
-        "amp": args.amp, "tf32": tf32_active(args.tf32, device), "validation_amp": args.validation_amp,
+        "amp": args.amp, "precision": args.precision, "tf32": tf32_active(args.tf32, device),
+        "validation_amp": args.validation_amp, "dropblock_counter": args.dropblock_counter,
         "epochs": args.epochs,
         "steps_per_epoch": None if get_method(args).batches else args.episodes_per_epoch,
         **({"steps_per_epoch_rule": f"training images // {args.batch_size} (--batch_size): each episode slot "
@@ -251,7 +275,7 @@ def run_plan(args: argparse.Namespace, world_size: int | None = None) -> dict:
            if get_method(args).batches else {}),
         "lr_schedule": lr_schedule(args.lr, args.lr_milestones, args.lr_gammas), "optim": args.optim,
         "val_split": args.val_split, "transform": args.transform, "image_size": args.image_size,
-        "save_folder": args.save_folder, "recipe": recipe, "init_from": initialisation,
+        "save_folder": args.save_folder, "save_freq": args.save_freq, "recipe": recipe, "init_from": initialisation,
         "projected_training": projection, "warnings": warnings,
     }
 

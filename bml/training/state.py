@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint
+from bml.training.step_plan import training_steps
 from bml.utils import distributed
 from bml.utils.rng import capture_rng_state
 
@@ -51,6 +52,8 @@ class TrainComponents:
     amp_dtype: torch.dtype | None
     channels_last: bool
     clip_grad: float = 0.0    # max norm of all the gradients of a step together; 0: no clipping
+    # The DropBlock counter of each global step (`bml.training.step_plan.dropblock_counter`); default: the step.
+    dropblock_count: Callable[[int], int] = training_steps
 
 
 
@@ -70,7 +73,7 @@ def checkpoint_state(args: argparse.Namespace, parts: TrainComponents, state: Tr
         "scheduler": {"base_lr": args.lr, "milestones": list(args.lr_milestones), "gammas": list(args.lr_gammas),
                       "lr": parts.optimizer.param_groups[0]["lr"]},
         "rng": rng_states,
-        "dropblock_step": int(state.step),
+        "dropblock_step": int(parts.dropblock_count(state.step)),
         "step": int(state.step),
         "training_state": asdict(state),
     }
@@ -115,7 +118,7 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path, steps: 
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}), like a "
                               "released checkpoint. --is_continue continues a run this project's training wrote; "
-                              "move the file away (or choose another -s) to start afresh")
+                              "move the file away (or choose another --run_folder) to start afresh")
     saved = vars(checkpoint["config"])
     state = restore_training_state(checkpoint["training_state"], path)
     check_counters(args, state, saved, steps, path)

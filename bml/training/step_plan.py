@@ -9,7 +9,7 @@ The plan depends only on (seed, epoch), never on how many processes share it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import numpy as np
@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from bml.datasets import DatasetError, EpisodeSampler, build_step_loader, shuffled_batches
 from bml.methods import get_method
+from bml.recipes import ORIGINAL_EVAL_EPISODES, ORIGINAL_EVAL_FREQ
 from bml.utils.rng import derive_seed
 
 
@@ -34,6 +35,33 @@ def steps_per_epoch(args: argparse.Namespace, num_images: int) -> int:
         raise DatasetError(f"the training split has {num_images} images, fewer than one batch of --batch_size "
                            f"{args.batch_size}: lower --batch_size")
     return steps
+
+
+def training_steps(step: int) -> int:
+    """--dropblock_counter steps: the DropBlock counter of a (0-based, global) step is the step itself."""
+    return step
+
+
+def original_forward_passes(step: int, steps_per_epoch: int, uncounted_per_epoch: int = 0) -> int:
+    """--dropblock_counter original: the forward passes the original code's blocks had made at the pass of
+    `step` (0-based), that pass included, had it trained with `steps_per_epoch` steps per epoch.
+
+    Besides training passes, the original ran ORIGINAL_EVAL_EPISODES test episodes after every
+    ORIGINAL_EVAL_FREQ-th epoch, each advancing the counter; `uncounted_per_epoch`: its passes per epoch that
+    are not steps here (the global baseline's last, partial batch).
+    """
+    epochs_done = step // steps_per_epoch
+    return (step + 1 + epochs_done * uncounted_per_epoch
+            + epochs_done // ORIGINAL_EVAL_FREQ * ORIGINAL_EVAL_EPISODES)
+
+
+def dropblock_counter(args: argparse.Namespace, num_images: int) -> Callable[[int], int]:
+    """The DropBlock counter of each global step, as `args.dropblock_counter` says ('original' or 'steps')."""
+    if args.dropblock_counter == "steps":
+        return training_steps
+    partial_batch = int(get_method(args).batches and num_images % args.batch_size > 0)
+    return partial(original_forward_passes, steps_per_epoch=steps_per_epoch(args, num_images),
+                   uncounted_per_epoch=partial_batch)
 
 
 def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: int) -> np.ndarray:

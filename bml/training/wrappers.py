@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from bml.recipes import MOMENTUM, WEIGHT_DECAY, lr_factor
+from bml.recipes import lr_factor
 from bml.utils import distributed
 from bml.utils.messages import info, warn
 
@@ -33,9 +33,9 @@ class LossForward(nn.Module):
 
 
 def build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay, or Adam without weight decay (as the original)."""
+    """SGD with --momentum and --weight_decay, or Adam without weight decay (as the original)."""
     if args.optim == "SGD":
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=args.lr)
 
 

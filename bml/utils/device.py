@@ -143,6 +143,14 @@ def tf32_active(tf32: str, device: torch.device) -> bool:
     return tf32 == "on" and gpu is not None and gpu.capability >= TF32_MIN_CAPABILITY
 
 
+def compute_precision(amp: str, tf32: str, device: torch.device) -> str:
+    """What the convolutions compute in: 'fp16' / 'bf16' under autocast, else 'tf32' where TF32 is active (an
+    Ampere or newer GPU with --tf32 on), else 'fp32'."""
+    if amp != "off":
+        return amp
+    return "tf32" if tf32_active(tf32, device) else "fp32"
+
+
 def configure_tf32(tf32: str) -> None:
     """--tf32 on: PyTorch's default (cuDNN may use TF32, matrix products stay fp32); off: every fp32 operation in fp32.
 
