@@ -25,11 +25,11 @@ BUDGET=(--dataset omniglot-small --data_root "$DATA_ROOT" --image_size 28 --epoc
         --val_episodes 200 --seed "$SEED" --num_workers 1 --print_freq 10)
 
 if [ ! -f "$SOURCE/best.pth" ]; then
-    python train_bml.py --dataset glyphs --image_size 28 --epochs 4 --num_workers 1 --print_freq 50 -s "$SOURCE"
+    python train_bml.py --dataset glyphs --image_size 28 --epochs 4 --num_workers 1 --print_freq 50 --run_folder "$SOURCE"
 fi
 # The two runs side by side (one thread each: a 2-core machine runs both at once).
-OMP_NUM_THREADS=1 python train_bml.py "${BUDGET[@]}" -s "$OUT/scratch_s$SEED" > "$OUT/scratch_s$SEED.log" 2>&1 &
-OMP_NUM_THREADS=1 python train_bml.py "${BUDGET[@]}" --init_from "$SOURCE/best.pth" -s "$OUT/finetuned_s$SEED" \
+OMP_NUM_THREADS=1 python train_bml.py "${BUDGET[@]}" --run_folder "$OUT/scratch_s$SEED" > "$OUT/scratch_s$SEED.log" 2>&1 &
+OMP_NUM_THREADS=1 python train_bml.py "${BUDGET[@]}" --init_from "$SOURCE/best.pth" --run_folder "$OUT/finetuned_s$SEED" \
     > "$OUT/finetuned_s$SEED.log" 2>&1 &
 wait %1 && wait %2 || { echo "a training run failed: see $OUT/*_s$SEED.log" >&2; exit 1; }
 

@@ -51,7 +51,7 @@ def finished_run(tmp_path_factory) -> Path:
     """One tiny finished BML run (1 epoch of 3 steps, validated and calibrated)."""
     folder = tmp_path_factory.mktemp("run") / "run"
     torch.set_num_threads(1)
-    assert train(bml_args(*SHORT, "-s", str(folder))).exit_code == 0
+    assert train(bml_args(*SHORT, "--run_folder", str(folder))).exit_code == 0
     return folder
 
 
@@ -68,7 +68,7 @@ def glyphs_checkpoint(path: Path, num_classes: int = 7, width: float = 0.125) ->
 # 1. --init_from
 def test_init_from_loads_trunk_and_views_with_a_new_classifier(tmp_path, capsys):
     weights = glyphs_checkpoint(tmp_path / "source.pth")
-    args = bml_args("--init_from", str(tmp_path / "source.pth"), "-s", str(tmp_path / "run"))
+    args = bml_args("--init_from", str(tmp_path / "source.pth"), "--run_folder", str(tmp_path / "run"))
     finish_settings(args, CPU)
     record_training_data(args, 64)
     parts = build_components(args, CPU)
@@ -134,10 +134,10 @@ def test_image_folder_gets_a_recipe_from_its_size(tmp_path):
 # 3. training-episode shapes checked first; 8. no run folder before the data opened
 def test_training_episode_shape_checked_before_any_work(tmp_path, capsys):
     folder = tmp_path / "run"
-    assert train(bml_args("--n_train_ways", "200", "-s", str(folder))).exit_code == 1
+    assert train(bml_args("--n_train_ways", "200", "--run_folder", str(folder))).exit_code == 1
     said = capsys.readouterr().err
     assert "--n_train_ways at most 64" in said and "lower --way" not in said
-    assert train(bml_args("--global_batch", "1000", "-s", str(folder))).exit_code == 1
+    assert train(bml_args("--global_batch", "1000", "--run_folder", str(folder))).exit_code == 1
     assert "lower --global_batch (at most 76)" in capsys.readouterr().err
     assert not folder.exists()
 
@@ -145,7 +145,7 @@ def test_training_episode_shape_checked_before_any_work(tmp_path, capsys):
 def test_missing_data_leaves_no_run_folder(tmp_path):
     folder = tmp_path / "run"
     args = parse_training_args(train_bml.get_args_parser(), [*TINY, "--dataset", "CUB", "--data_root",
-                                                             str(tmp_path), "-s", str(folder)])
+                                                             str(tmp_path), "--run_folder", str(folder)])
     assert train(args).exit_code == 1
     assert not folder.exists()
 
@@ -154,7 +154,7 @@ def test_missing_data_leaves_no_run_folder(tmp_path):
 def test_config_reruns_the_settings_explicit_flags_win(finished_run, tmp_path):
     stored = json.loads((finished_run / "config.json").read_text())
     args = parse_training_args(train_bml.get_args_parser(),
-                               ["--config", str(finished_run / "config.json"), "--seed", "3", "-s", str(tmp_path)])
+                               ["--config", str(finished_run / "config.json"), "--seed", "3", "--run_folder", str(tmp_path)])
     finish_settings(args, CPU)
     record_training_data(args, stored["num_classes"])
     rerun = json.loads(json.dumps(vars(args), default=str))
@@ -176,7 +176,7 @@ def test_is_continue_on_a_finished_run_says_so(finished_run, capsys, monkeypatch
     monkeypatch.setattr("bml.training.driver.calibrate_checkpoints",
                         lambda *a, **k: pytest.fail("a finished run must not be recalibrated"))
     before = read_checkpoint(finished_run / "last.pth")["training_state"]
-    assert train(bml_args(*SHORT, "-s", str(finished_run), "--is_continue")).exit_code == 0
+    assert train(bml_args(*SHORT, "--run_folder", str(finished_run), "--is_continue")).exit_code == 0
     assert "has finished all 1 epochs; nothing to continue" in capsys.readouterr().out
     assert read_checkpoint(finished_run / "last.pth")["training_state"] == before
 
@@ -196,7 +196,7 @@ def test_tensorboard_has_the_settings_and_the_step_points(finished_run):
 # 5. --estimate and the dry-run projection
 def test_estimate_times_real_steps_without_data(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("bml.training.driver.build_dataset", lambda *a, **k: pytest.fail("--estimate read data"))
-    assert train(bml_args("--estimate", "-s", str(tmp_path / "run"))).exit_code == 0
+    assert train(bml_args("--estimate", "--run_folder", str(tmp_path / "run"))).exit_code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images_per_step"] == 25 and result["steps"] == 4 * 50
     assert result["projected_hours"] == pytest.approx(200 * result["seconds_per_step"] / 3600, abs=1e-3)
