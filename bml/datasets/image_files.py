@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bml.utils.io import not_regular_file
+
 from .errors import DatasetError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -54,6 +56,8 @@ def image_problem(path: str | Path) -> str | None:
     refuses. Reads the header and the file's end; decodes in full only files that do not end as their
     format should, or whose pixel range must be checked."""
     path = Path(path)
+    if problem := not_regular_file(path):   # opening a FIFO would wait for a writer forever
+        return problem
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -6,19 +6,27 @@ import json
 from pathlib import Path
 
 from bml.scoring import COMBINED
-from bml.utils.io import atomic_write
+from bml.utils.io import atomic_write_together
+
+
+MAX_SEEDS = 10_000
+"""More seeds than this in one `--seeds` token is refused before the list is made (0-100000000 would take gigabytes
+before a single episode)."""
 
 
 def parse_seed_range(token: str) -> list[int]:
     """argparse type for one `--seeds` token: a seed ('3') or an inclusive range ('0-9')."""
     first, _, last = token.partition("-")
     try:
-        seeds = list(range(int(first), int(last or first) + 1))
+        seeds = range(int(first), int(last or first) + 1)
     except ValueError:
-        seeds = []
+        seeds = range(0)
     if not seeds:
         raise argparse.ArgumentTypeError(f"{token!r} is not a seed (e.g. 3) or an increasing range (e.g. 0-9)")
-    return seeds
+    if len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{token!r} is {len(seeds):,} seeds: at most {MAX_SEEDS:,} (each seed scores "
+                                         "--episodes episodes; the published protocol uses 0-9)")
+    return list(seeds)
 
 
 def results_paths(label: str, shot: int, output_dir: str | Path = "eval_results",
@@ -35,15 +43,14 @@ def write_results(results: dict[str, dict], label: str, shot: int, output_dir: s
 
     The text file has one `seed: acc` line per seed of the combined prediction, then
     `==> Mean ACC on <label>: acc`; the JSON has `metadata`, every view's results (`results`, the
-    published head) and, under `head_results`, those of the other heads ({head: {vote: results}}).
+    published head) and, under `head_results`, those of the other heads ({head: {vote: results}}). The two are
+    written as one unit: two evaluations writing the same pair at once leave both files of one of them.
     """
     text_path, json_path = results_paths(label, shot, output_dir, json_path)
     combined = results[COMBINED]
     lines = [f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()]
     lines.append(f"==> Mean ACC on {label}: {combined['acc']:.4f}")
-    with atomic_write(text_path, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    with atomic_write(json_path, "w") as handle:
-        extra = {"head_results": head_results} if head_results else {}
-        handle.write(json.dumps({**(metadata or {}), "results": results, **extra}, indent=2) + "\n")
+    extra = {"head_results": head_results} if head_results else {}
+    atomic_write_together({text_path: "\n".join(lines) + "\n",
+                           json_path: json.dumps({**(metadata or {}), "results": results, **extra}, indent=2) + "\n"})
     return text_path, json_path

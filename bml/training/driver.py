@@ -31,16 +31,18 @@ from bml.calibration import calibrate_checkpoints
 from bml.checkpoint import CheckpointError, save_checkpoint
 from bml.datasets import DatasetError, EpisodeSampler, build_dataset
 from bml.evaluation import EvaluationError
+from bml.evaluation.cache import available_memory_bytes
+from bml.methods import get_method
 from bml.models import build_model
 from bml.recipes import get_recipe
 from bml.training.engine import evaluate, train_one_epoch
 from bml.training.guard import STOP_CAUSING_FLAGS, NonFiniteLossError, check_weights_bounded, weight_norm
 from bml.training.processes import agreed_stop, on_main_process
 from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
-from bml.training.settings import (SettingsError, finish_settings, loss_settings, record_run_folder,
-                                   record_training_data, run_plan)
+from bml.training.settings import (SettingsError, check_training_memory, episode_plan_bytes, finish_settings,
+                                   loss_settings, record_run_folder, record_training_data, run_plan)
 from bml.training.signals import StopOnSignal
-from bml.training.state import TrainComponents, TrainingState, checkpoint_state, resume
+from bml.training.state import TrainComponents, TrainingState, checkpoint_state, restore_saved_rng, resume
 from bml.training.step_plan import build_training_loader, steps_per_epoch
 from bml.training.wrappers import build_optimizer, set_epoch_lr, wrap_for_training
 from bml.utils import distributed
@@ -48,7 +50,7 @@ from bml.utils.device import AMP_DTYPES, configure_tf32
 from bml.utils.io import OutputError
 from bml.utils.logger import RunLogger
 from bml.utils.messages import error, info, log_to, warn
-from bml.utils.rng import derive_seed, restore_rng_state, seed_everything
+from bml.utils.rng import derive_seed, seed_everything
 
 EXIT_FAILURE = 1
 MESSAGES_FILE = "messages.txt"
@@ -98,11 +100,15 @@ def train(args: argparse.Namespace) -> TrainingOutcome:
 
 def _train(args: argparse.Namespace, context: distributed.DistributedContext,
            resources: contextlib.ExitStack) -> TrainingOutcome:
-    save_folder = prepare_run(args, context, resources)
+    explicit_folder = args.save_folder is not None
+    for warning in finish_settings(args, context):
+        warn(warning)
     data = open_data(args, context)
+    save_folder = prepare_run(args, context, resources, explicit_folder)
     parts = build_components(args, context)
     state = restore_or_start(args, parts, context, save_folder / LAST_CHECKPOINT, data.steps)
-    logger = RunLogger(save_folder, enabled=context.is_main_process)
+    fresh = not (args.is_continue and (save_folder / LAST_CHECKPOINT).is_file())
+    logger = RunLogger(save_folder, enabled=context.is_main_process, fresh=fresh)
     logger.write_config(args)
     announce(args, context, data, save_folder)
     with StopOnSignal() as stop:
@@ -116,11 +122,9 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
 
 
 def prepare_run(args: argparse.Namespace, context: distributed.DistributedContext,
-                resources: contextlib.ExitStack) -> Path:
-    """The settings finished, the run folder claimed and locked, the random streams seeded, the GPU configured."""
-    explicit_folder = args.save_folder is not None
-    for warning in finish_settings(args, context):
-        warn(warning)
+                resources: contextlib.ExitStack, explicit_folder: bool) -> Path:
+    """The run folder claimed and locked (after the settings and the data are checked: a run that cannot start
+    claims nothing), the random streams seeded, the GPU configured."""
     folder = on_main_process(lambda: claim_run_folder(args, explicit_folder, resources))
     record_run_folder(args, folder)
     log_to(folder / MESSAGES_FILE)
@@ -140,15 +144,35 @@ def open_data(args: argparse.Namespace, context: distributed.DistributedContext)
     if args.val_split and context.is_main_process:
         val_set = build_dataset(args.dataset, args.val_split, args.data_root, args.image_size, train=False,
                                 transform=args.transform, allow_uncropped_cub=args.allow_uncropped_cub)
+    check_episode_shapes(args, train_set)
     on_main_process(lambda: check_validation_episodes(args, val_set))
     record_training_data(args, train_set.num_classes)
+    check_training_memory(args, context.device)
     return RunData(train_set, val_set, steps_per_epoch(args, len(train_set)))
+
+
+def check_episode_shapes(args: argparse.Namespace, train_set: Dataset) -> None:
+    """Training episodes must fit the training split: checked before the run folder is claimed, not found in a
+    loader worker."""
+    if get_method(args).batches:
+        return
+    try:
+        EpisodeSampler(train_set.labels, args.n_train_ways, args.n_train_shots, args.n_train_queries, episodes=1)
+    except DatasetError as problem:
+        raise SettingsError(f"training episodes ({args.n_train_ways}-way {args.n_train_shots}-shot "
+                            f"{args.n_train_queries}-query) do not fit the training split of {args.dataset}: "
+                            f"{problem}. Change --n_train_ways, --n_train_shots or --n_train_queries") from None
 
 
 def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None) -> None:
     """Validation episodes must fit the val split: checked before training, not after the first epoch."""
     if val_set is None:
         return
+    needed = episode_plan_bytes(args.val_episodes, val_set.num_classes, args.n_ways * (args.n_shots + args.n_queries))
+    if needed > available_memory_bytes():
+        raise SettingsError(f"--val_episodes {args.val_episodes} needs about {needed / 2**30:,.1f} GB to draw, more "
+                            f"than the {available_memory_bytes() / 2**30:,.1f} GB of memory available: lower "
+                            "--val_episodes (the published protocol uses 2,000 per seed)")
     try:
         EpisodeSampler(val_set.labels, args.n_ways, args.n_shots, args.n_queries, episodes=args.val_episodes)
     except DatasetError as problem:
@@ -186,7 +210,7 @@ def restore_or_start(args: argparse.Namespace, parts: TrainComponents, context: 
     if not state.initial_weight_norm:   # a fresh run (or a checkpoint from before this was recorded)
         state.initial_weight_norm = weight_norm(parts.model)
     if saved_rng is not None and len(saved_rng) == context.world_size:
-        restore_rng_state(saved_rng[context.rank])
+        restore_saved_rng(saved_rng[context.rank], last_path)
     elif saved_rng is not None:
         warn(f"the checkpoint holds RNG states of {len(saved_rng)} processes, this run has {context.world_size}: "
              "random streams are reseeded, so the run continues consistently but not bit-exactly")
@@ -231,7 +255,7 @@ def run_epochs(args: argparse.Namespace, parts: TrainComponents, state: Training
                 return _stopped(args, agreed_stop(stop, parts.device), last_path, parts.model, state, saved), {}
             last_validation = end_epoch(args, parts, state, epoch, result.stats, data.val_set, logger) or last_validation
             exit_code = agreed_stop(stop, parts.device)
-            if exit_code and epoch < args.epochs:
+            if exit_code:   # also after the last epoch: the signal's exit code, never 0
                 return _stopped(args, exit_code, last_path, parts.model, state), last_validation
     except NonFiniteLossError as problem:
         kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else "no checkpoint was written yet"

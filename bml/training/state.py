@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint
+from bml.checkpoint import (CheckpointError, check_state_dict, checked_counter, config_settings, model_state_dict,
+                            read_checkpoint)
 from bml.utils import distributed
-from bml.utils.rng import capture_rng_state
+from bml.utils.rng import capture_rng_state, restore_rng_state
 
 
 @dataclass
@@ -96,13 +97,21 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path
         raise CheckpointError(f"{path} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
                               "it cannot be resumed. Copy an earlier epoch_<N>.pth over it, or delete the folder to "
                               "start afresh")
+    saved = config_settings(checkpoint)
+    rng = checkpoint.get("rng")
+    if rng is not None and not (isinstance(rng, list) and rng and all(isinstance(part, dict) for part in rng)):
+        raise CheckpointError(f"the 'rng' of {path} is not the random states a training run saves (one dict per "
+                              "process): restore the file, or delete its 'rng' entry to continue with reseeded streams")
+    checked_counter(checkpoint, "step")
     parts.model.load_state_dict(weights, strict=True)
     load_optimizer_state(parts.optimizer, checkpoint["optimizer"], path)
     if checkpoint.get("scaler"):
-        parts.scaler.load_state_dict(checkpoint["scaler"])
+        try:
+            parts.scaler.load_state_dict(checkpoint["scaler"])
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"the gradient scaler state in {path} is damaged ({error}): restore the file") from None
     state = restore_training_state(checkpoint["training_state"], path)
-    parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
-    saved = vars(checkpoint["config"])
+    parts.model.dropblock_step = checked_counter(checkpoint, "dropblock_step", state.step)
     changed = sorted(key for key in ("dataset", "model", "backbone", "width", "image_size", "epochs", "lr", "optim",
                                      "seed", "episodes_per_epoch", "episodes_per_step", "world_size", "augment")
                      if key in saved and saved[key] != getattr(args, key, None))
@@ -118,7 +127,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
     mismatch = "it was saved for another model or optimiser (see --optim)"
     try:
         optimizer.load_state_dict(saved)
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as error:
         raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({error})") from None
     for group in optimizer.param_groups:
         for parameter in group["params"]:
@@ -126,6 +135,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
                 if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
                     raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({name} "
                                           f"{tuple(value.shape)} for a parameter {tuple(parameter.shape)})")
+
+
+def restore_saved_rng(saved: dict, path: Path) -> None:
+    """`restore_rng_state`, a damaged state a CheckpointError."""
+    try:
+        restore_rng_state(saved)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise CheckpointError(f"the 'rng' of {path} is damaged ({type(error).__name__}: {error}): restore the file, or "
+                              "delete its 'rng' entry to continue with reseeded streams") from None
 
 
 def restore_training_state(saved: object, path: Path) -> TrainingState:

@@ -34,7 +34,9 @@ def log_to(path: str | Path | None) -> None:
         _log_file.close()
         _log_file = None
     if path is not None and _is_main_process():
-        _log_file = open(path, "a", encoding="utf-8")
+        from bml.utils.io import append_file   # lazily: this module stays at the bottom layer
+
+        _log_file = append_file(path)
 
 
 def emit(level: str, message: str, every_rank: bool = False) -> None:
