@@ -10,7 +10,12 @@
   step: 15-way 5-shot 7-query, width 1.0; fp32 on the CPU, bf16 + channels_last on CUDA);
 - for evaluation, host CPU microseconds per test image (the deterministic resize and crop) sent as
   normalised floats (`eval_host_us_per_image_float`) and as uint8 crops normalised on the device
-  (`eval_host_us_per_image_uint8`, what `embed_dataset` sends).
+  (`eval_host_us_per_image_uint8`, what `embed_dataset` sends);
+- for E, a training loader with several workers (`loader`): the images per second that 1, 2, ... workers
+  deliver (wall clock, published 2-episode steps, each worker a process as in training) and the bytes a step
+  sends to the device, with boxes longer than twice the output resized on the host (`MAX_SENT_SIDE`) and, for
+  comparison, with every box sent as drawn (`sent_bytes_per_step_unbounded`); also the host work per image
+  and DeviceAugment's CPU images per second both ways, and the host transform's.
 
 Stored images are random uint8 arrays of the data sets' stored sizes (84 px; 32 px for the CIFAR-based
 C and D, which are resized to 84 in training). E's images are JPEG files of CUB's sizes (300-500 px a
@@ -19,6 +24,7 @@ side, smooth content) written to a temporary folder: before, a worker decodes ea
 the files were decoded into once (`bml.datasets.decoded`, built before timing).
 
     python bench/data_speed.py --json data_speed.json
+    python bench/data_speed.py --only-loader --loader-workers 1 2 --json loader.json   # the loader case alone
 """
 from __future__ import annotations
 
@@ -38,12 +44,15 @@ import torch
 from PIL import Image
 
 from bml.datasets import ArrayDataset, DeviceAugment, FileDataset, StepBatches, build_transform
+from bml.datasets import device_augment
 from bml.datasets.device_augment import EvalCrops
+from bml.datasets.sampler import available_cpus
 from train_step import QUERY, SHOT, WAY, Variant, synchronize, time_train_steps
 
 TRANSFORMS = ("A", "B", "C", "D", "E")
 STORED_SIZE = {"A": 84, "B": 84, "C": 32, "D": 32}
 IMAGES_PER_STEP = WAY * (SHOT + QUERY)
+EPISODES_PER_STEP = 2   # the published step
 MODEL_VARIANT = {"cpu": Variant("fp32", False, False), "cuda": Variant("bf16+channels_last", True, True)}
 
 
@@ -141,15 +150,85 @@ def device_images_per_s(batches: StepBatches, device: torch.device, repeats: int
     return crops.shape[0] * crops.shape[1] / statistics.median(times)
 
 
+@contextlib.contextmanager
+def every_box_sent_as_drawn() -> Iterator[None]:
+    """The loader as it was before large boxes were resized on the host: one canvas as large as the step's
+    largest box."""
+    bound = device_augment.MAX_SENT_SIDE
+    device_augment.MAX_SENT_SIDE = float("inf")
+    try:
+        yield
+    finally:
+        device_augment.MAX_SENT_SIDE = bound
+
+
+def loader_figures(image_size: int, folder: Path, workers: list[int], steps: int) -> dict:
+    """Transform E (CUB-like files) through a DataLoader of `StepBatches` as training builds it: the wall-clock
+    images per second per worker count (after the first step, which includes the workers' start), and the bytes
+    a published 2-episode step sends to the device."""
+    dataset = bench_dataset("E", image_size, folder)
+    dataset.decode_once()
+    rng = np.random.default_rng(1)
+    plan = np.stack([np.stack([rng.permutation(IMAGES_PER_STEP) for _ in range(EPISODES_PER_STEP)])
+                     for _ in range(steps)])
+    batches = StepBatches(dataset, lambda epoch: plan, (0,), "device")
+    one_step = step_loader("E", image_size, "device", folder)
+    host = step_loader("E", image_size, "host", folder)
+    with every_box_sent_as_drawn():
+        unbounded = statistics.mean(sum(part.nbytes for part in batches[0, step]) for step in range(2))
+        host_unbounded = host_us_per_image(one_step, steps=2)
+        device_unbounded = device_images_per_s(one_step, torch.device("cpu"), repeats=2)
+    figures = {"images_per_step": EPISODES_PER_STEP * IMAGES_PER_STEP, "sent_bytes_per_step_unbounded": unbounded,
+               "max_sent_bytes_per_step": EPISODES_PER_STEP * IMAGES_PER_STEP
+               * (device_augment.MAX_SENT_SIDE * image_size) ** 2 * 3,
+               "host_us_per_image": {"host_transform": host_us_per_image(host, steps=2),
+                                     "every_box_as_drawn": host_unbounded,
+                                     "bounded": host_us_per_image(one_step, steps=2)},
+               "device_augment_images_per_s_cpu": {"every_box_as_drawn": device_unbounded,
+                                                   "bounded": device_images_per_s(one_step, torch.device("cpu"), 2)},
+               "workers": {}}
+    for count in workers:
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=count,
+                                             sampler=[(0, step) for step in range(steps)])
+        sizes, start = [], None
+        for images, labels, parameters in loader:
+            start = start or time.perf_counter()
+            sizes.append(images.nbytes + labels.nbytes + parameters.nbytes)
+        seconds = time.perf_counter() - start
+        figures["workers"][str(count)] = {"images_per_s": (steps - 1) * figures["images_per_step"] / seconds,
+                                          "sent_bytes_per_step": statistics.mean(sizes)}
+    return figures
+
+
 def model_images_per_s(device: torch.device, args: argparse.Namespace) -> float:
     settings = argparse.Namespace(num_classes=64, width=args.width, image_size=args.image_size, warmup=1,
-                                  steps=args.model_steps)
+                                  steps=args.model_steps, episodes=1)
     return IMAGES_PER_STEP / statistics.median(time_train_steps("resnet12", MODEL_VARIANT[device.type], device,
                                                                 settings))
 
 
+def print_loader_figures(figures: dict) -> None:
+    host, device = figures["host_us_per_image"], figures["device_augment_images_per_s_cpu"]
+    print(f"E loader, {figures['images_per_step']} images per step: sent per step "
+          f"{figures['sent_bytes_per_step_unbounded'] / 2**20:.1f} MiB with every box as drawn, at most "
+          f"{figures['max_sent_bytes_per_step'] / 2**20:.1f} MiB now; host us/image: transform "
+          f"{host['host_transform']:.0f}, boxes as drawn {host['every_box_as_drawn']:.0f}, "
+          f"bounded {host['bounded']:.0f}; "
+          f"DeviceAugment images/s on the CPU: as drawn {device['every_box_as_drawn']:.0f}, bounded "
+          f"{device['bounded']:.0f}", flush=True)
+    for count, row in figures["workers"].items():
+        print(f"  {count} worker(s): {row['images_per_s']:8.0f} images/s, {row['sent_bytes_per_step'] / 2**20:.1f} MiB "
+              "per step", flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.only_loader:
+        with tempfile.TemporaryDirectory(prefix="bml_data_speed_") as folder:
+            os.environ["BML_CACHE_DIR"] = str(Path(folder) / "cache")
+            figures = loader_figures(args.image_size, Path(folder), args.loader_workers, args.loader_steps)
+        print_loader_figures(figures)
+        return {"loader": figures}
+    devices = [torch.device("cuda" if torch.cuda.is_available() else "cpu")]   # no CPU-only figures on a GPU machine
     model = {device.type: model_images_per_s(device, args) for device in devices}
     training_device = devices[-1].type
     results = {}
@@ -180,6 +259,8 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{transform_id:2s} {before:18.0f} {after:8.0f} {before / after:5.1f}x "
                   + " ".join(f"{augment[d.type]:20.0f}" for d in devices) + f" {model[training_device]:18.1f}"
                   + f" {evaluation[0]:14.0f} {evaluation[1]:8.0f}", flush=True)
+        results["loader"] = loader_figures(args.image_size, Path(folder), args.loader_workers, args.loader_steps)
+    print_loader_figures(results["loader"])
     return results
 
 
@@ -190,7 +271,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5, help="timed DeviceAugment calls (median reported)")
     parser.add_argument("--model-steps", type=int, default=2, help="timed training steps (median reported)")
     parser.add_argument("--width", type=float, default=1.0, help="channel-width multiplier of the timed model")
-    parser.add_argument("--json", metavar="PATH", help="also write the results, keyed by transform id, to PATH")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=sorted({1, min(4, available_cpus())}),
+                        help="worker counts of the E loader case")
+    parser.add_argument("--loader-steps", type=int, default=6, help="steps of the E loader case (the first untimed)")
+    parser.add_argument("--only-loader", action="store_true", help="run the E loader case alone")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the results, keyed by transform id (and 'loader'), to PATH")
     return parser
 
 

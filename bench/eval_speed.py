@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per_episode", type=int, default=5, help="episodes timed with the per-episode protocol")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH")
     parser.add_argument("--heads", nargs="*", choices=tuple(HEADS), default=[],
                         help="also time the scoring of each of these heads on the same cache")
     return parser
@@ -115,4 +117,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(get_args_parser().parse_args()), indent=2))
+    arguments = get_args_parser().parse_args()
+    figures = json.dumps(main(arguments), indent=2)
+    print(figures)
+    if arguments.json:
+        Path(arguments.json).write_text(figures)

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Check a GPU machine end to end in one command (about 5-8 minutes on one GPU) and write one JSON report:
-# the CUDA tests, an fp32 step against the CPU, fp16/bf16 steps, channels_last, torch.compile, DDP over
-# NCCL (2+ GPUs), and the training-step, evaluation (and data-loading) benchmarks at full size.
-# Without a GPU (or with --cpu) the same checks run on the CPU at tiny size. See bench/gpu_check.py.
+# Check a GPU machine end to end within one short lease and write one JSON report, rewritten after every
+# check: the doctor, the real trainer on synthetic miniImageNet in three precisions (and its resume), the
+# evaluation script, blocking synchronisations, the published step's speed, two-process DDP, the CUDA tests,
+# then the rest as --budget allows. Without a GPU (or with --cpu) the same checks run at tiny sizes on the
+# CPU. See bench/gpu_check.py and docs/BENCHMARKS.md.
 #
-#   bash bench/gpu_check.sh                      # report: gpu_check.json
-#   bash bench/gpu_check.sh --out report.json --only fp32_matches_cpu compile
+#   bash bench/gpu_check.sh                          # report: $OUT/gpu_check.json, else output/gpu_check/<time>/
+#   bash bench/gpu_check.sh --budget 300 --out report.json
+#   bash bench/gpu_check.sh --only doctor train_step
 set -euo pipefail
 
 source "$(dirname "$0")/../scripts/python_env.sh"

@@ -29,6 +29,11 @@ from bml.utils.io import OutputError, atomic_write, disk_full_error, not_regular
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 """Prefixes that DistributedDataParallel and torch.compile add to state-dict keys."""
 CONFIG_PASSTHROUGH = ("dataset", "image_size", "transform")
+RELEASED_WEIGHTS_HINT = ("The authors' released weights (ResNet-12, one file per data set) are linked in the README's "
+                         "'Released weights' section and in pretrained_weights/README.md: download one into "
+                         "pretrained_weights/ (e.g. pretrained_weights/miniImageNet.pth), or train your own (bash "
+                         "train_bml.sh writes output/<run>/best.pth)")
+"""Where a checkpoint comes from, for the error a missing one gives."""
 MISMATCH_KEYS_SHOWN = 5
 """Keys named per kind of mismatch (missing, unexpected, mis-shaped); the rest are counted."""
 
@@ -92,7 +97,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if problem := not_regular_file(path):
         raise CheckpointError(f"{problem}: give the path of a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"checkpoint not found: {path}. {RELEASED_WEIGHTS_HINT}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)

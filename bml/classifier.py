@@ -11,7 +11,9 @@ squared Euclidean distances to the prototypes; a vote combines the views' logits
 default: their sum, BML's global + local; `'bml_scaled'`, or one view alone). The probabilities are the
 softmax of the combined logits divided by the vote's temperature, fitted on val episodes and stored in
 the checkpoint (`bml.calibration`); a checkpoint without one is uncalibrated (`temperature` None: T = 1),
-and its probabilities are far too close to 0 and 1. `head` chooses how each view's logits are made
+and its probabilities are far too close to 0 and 1. A temperature belongs to the way and shot it was
+fitted on: `fit` on a task of another shape warns (`CalibrationWarning`), as the confidences are then
+only roughly calibrated. `head` chooses how each view's logits are made
 (`bml.scoring.HEADS`: `'proto'`, the default, as above; `'cl2n'`, which needs the base classes' mean
 embeddings, from the checkpoint's training split or given as `base_means`; `'logreg'`).
 
@@ -23,10 +25,12 @@ size). Torch tensors are taken as model input that is already transformed: float
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import warnings
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +48,16 @@ ImageLike = Image.Image | str | os.PathLike | np.ndarray | torch.Tensor
 
 class FewShotInputError(ValueError):
     """Images or labels that cannot be classified as given; the message says what to change."""
+
+
+class CalibrationWarning(UserWarning):
+    """The vote's temperature was fitted on episodes of another way or shot than the task given to `fit`."""
+
+
+def describe_task(way: int, shots: Sequence[int]) -> str:
+    """'5-way 1-shot', or '3-way 1- to 5-shot' when the classes have different numbers of shots."""
+    low, high = min(shots), max(shots)
+    return f"{way}-way {low}-shot" if low == high else f"{way}-way {low}- to {high}-shot"
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -133,13 +147,15 @@ class FewShotClassifier:
     `fit` sets the classes from labelled support images (any hashable labels, any number of shots
     per class); `classes_` is their sorted order (first-seen order when the labels are not mutually
     comparable) and the column order of `predict_proba`. `temperature` divides the vote's logits before
-    the softmax (None: uncalibrated, T = 1).
+    the softmax (None: uncalibrated, T = 1); `calibrated_on` is the task it was fitted on (the calibration
+    record's `fitted_on`, with its 'way' and 'shot'; None: not known, not checked).
     """
 
     def __init__(self, model: torch.nn.Module, transform: Callable[[Image.Image], torch.Tensor], image_size: int,
                  device: str | torch.device = "cpu", batch_size: int = 64, num_workers: int = 0,
                  progress: bool = True, vote: str = COMBINED, temperature: float | None = None,
-                 head: str = PROTO, base_means: Sequence[torch.Tensor] | None = None) -> None:
+                 head: str = PROTO, base_means: Sequence[torch.Tensor] | None = None,
+                 calibrated_on: Mapping[str, Any] | None = None) -> None:
         votes = votes_for(model.view_names)
         if vote not in votes:
             raise FewShotInputError(f"unknown vote {vote!r} for a model with views {', '.join(model.view_names)}: "
@@ -151,6 +167,7 @@ class FewShotClassifier:
                                     f"(bml.evaluation.base_class_means), or use from_checkpoint")
         self.vote, self._combine = vote, votes[vote]
         self.temperature = temperature
+        self.calibrated_on = dict(calibrated_on) if calibrated_on else None
         self.head = head
         self.base_means = None if base_means is None else tuple(mean.to(device) for mean in base_means)
         self.model = model.to(device).eval()
@@ -172,7 +189,8 @@ class FewShotClassifier:
         `device` defaults to CUDA when available. `image_size` and `transform_id` ('A'..'E', 'O')
         override what the checkpoint records (with a warning when they differ from it). `vote`
         names how the views' logits are combined (`bml.scoring.votes_for`); its temperature is the
-        checkpoint's calibration of that vote, None when it has none. `head` names how each view's logits
+        checkpoint's calibration of that vote, None when it has none (`calibrated_on`: the task the calibration
+        record says it was fitted on). `head` names how each view's logits
         are made (`bml.scoring.HEADS`); a head that centres on the base classes' mean embeds the training split
         of the checkpoint's data set (under `data_root`) once, its means then kept in the temp folder
         (`bml.evaluation.base_class_means`). Raises FileNotFoundError
@@ -192,9 +210,10 @@ class FewShotClassifier:
             base_set = build_dataset(dataset, "train", data_root, size, train=False, transform=transform_id)
             options = EmbeddingOptions(batch_size=batch_size, device=device, num_workers=num_workers, progress=progress)
             base_means = base_class_means(model, base_set, options, means_dir=tempfile.gettempdir())
-        temperatures = (read_calibration(state) or {}).get("temperatures", {})
+        calibration = read_calibration(state) or {}
         return cls(model, build_transform(transform_id, size, train=False), size, device, batch_size,
-                   num_workers, progress, vote, temperatures.get(vote), head, base_means)
+                   num_workers, progress, vote, calibration.get("temperatures", {}).get(vote), head, base_means,
+                   calibration.get("fitted_on"))
 
     @property
     def view_names(self) -> tuple[str, ...]:
@@ -206,6 +225,8 @@ class FewShotClassifier:
 
         Unreadable image files raise FewShotInputError naming all of them, or with
         `skip_unreadable` are left out with one warning; a class left without images is an error.
+        A task whose way or shot differs from the one the temperature was fitted on warns
+        (`CalibrationWarning`, the text of `calibration_mismatch`).
         """
         items, labels = self._as_items(images), list(labels)
         if len(labels) != len(items):
@@ -231,7 +252,32 @@ class FewShotClassifier:
         self.classes_, self.shots_ = classes, counts.tolist()
         self.support_ = tuple(torch.cat(view) for view in zip(*batches))
         self.support_labels_ = targets[kept].to(self.device)
+        mismatch = self.calibration_mismatch()
+        if mismatch:
+            warnings.warn(CalibrationWarning(mismatch), stacklevel=2)
         return self
+
+    def calibration_mismatch(self, checkpoint: str = "CHECKPOINT") -> str | None:
+        """What to know when the vote's temperature was fitted on another way or shot than the fitted task, and
+        how to fit one for it (`checkpoint` names the file in that command); None when it was fitted on this
+        task's way and shot, when there is no temperature, or when the task it was fitted on is not known.
+
+        Temperatures do not carry over between tasks (README, Calibration): one fitted on 1-shot episodes
+        over-softens 5-shot confidences, one fitted on 5-way episodes is not that of 20-way ones.
+        """
+        if self.shots_ is None:
+            raise RuntimeError("this FewShotClassifier is not fitted yet: call fit(support_images, labels) first")
+        fitted = self.calibrated_on or {}
+        if self.temperature is None or "way" not in fitted or "shot" not in fitted:
+            return None
+        way, shots = len(self.classes_), self.shots_
+        if way == fitted["way"] and set(shots) == {fitted["shot"]}:
+            return None
+        return (f"vote {self.vote}'s temperature {self.temperature:.4g} was fitted on {fitted['way']}-way "
+                f"{fitted['shot']}-shot val episodes, but this task is {describe_task(way, shots)}: its confidences "
+                f"are only roughly calibrated, as a temperature does not carry over between tasks (README, "
+                f"Calibration). Fit one for this task with: eval_bml.py --ckp_path {checkpoint} --calibrate "
+                f"--n_ways {way} --n_shots {statistics.median_low(shots)} --save_calibration PATH")
 
     def score(self, images: Sequence[ImageLike] | torch.Tensor, skip_unreadable: bool = False) -> Scores:
         """The vote's logits of every readable image (unreadable ones: as in `fit`)."""

@@ -9,6 +9,9 @@ Each function returns a new parser, so one entry point's defaults never leak int
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from bml.datasets import TRANSFORM_IDS, dataset_flag_help
 from bml.utils import argtypes
@@ -66,8 +69,8 @@ def device_parser() -> argparse.ArgumentParser:
     compute.add_argument("--device", default=None,
                          help="cpu, cuda or cuda:<i>; default: the GPU of this process if any, else cpu")
     compute.add_argument("--num_workers", type=argtypes.non_negative_int, default=None,
-                         help="data-loading processes (per training process); training's default: the CPUs left "
-                              "after the training processes, shared between them (1 to 8)")
+                         help="data-loading processes (per training process); default: the CPUs left after the "
+                              "training processes (evaluation, prediction: this one), shared between them (1 to 8)")
     return parser
 
 
@@ -106,3 +109,16 @@ def embedding_parser() -> argparse.ArgumentParser:
     embedding.add_argument("--no_progress", action="store_true",
                            help="no progress bars")
     return parser
+
+
+def run_command(get_args_parser: Callable[[], argparse.ArgumentParser], main: Callable[[argparse.Namespace], int],
+                description: str | None = None) -> NoReturn:
+    """A console command: parse the command line with the command's parser and exit with `main`'s code.
+
+    `description`: the parser is one built to serve as a parent (`add_help=False`), so it is wrapped in one
+    that has `--help`, this description and `HelpFormatter`.
+    """
+    parser = get_args_parser()
+    if description is not None:
+        parser = argparse.ArgumentParser(parents=[parser], description=description, formatter_class=HelpFormatter)
+    sys.exit(main(parser.parse_args()))

@@ -46,9 +46,24 @@ class SheetQuery:
         return None if self.truth is None or self.rejected else self.truth == self.prediction
 
 
-def shorten(label: Hashable, length: int = LABEL_CHARACTERS) -> str:
-    text = str(label)
-    return text if len(text) <= length else text[:length - 1] + "…"
+def short_labels(labels: Sequence[Hashable], length: int = LABEL_CHARACTERS) -> dict[Hashable, str]:
+    """Each label in at most `length` characters, telling the labels apart where their texts differ.
+
+    A longer label keeps its start and its end around a middle ellipsis ('greek_c…cter07'): class names
+    often share a prefix and differ in a suffix. The split between start and end moves (towards the
+    end first) until the shortened labels are distinct; when none is, the end alone is kept.
+    """
+    texts = {label: str(label) for label in labels}
+    ends = [(length - 1) // 2 + shift for shift in range(length // 2)] + list(range((length - 1) // 2 - 1, 0, -1))
+
+    def cut(text: str, end: int) -> str:
+        return text if len(text) <= length else text[:length - 1 - end] + "…" + text[len(text) - end:]
+
+    for end in ends:
+        shortened = {label: cut(text, end) for label, text in texts.items()}
+        if len(set(shortened.values())) == len(set(texts.values())):
+            return shortened
+    return {label: cut(text, length - 1) for label, text in texts.items()}
 
 
 def evenly_spaced(count: int, limit: int) -> list[int]:
@@ -97,6 +112,8 @@ def draw_contact_sheet(path: str | os.PathLike, support: Mapping[Hashable, Seque
         counts += f"; {len(drawn_classes)} of the classes shown, evenly spaced"
     support = {label: support[label] for label in drawn_classes}
     shown = [queries[i] for i in evenly_spaced(len(queries), max_queries)]
+    label = short_labels([*support, *(query.prediction for query in queries), *(query.truth for query in queries
+                                                                               if query.truth is not None)])
     query_rows = max(1, math.ceil(len(shown) / columns))
     support_height, query_height = CELL_INCHES, 1.3 * CELL_INCHES
     heights = (len(support) * support_height + 0.5, query_rows * query_height + 0.6)
@@ -105,14 +122,14 @@ def draw_contact_sheet(path: str | os.PathLike, support: Mapping[Hashable, Seque
 
     support_figure.suptitle(f"Support set: {counts}", fontsize=11, weight="bold")
     support_axes = support_figure.subplots(len(support), columns, squeeze=False)
-    for row, (label, paths) in zip(support_axes, support.items()):
+    for row, (name, paths) in zip(support_axes, support.items()):
         for column, ax in enumerate(row):
             if column < len(paths):
                 _show(ax, paths[column])
             else:
                 ax.axis("off")
         row[0].axis("on")
-        row[0].set_ylabel(f"{shorten(label)}\n({len(paths)} shot{'s' * (len(paths) != 1)})", fontsize=9,
+        row[0].set_ylabel(f"{label[name]}\n({len(paths)} shot{'s' * (len(paths) != 1)})", fontsize=9,
                           rotation=0, ha="right", va="center", parse_math=False)
 
     query_figure.suptitle(_query_heading(queries, len(shown)), fontsize=11, weight="bold", parse_math=False)
@@ -122,9 +139,9 @@ def draw_contact_sheet(path: str | os.PathLike, support: Mapping[Hashable, Seque
             continue
         query = shown[index]
         _show(ax, query.path)
-        title = f"{shorten(query.prediction)} {query.confidence:.2f}"
+        title = f"{label[query.prediction]} {query.confidence:.2f}"
         if query.correct is False:
-            title += f"\ntrue: {shorten(query.truth)}"
+            title += f"\ntrue: {label[query.truth]}"
             _frame(ax, COLOURS[False], 3.0)
         colour = UNKNOWN_COLOUR if query.rejected else COLOURS[query.correct]
         ax.set_title(title, fontsize=8, color=colour, parse_math=False)

@@ -28,7 +28,7 @@ from bml import cli
 from bml.calibration import ECE_BINS, CalibrationMeter, calibrate
 from bml.checkpoint import (CheckpointError, model_config, model_from_state, read_calibration, read_checkpoint,
                             save_checkpoint, with_calibration)
-from bml.datasets import DatasetError, input_transform_settings
+from bml.datasets import DatasetError, default_num_workers, input_transform_settings
 from bml.evaluation import (EmbeddingOptions, EvaluationError, build_evaluation_dataset, evaluate_heads,
                             parse_seed_range, results_paths, write_results)
 from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, heads_needing
@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Evaluate a BML or baseline checkpoint on few-shot episodes", add_help=False,
                                      parents=[cli.embedding_parser(), cli.dataset_parser(), cli.input_parser(),
                                               cli.episode_parser(), cli.device_parser(), cli.precision_parser()])
-    parser.set_defaults(n_ways=5, n_shots=5, n_queries=15, num_workers=4, amp="off")
+    parser.set_defaults(n_ways=5, n_shots=5, n_queries=15, amp="off")
     parser.add_argument("--test_dataset", default=None,
                         help="cross-domain: evaluate on this data set, with its resize/crop and the "
                              "normalisation of the model's transform")
@@ -101,6 +101,8 @@ def main(args: argparse.Namespace) -> int:
     seeds = list(dict.fromkeys(seed for group in args.seeds for seed in group))
     try:
         args.device = resolve_device(args.device)
+        if args.num_workers is None:
+            args.num_workers = default_num_workers()
         checkpoint = read_checkpoint(args.ckp_path)
         config = model_config(checkpoint)
         dataset_name = args.dataset or config.get("dataset")
@@ -182,9 +184,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """`eval_bml.py`, `python -m bml.evaluate` and the `bml-eval` command."""
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
-                                     formatter_class=cli.HelpFormatter)
-    sys.exit(main(parser.parse_args()))
+    cli.run_command(get_args_parser, main, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

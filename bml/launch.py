@@ -61,11 +61,23 @@ def launch_command(script: str, argv: list[str], processes: int) -> list[str]:
             script, *argv]
 
 
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("python -m bml.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("script", help="the training script: train_bml.py or train_baseline.py")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, metavar="...",
+                        help="the script's flags (SCRIPT --help lists them), --dry_run included")
+    return parser
+
+
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__, file=sys.stderr)
-        return 2
-    script, script_argv = argv[0], argv[1:]
+    """Start SCRIPT with its flags (`argv`: SCRIPT, then the flags) on the processes its recipe allows, or print
+    its plan with --dry_run; returns the exit code (replaced by the script's own when it starts)."""
+    parser = get_args_parser()
+    launched = parser.parse_args(argv)
+    script, script_argv = launched.script, launched.script_args
+    if not Path(script).is_file():
+        parser.error(f"no training script {script}: give the path of train_bml.py or train_baseline.py")
     module = load_script(script)
     args = module.get_args_parser().parse_args(script_argv)
     filled = apply_recipe(argparse.Namespace(**{**vars(args), "dataset": canonical_name(args.dataset)}))

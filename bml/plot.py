@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from bml import cli
 from bml.utils import messages
 
 EPOCH_LOG = "log.txt"
@@ -219,7 +219,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """`python -m bml.plot` and the `bml-plot` command."""
-    sys.exit(main(get_args_parser().parse_args()))
+    cli.run_command(get_args_parser, main)
 
 
 if __name__ == "__main__":

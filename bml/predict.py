@@ -8,7 +8,8 @@ classes); `--query` is an image or a folder, searched recursively. Every query g
 nearest prototype under the model's test-time rule (`bml.classifier`; `--vote` chooses how the views'
 logits are combined, as in the evaluation's results; `--head` how each view's are made), its confidence
 (softmax of the combined logits, divided by the vote's temperature when the checkpoint is calibrated:
-`bml.calibration`) and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
+`bml.calibration`; a warning says so when that temperature was fitted on another way or shot than the
+support's) and the runner-up class, written to a CSV `path,prediction,confidence,runner_up`.
 With `--reject CONFIDENCE` a query whose confidence is below it is labelled `unknown` (in the CSV, the
 summary and the sheet); `eval_bml.py --calibrate` reports, on val, the fraction kept and its accuracy at
 several thresholds.
@@ -20,16 +21,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import sys
 import warnings
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
 
 from bml import cli
 from bml.checkpoint import CheckpointError
-from bml.classifier import FewShotClassifier, FewShotInputError, Scores
+from bml.classifier import CalibrationWarning, FewShotClassifier, FewShotInputError, Scores
 from bml.contact_sheet import MAX_SUPPORT_ROWS, UNKNOWN, SheetQuery, draw_contact_sheet
-from bml.datasets import DatasetError
+from bml.datasets import DatasetError, default_num_workers
 from bml.datasets.image_files import image_problem
 from bml.scoring import COMBINED, HEADS, PROTO, VOTES
 from bml.utils import argtypes, messages
@@ -44,7 +44,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Few-shot prediction on your own images", add_help=False,
                                      parents=[cli.embedding_parser(), cli.input_parser(), cli.device_parser(),
                                               cli.data_root_parser()])
-    parser.set_defaults(embed_batch_size=64, num_workers=2)
+    parser.set_defaults(embed_batch_size=64)
     parser.add_argument("--support", required=True, help="folder with one sub-folder of images per class")
     parser.add_argument("--query", required=True, help="an image, or a folder searched recursively")
     parser.add_argument("--out", default="predictions.csv", help="CSV of path,prediction,confidence,runner_up")
@@ -172,12 +172,17 @@ def classified_queries(scores: Scores, paths: Sequence[Path], query_root: Path,
 
 
 def calibration_note(classifier: FewShotClassifier, checkpoint: str) -> str:
-    """Whether the confidences are calibrated, and how to calibrate them when they are not."""
-    if classifier.temperature is not None:
-        return (f"confidences calibrated: vote {classifier.vote} at temperature {classifier.temperature:.4g} "
-                f"(fitted on val)")
-    return (f"confidences uncalibrated: {checkpoint} holds no temperature for vote {classifier.vote}, so they are "
-            f"far too close to 1; fit one with eval_bml.py --ckp_path {checkpoint} --calibrate --save_calibration PATH")
+    """Whether the confidences of the fitted task are calibrated (when its way and shot are those the temperature
+    was fitted on), and how to calibrate them when they are not."""
+    if classifier.temperature is None:
+        return (f"confidences uncalibrated: {checkpoint} holds no temperature for vote {classifier.vote}, so they "
+                f"are far too close to 1; fit one with eval_bml.py --ckp_path {checkpoint} --calibrate "
+                f"--save_calibration PATH")
+    fitted = classifier.calibrated_on or {}
+    task = (f" {fitted['way']}-way {fitted['shot']}-shot episodes, this task's shape"
+            if "way" in fitted and "shot" in fitted else "")
+    return (f"confidences calibrated: vote {classifier.vote} at temperature {classifier.temperature:.4g} "
+            f"(fitted on val{task})")
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -196,6 +201,8 @@ def plain_warnings() -> Iterator[None]:
 def predict(args: argparse.Namespace) -> None:
     """Classify the queries, write the CSV (and the sheet) and print the summary."""
     args.device = resolve_device(args.device)
+    if args.num_workers is None:
+        args.num_workers = default_num_workers()
     query_root = Path(args.query)
     support = find_support(Path(args.support))
     if args.reject is not None and UNKNOWN in support:
@@ -214,9 +221,15 @@ def predict(args: argparse.Namespace) -> None:
     messages.info(f"{args.ckp_path}: views {' + '.join(classifier.view_names)} (vote {classifier.vote}, "
                   f"head {classifier.head}), {classifier.image_size} px input, "
                   f"on {args.device}; {len(support)} classes from {args.support}, {len(query_paths)} query files")
-    messages.info(calibration_note(classifier, args.ckp_path))
-    classifier.fit([path for paths in support.values() for path in paths],
-                   [name for name, paths in support.items() for _ in paths], skip_unreadable=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)   # said below, with the checkpoint's path
+        classifier.fit([path for paths in support.values() for path in paths],
+                       [name for name, paths in support.items() for _ in paths], skip_unreadable=True)
+    mismatch = classifier.calibration_mismatch(args.ckp_path)
+    if mismatch:
+        messages.warn(mismatch)
+    else:
+        messages.info(calibration_note(classifier, args.ckp_path))
     scores = classifier.score(query_paths, skip_unreadable=True)
     if not scores.kept:
         raise FewShotInputError(f"none of the {len(query_paths)} query files under {query_root} is a readable image")
@@ -245,9 +258,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """`python -m bml.predict` and the `bml-predict` command."""
-    parser = argparse.ArgumentParser(parents=[get_args_parser()], description=__doc__.split("\n")[0],
-                                     formatter_class=cli.HelpFormatter)
-    sys.exit(main(parser.parse_args()))
+    cli.run_command(get_args_parser, main, description=__doc__.split("\n")[0])
 
 
 if __name__ == "__main__":

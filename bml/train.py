@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from bml import cli
 from bml.recipes import BML_LOSSES
 from bml.training import get_common_parser, train
 from bml.utils import argtypes
@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """The `bml-train` command."""
-    sys.exit(main(get_args_parser().parse_args()))
+    cli.run_command(get_args_parser, main)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from bml import cli
 from bml.training import get_common_parser, train
 from bml.utils import argtypes
 
@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
 
 def command() -> None:
     """The `bml-train-baseline` command."""
-    sys.exit(main(get_args_parser().parse_args()))
+    cli.run_command(get_args_parser, main)
 
 
 if __name__ == "__main__":

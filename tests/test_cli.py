@@ -55,6 +55,6 @@ def test_evaluation_and_prediction_keep_batch_size_as_the_embedding_batch():
     from bml import predict
 
     args = eval_bml.get_args_parser().parse_args(["--ckp_path", "x.pth", "--batch_size", "7"])
-    assert args.embed_batch_size == 7 and (args.amp, args.n_shots, args.num_workers) == ("off", 5, 4)
+    assert args.embed_batch_size == 7 and (args.amp, args.n_shots, args.num_workers) == ("off", 5, None)
     args = predict.get_args_parser().parse_args(["--ckp_path", "x.pth", "--support", "s", "--query", "q"])
-    assert (args.embed_batch_size, args.num_workers) == (64, 2)
+    assert (args.embed_batch_size, args.num_workers) == (64, None)   # None: sized from the CPUs when run

@@ -266,8 +266,9 @@ def drawn_parameters(dataset: FileDataset, key: tuple[int, ...], count: int) -> 
 def test_images_of_mixed_sizes_send_their_crop_boxes(tmp_path):
     """Files of different sizes: each image's box is drawn on its own size and only its pixels are sent, in one
     canvas as large as the largest box; the device's crop of what was sent equals torchvision's `resized_crop`
-    of the whole image with the drawn box (PIL, within 1 level, as for stored images)."""
-    dataset = mixed_size_dataset(tmp_path)
+    of the whole image with the drawn box (PIL, within 1 level, as for stored images). At 32 px no box is longer
+    than twice the output (the images are at most 60 px), so none is resized on the host."""
+    dataset = mixed_size_dataset(tmp_path, size=32)
     plans = {0: np.arange(6).reshape(1, 1, 6)}.__getitem__
     sent, labels, parameters = StepBatches(dataset, plans, (3, 0), augment="device")[0, 0]
     drawn = drawn_parameters(dataset, (3, 0, 0, 0), 6)
@@ -276,25 +277,65 @@ def test_images_of_mixed_sizes_send_their_crop_boxes(tmp_path):
     assert sent.shape[1:] == (6, int(boxes[:, 2].max()), int(boxes[:, 3].max()), 3)
     assert torch.equal(parameters[0, :, BOX], torch.cat([torch.zeros(6, 2), boxes[:, 2:].float()], dim=1))
     assert torch.equal(parameters[0, :, SHIFT.start:], drawn[:, SHIFT.start:])    # colours, order and flips as drawn
-    cropped = DeviceAugment("E", 16).crop(sent[0].permute(0, 3, 1, 2).float(), parameters[0])
+    cropped = DeviceAugment("E", 32).crop(sent[0].permute(0, 3, 1, 2).float(), parameters[0])
     for image_index, box in enumerate(boxes.tolist()):
-        pil = np.asarray(TF.resized_crop(dataset.load_image(image_index), *box, [16, 16])).astype(np.float32)
+        pil = np.asarray(TF.resized_crop(dataset.load_image(image_index), *box, [32, 32])).astype(np.float32)
         difference = np.abs(cropped[image_index].permute(1, 2, 0).numpy() - pil)
         assert difference.max() <= 1.0
 
 
 def test_large_boxes_are_resized_on_the_host(tmp_path, monkeypatch):
-    """A box above MAX_SENT_PIXELS (a large photograph) is cropped and resized to S x S in PIL on the host, as
+    """A box longer than MAX_SENT_SIDE output sizes is cropped and resized to S x S in PIL on the host, as
     torchvision does it, and the device leaves it as it is: exactly torchvision's crop, whatever the box."""
-    monkeypatch.setattr(device_augment, "MAX_SENT_PIXELS", 0)
+    monkeypatch.setattr(device_augment, "MAX_SENT_SIDE", 0)
     dataset = mixed_size_dataset(tmp_path)
-    sent, _, parameters = StepBatches(dataset, {0: np.arange(6).reshape(1, 6)}.__getitem__, (3, 0), augment="device")[0, 0]
+    plans = {0: np.arange(6).reshape(1, 6)}.__getitem__
+    sent, _, parameters = StepBatches(dataset, plans, (3, 0), augment="device")[0, 0]
     boxes = drawn_parameters(dataset, (3, 0, 0, 0), 6)[:, BOX].long().tolist()
     assert sent.shape == (6, 16, 16, 3) and (parameters[:, BOX] == torch.tensor([0.0, 0.0, 16, 16])).all()
     cropped = DeviceAugment("E", 16).crop(sent.permute(0, 3, 1, 2).float(), parameters).round()
     expected = np.stack([np.asarray(TF.resized_crop(dataset.load_image(i), *box, [16, 16]))
                          for i, box in enumerate(boxes)])
     assert np.array_equal(cropped.permute(0, 2, 3, 1).numpy(), expected.astype(np.float32))
+
+
+def test_a_step_of_large_photographs_sends_a_bounded_canvas(tmp_path):
+    """Photographs much larger than the output (as CUB's ~500 px ones at 84 px): a step sends at most
+    (MAX_SENT_SIDE * S)^2 pixels per image, where one large box used to set the canvas of the whole step, and each
+    image still comes out as torchvision's `resized_crop` of its drawn box (within 1 level of 255)."""
+    size, sizes = 16, [(150, 210), (240, 180), (40, 30), (200, 200), (25, 60), (170, 120)]
+    paths = []
+    for k, (height, width) in enumerate(sizes):
+        paths.append(str(tmp_path / f"photo_{k}.png"))
+        Image.fromarray(smooth_images(1, max(height, width), seed=k)[0][:height, :width]).save(paths[-1])
+    dataset = FileDataset(np.array(paths), np.arange(6), [str(k) for k in range(6)],
+                          transform=build_transform("E", size, train=True), name="photos", split="train",
+                          transform_id="E", image_size=size)
+    plans = {0: np.arange(6).reshape(1, 6)}.__getitem__
+    sent, _, parameters = StepBatches(dataset, plans, (7, 0), augment="device")[0, 0]
+    boxes = drawn_parameters(dataset, (7, 0, 0, 0), 6)[:, BOX].long()
+    assert (boxes[:, 2:].amax(dim=1) > device_augment.MAX_SENT_SIDE * size).any()    # some boxes are large
+    assert sent.nbytes <= 6 * (device_augment.MAX_SENT_SIDE * size) ** 2 * 3
+    cropped = DeviceAugment("E", size).crop(sent.permute(0, 3, 1, 2).float(), parameters)
+    for image_index, box in enumerate(boxes.tolist()):
+        pil = np.asarray(TF.resized_crop(dataset.load_image(image_index), *box, [size, size])).astype(np.float32)
+        assert np.abs(cropped[image_index].permute(1, 2, 0).numpy() - pil).max() <= 1.0
+
+
+def test_device_augment_makes_no_tensor_from_host_values_per_step(monkeypatch):
+    """The normalisation constants are made once per (device, dtype): made at every step, each would be a blocking
+    host-to-device copy on CUDA. After a first step, further steps (and the evaluation's conversion with the same
+    statistics) create no tensor from Python values."""
+    images, parameters = torch.from_numpy(smooth_images(4, 20)), fixed_parameters(4, 20)
+    augment = DeviceAugment("A", 20)
+    first = augment(images, parameters)
+    made, tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor",
+                        lambda *args, **kwargs: made.append(kwargs.get("device")) or tensor(*args, **kwargs))
+    for _ in range(3):
+        assert torch.equal(augment(images, parameters), first)
+        device_augment.to_model_input(images, *NORMALIZATION["A"])
+    assert made == []
 
 
 @pytest.mark.parametrize("height, width", [(10, 200), (200, 10)])

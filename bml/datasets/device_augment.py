@@ -5,7 +5,8 @@ Host side, per image: for images held in one array (`ArrayDataset`: every publis
 the stored image is sent as it is, with its crop drawn as torchvision draws it (`draw_parameters`,
 vectorised over the step): a copy of the pixels and a few numbers. For images of mixed sizes (CUB's
 files, read from their decoded store, `bml.datasets.decoded`) the box is drawn on each image's own size
-and only its pixels are sent (`cut_regions`), so no resampling runs on the host either.
+and only its pixels are sent (`cut_regions`); a box longer than twice the output size is resized on the
+host instead, in PIL as torchvision does, which bounds a step's transfer.
 
 Device side, batched: the crop and resize are one resampling matrix per image and axis with PIL's
 bilinear weights (antialiased when shrinking, taps clipped to the crop box, as torchvision's
@@ -25,6 +26,7 @@ hue being off), flip with probability 0.5.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -42,8 +44,9 @@ BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
 BOX, SHIFT, FACTORS, ORDER, FLIP = slice(0, 4), slice(4, 6), slice(6, 9), slice(9, 12), 12
 GEOMETRY_COLUMNS, ALL_COLUMNS = 6, 13
 _CROP_TRIES = 10
-MAX_SENT_PIXELS = 512 * 512
-"""Largest crop box sent to the device as it is (every CUB image fits); larger ones are resized on the host."""
+MAX_SENT_SIDE = 2
+"""A crop box with a side longer than this many output sizes is resized on the host (`cut_regions`), so a step
+sends at most (MAX_SENT_SIDE * S)^2 pixels per image, whatever the photographs' sizes."""
 
 
 def parameter_columns(transform_id: str) -> int:
@@ -111,15 +114,17 @@ def cut_regions(images: Sequence[np.ndarray], parameters: torch.Tensor, image_si
 
     Each image's crop box is cut out (a copy of its pixels, no resampling) and placed at the top left of
     one canvas, as large as the largest box of the batch (zero elsewhere: the device's taps never reach
-    outside a box). A box of more than MAX_SENT_PIXELS (a large photograph) is cropped and resized to
-    S x S here, in PIL as torchvision's `resized_crop` does, so a batch never grows with the photographs.
+    outside a box). A box with a side above MAX_SENT_SIDE * S (most boxes of CUB's ~500 px photographs
+    at 84 px) is cropped and resized to S x S here, in PIL as torchvision's `resized_crop` does (the device
+    then leaves it as it is), so the canvas is at most (MAX_SENT_SIDE * S)^2 pixels per image: one large box
+    would otherwise make the whole step's transfer that large.
     """
     size = int(image_size)
     boxes = parameters[:, BOX].long().tolist()
     regions = []
     for image, (top, left, height, width) in zip(images, boxes):
         region = image[top:top + height, left:left + width]
-        if height * width > MAX_SENT_PIXELS:
+        if max(height, width) > MAX_SENT_SIDE * size:
             region = np.asarray(Image.fromarray(np.ascontiguousarray(region)).resize((size, size), Image.BILINEAR))
         regions.append(region)
     sent = torch.tensor([region.shape[:2] for region in regions], dtype=torch.float32).reshape(-1, 2)
@@ -199,10 +204,19 @@ def jitter_and_flip(images: torch.Tensor, parameters: torch.Tensor) -> torch.Ten
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
+@functools.lru_cache(maxsize=64)
+def channel_constants(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a (3, 1, 1) tensor on `device`, made once per (values, device, dtype): made at every call it
+    would be a blocking host-to-device copy per step on CUDA. A normal tensor even when first asked for under
+    inference mode, so that training can use it too."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device).view(3, 1, 1)
+
+
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(N, 3, H, W) floats in [0, 1] normalised per channel (torchvision's Normalize: the same two operations,
     so the same values)."""
-    mean, std = (torch.tensor(values, dtype=torch.float32, device=images.device).view(3, 1, 1) for values in (mean, std))
+    mean, std = (channel_constants(tuple(map(float, values)), images.device, images.dtype) for values in (mean, std))
     return images.sub(mean).div(std)
 
 

@@ -10,14 +10,14 @@ import sys
 from pathlib import Path
 
 from bml.training.settings import SettingsError
-from bml.utils.io import LOCK_FILE, check_output_folder, folder_lock, link_error, remove_orphan_temporaries
+from bml.utils.io import HOLDER_FILE, LOCK_FILE, check_output_folder, folder_lock, link_error, remove_orphan_temporaries
 from bml.utils.messages import info
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
 RUN_RECORDS = (LAST_CHECKPOINT, BEST_CHECKPOINT, "epoch_*.pth", "log.txt")
 """Files that make a folder another run's: a fresh run never overwrites or appends to them."""
-RUN_FILES = (*RUN_RECORDS, LOCK_FILE, "config.json", "log_steps.txt", "messages.txt", "curves.png", "tensorboard")
+RUN_FILES = (*RUN_RECORDS, LOCK_FILE, HOLDER_FILE, "config.json", "log_steps.txt", "messages.txt", "curves.png", "tensorboard")
 """Every file a run writes in its folder: none may be a link (it would be written through), and only the
 temporary files of these are removed as left by a killed save."""
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]

@@ -6,6 +6,7 @@ by monkeypatching those queries):
 
 - whether the installed torch build has kernels for the GPU (`check_cuda_arch`): a wheel built
   without the device's `sm_XY` fails with "no kernel image" in the middle of the first step;
+  `build_to_install` names the build that has them (`python -m bml.doctor` reports the same);
 - which autocast precision a `--amp` request gets (`resolve_amp`): bf16 is native from compute
   capability 8.0 (Ampere) on; `torch.cuda.is_bf16_supported()` also answers True on older GPUs,
   where bf16 is emulated and slow, so the capability decides;
@@ -74,20 +75,38 @@ def build_runs_on(capability: tuple[int, int], arch_list: list[str]) -> bool:
     return False
 
 
+LEGACY_CUDA_INDEX = "https://download.pytorch.org/whl/cu126"
+"""PyTorch's CUDA 12.6 wheels: the newest build with kernels for GPUs below compute capability 7.5 (Maxwell,
+Pascal, Volta: GTX 9xx/10xx, P100, V100), which CUDA 13 builds (PyPI's default wheel) no longer have."""
+LEGACY_BELOW = (7, 5)
+
+
+def build_to_install(capability: tuple[int, int]) -> str:
+    """Which torch build has kernels for a GPU of `capability`, and the command that installs it."""
+    if tuple(capability) < LEGACY_BELOW:
+        return (f"PyTorch's CUDA 12.6 build, the last with kernels below compute capability 7.5: "
+                f"make install TORCH_INDEX={LEGACY_CUDA_INDEX} (README, Install)")
+    return (f"a build for a newer CUDA whose torch.cuda.get_arch_list() includes sm_{capability[0]}{capability[1]}: "
+            f"PyPI's default wheel (make install TORCH_INDEX=) or one from {INSTALL_HELP}")
+
+
+def missing_kernels(gpu: GpuInfo) -> str | None:
+    """Why this torch build cannot run on `gpu` and what to install instead; None when it has kernels for it."""
+    arch_list = list(torch.cuda.get_arch_list())
+    if build_runs_on(gpu.capability, arch_list):
+        return None
+    built = ", ".join(arch_list) or "none"
+    return (f"this torch build ({torch.__version__}, CUDA {torch.version.cuda}) has no kernels for the GPU {gpu.name} "
+            f"(compute capability {gpu.capability[0]}.{gpu.capability[1]}, {gpu.arch}); it was built for: {built}. "
+            f"Install {build_to_install(gpu.capability)}")
+
+
 def check_cuda_arch(device: torch.device) -> None:
     """Raise DeviceError, before any step runs, when this torch build has no kernels for `device`."""
     gpu = gpu_info(device)
-    if gpu is None:
-        return
-    arch_list = list(torch.cuda.get_arch_list())
-    if build_runs_on(gpu.capability, arch_list):
-        return
-    built = ", ".join(arch_list) or "none"
-    raise DeviceError(
-        f"this torch build ({torch.__version__}, CUDA {torch.version.cuda}) has no kernels for the GPU {gpu.name} "
-        f"(compute capability {gpu.capability[0]}.{gpu.capability[1]}, {gpu.arch}); it was built for: {built}. "
-        f"Install a torch wheel whose CUDA version supports {gpu.arch} ({INSTALL_HELP}; newer GPUs need a newer "
-        f"CUDA wheel, older GPUs an older one), or train with --device cpu")
+    problem = None if gpu is None else missing_kernels(gpu)
+    if problem:
+        raise DeviceError(f"{problem}; or train with --device cpu")
 
 
 def bf16_native(device: torch.device) -> bool:
@@ -125,13 +144,11 @@ def tf32_active(tf32: str, device: torch.device) -> bool:
 
 
 def configure_tf32(tf32: str) -> None:
-    """--tf32 on: PyTorch's default (convolutions may use TF32, matrix products stay fp32); off: full fp32."""
-    precision = "tf32" if tf32 == "on" else "ieee"
-    if hasattr(torch.backends.cudnn, "conv"):    # the fp32_precision API (torch 2.9+)
-        torch.backends.cudnn.conv.fp32_precision = precision
-        if tf32 == "off":
-            torch.backends.cuda.matmul.fp32_precision = "ieee"
-    else:
-        torch.backends.cudnn.allow_tf32 = tf32 == "on"
-        if tf32 == "off":
-            torch.backends.cuda.matmul.allow_tf32 = False
+    """--tf32 on: PyTorch's default (cuDNN may use TF32, matrix products stay fp32); off: every fp32 operation in fp32.
+
+    Set through the boolean flags: they set cuDNN's convolutions and RNNs together, and the `fp32_precision`
+    settings of torch 2.9+ follow them. Setting only the convolutions' fp32_precision leaves cuDNN
+    half-configured: reading `torch.backends.cudnn.allow_tf32` (torch.compile's convolution templates do) raises.
+    """
+    torch.backends.cudnn.allow_tf32 = tf32 == "on"
+    torch.backends.cuda.matmul.allow_tf32 = False

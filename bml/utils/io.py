@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import fnmatch
 import os
 import re
@@ -15,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+import filelock
 
 TEMPORARY_SUFFIX = ".tmp"
 TEMPORARY_NAME = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
@@ -130,10 +131,12 @@ def not_regular_file(path: str | os.PathLike) -> str | None:
 def open_no_follow(path: str | os.PathLike, flags: int, mode: str) -> IO:
     """`open` for a file the project writes in a folder it owns (a run folder), never through a link: a link
     where the file should be is an OutputError (it could point at any file of the user's)."""
+    if not NO_FOLLOW and Path(path).is_symlink():   # no O_NOFOLLOW (Windows): look first
+        raise link_error(Path(path))
     try:
-        descriptor = os.open(path, flags | NO_FOLLOW | os.O_CLOEXEC, 0o666)
+        descriptor = os.open(path, flags | NO_FOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as error:
-        if error.errno == errno.ELOOP or (NO_FOLLOW == 0 and Path(path).is_symlink()):
+        if error.errno == errno.ELOOP:
             raise link_error(Path(path)) from None
         raise
     return os.fdopen(descriptor, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
@@ -206,48 +209,48 @@ def check_output_file(path: str | os.PathLike, flag: str) -> Path:
 
 
 LOCK_FILE = ".lock"
+HOLDER_FILE = ".lock.pid"
+"""The process id of the lock's holder, for the message a second run gets (a locked file may not be
+readable on Windows, so it is kept beside the lock)."""
 
 
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `folder` while the block runs; OutputError at once if another process
-    holds it. The lock is the kernel's (flock), so a crashed or killed holder never leaves it stuck."""
-    path = Path(folder) / LOCK_FILE
-    with open_no_follow(path, os.O_RDWR | os.O_CREAT, "r+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise OutputError(errno.EBUSY, f"another run (process {holder}) is writing to {folder}: wait for it to "
-                                           "finish, or choose another --save_folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @contextlib.contextmanager
-def waiting_folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on the folder itself while the block runs, waiting for another holder to finish: for
-    files that must change together (a results file and its JSON), never half of one process's and half of
-    another's."""
-    descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` while the block runs; OutputError at once if another process
+    holds it. The lock is the operating system's (`filelock`: flock on Unix, LockFileEx on Windows), so a
+    crashed or killed holder never leaves it stuck. A link where the lock or its holder file should be is an
+    OutputError (opening it would truncate the link's target)."""
+    folder = Path(folder)
+    for name in (LOCK_FILE, HOLDER_FILE):
+        if (folder / name).is_symlink():
+            raise link_error(folder / name)
+    lock = filelock.FileLock(folder / LOCK_FILE, timeout=0)
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        lock.acquire()
+    except filelock.Timeout:
+        holder = folder / HOLDER_FILE
+        pid = (holder.read_text().strip() if holder.is_file() else "") or "unknown"
+        raise OutputError(errno.EBUSY, f"another run (process {pid}) is writing to {folder}: wait for it to "
+                                       "finish, or choose another --save_folder") from None
+    try:
+        with open_no_follow(folder / HOLDER_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, "w") as holder:
+            holder.write(f"{os.getpid()}\n")
         yield
     finally:
-        os.close(descriptor)   # releases the lock
+        (folder / HOLDER_FILE).unlink(missing_ok=True)
+        lock.release()
+
+
+RESULTS_LOCK_FILE = ".results.lock"
 
 
 def atomic_write_together(contents: dict[Path, str]) -> None:
     """Write text files as one unit: every file is written to its temporary file first, then all are renamed under
-    the lock of the first file's folder, so that concurrent writers never leave one file of each. A full disk
-    raises OutputError and changes none of them."""
+    a lock (`RESULTS_LOCK_FILE` in the first file's folder, waited for), so that concurrent writers never leave one
+    file of each. A full disk raises OutputError and changes none of them."""
     with contextlib.ExitStack() as stack:
         renames = []
         for path, text in contents.items():
@@ -257,7 +260,7 @@ def atomic_write_together(contents: dict[Path, str]) -> None:
             renames.append((handle, path))
         stack.close()   # every temporary file complete and fsynced, or an error before any rename
     try:
-        with waiting_folder_lock(Path(next(iter(contents))).parent):
+        with filelock.FileLock(Path(next(iter(contents))).parent / RESULTS_LOCK_FILE):
             for handle, path in renames:
                 os.replace(handle.temporary, path)
     finally:
