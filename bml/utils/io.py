@@ -217,9 +217,6 @@ readable on Windows, so it is kept beside the lock)."""
 @contextlib.contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive lock on `folder` while the block runs; OutputError at once if another process
-@contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` while the block runs; OutputError at once if another process
     holds it. The lock is the operating system's (`filelock`: flock on Unix, LockFileEx on Windows), so a
     crashed or killed holder never leaves it stuck. A link where the lock or its holder file should be is an
     OutputError (opening it would truncate the link's target)."""
