@@ -21,10 +21,11 @@ _log_file: TextIO | None = None
 
 
 def _is_main_process() -> bool:
-    """Rank 0, or a single process; imported lazily so that this module stays at the bottom layer."""
-    from bml.utils.distributed import is_main_process
+    """Rank 0, or a single process; torch's process group asked directly (imported lazily), so that this module
+    stays at the bottom layer, below `bml.utils.distributed`, which tells through it what a rendezvous waits for."""
+    import torch.distributed as dist
 
-    return is_main_process()
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def log_to(path: str | Path | None) -> None:
