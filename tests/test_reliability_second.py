@@ -184,12 +184,12 @@ def test_a_results_file_and_its_json_are_written_as_one_unit(tmp_path, monkeypat
     original, second = os.replace, {}
 
     def replace(source, destination):
-        if not second and str(destination).endswith(".txt"):
+        original(source, destination)
+        if not second and str(destination).endswith(".txt"):   # the first's text file is in place, not its JSON
             second["thread"] = threading.Thread(target=write_results, args=(
                 results_of(47.93), "glyphs", 1, tmp_path, None, {"checkpoint": "second.pth"}))
             second["thread"].start()
             second["thread"].join(timeout=5)   # finishes at once without a lock; waits for the first with one
-        return original(source, destination)
 
     monkeypatch.setattr(os, "replace", replace)
     text, json_path = write_results(results_of(44.0), "glyphs", 1, tmp_path, None, {"checkpoint": "first.pth"})
