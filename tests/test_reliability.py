@@ -235,7 +235,7 @@ def eval_args(checkpoint: Path, out: Path, *extra: str) -> argparse.Namespace:
 
 
 def test_eval_checks_its_outputs_before_embedding(tmp_path, checkpoint_path, capsys, monkeypatch):
-    monkeypatch.setattr(eval_bml, "evaluate_heads", lambda *a, **k: pytest.fail("evaluated"))
+    monkeypatch.setattr(sys.modules["bml.evaluate"], "evaluate_heads", lambda *a, **k: pytest.fail("evaluated"))
     (tmp_path / "file").write_text("")
     assert eval_bml.main(eval_args(checkpoint_path, tmp_path / "file")) == 1
     assert "is a file, not a folder" in capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_eval_prints_results_before_writing_them(tmp_path, checkpoint_path, caps
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(eval_bml, "write_results", full_disk)
+    monkeypatch.setattr(sys.modules["bml.evaluate"], "write_results", full_disk)
     assert eval_bml.main(eval_args(checkpoint_path, tmp_path / "out")) == 1
     captured = capsys.readouterr()
     assert "==> Mean ACC on glyphs_val" in captured.out and "could not be written" in captured.err
