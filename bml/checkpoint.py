@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import io
+import math
 import os
 import pickle
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ import torch
 
 from bml.models import MODELS, FewShotModel, build_model, recognised_model
 from bml.models.backbones import BACKBONES, canonical_backbone, recognised_backbone
-from bml.utils.io import OutputError, atomic_write, disk_full_error
+from bml.utils.io import OutputError, atomic_write, disk_full_error, not_regular_file
 from bml.utils.messages import warn
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -36,6 +37,10 @@ RELEASED_WEIGHTS_HINT = ("The authors' released weights (ResNet-12, one file per
 """Where a checkpoint comes from, for the error a missing one gives."""
 MISMATCH_KEYS_SHOWN = 5
 """Keys named per kind of mismatch (missing, unexpected, mis-shaped); the rest are counted."""
+
+
+TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed", "unexpected pos")
+"""How torch's zip writer words a write that failed (its ENOSPC becomes a RuntimeError with these)."""
 
 
 class CheckpointError(ValueError):
@@ -60,10 +65,16 @@ class _ByteCounter(io.RawIOBase):
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``:
     a crash mid-save never leaves a truncated checkpoint behind. A full disk raises OutputError
-    naming the folder and the checkpoint's size; the previous ``path`` is kept."""
+    naming the folder and the checkpoint's size; the previous ``path`` is kept. torch's zip writer reports a
+    write that failed part-way (a disk filling up) as a RuntimeError of its own, translated here too."""
     try:
         with atomic_write(path) as handle:
-            torch.save(dict(state), handle)
+            try:
+                torch.save(dict(state), handle)
+            except RuntimeError as error:
+                if not any(marker in str(error) for marker in TORCH_WRITE_FAILURES):
+                    raise
+                raise OSError(errno.ENOSPC, f"torch could not write the file: {str(error).splitlines()[0]}") from error
     except OutputError as error:
         if error.errno != errno.ENOSPC:
             raise
@@ -84,6 +95,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     other pickled object (which is refused, never executed) or one that is not a torch checkpoint.
     """
     path = Path(path)
+    if problem := not_regular_file(path):
+        raise CheckpointError(f"{problem}: give the path of a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}. {RELEASED_WEIGHTS_HINT}")
     try:
@@ -124,21 +137,54 @@ def model_config(state: Mapping[str, Any]) -> dict[str, Any]:
     Taken from the checkpoint's config where it has them, otherwise inferred from the weights
     (`infer_model_config`). Released configs are the original's Namespace: 'Res12'/'Res18' backbones, no width.
     """
-    config = state.get("config")
-    settings = dict(vars(config) if isinstance(config, argparse.Namespace) else config or {})
+    settings = config_settings(state)
     weights = model_state_dict(state)
     inferred = infer_model_config(weights)
     kind = settings.get("model") if settings.get("model") in MODELS else inferred["model"]
+    try:
+        backbone = canonical_backbone(checked_setting(settings, "backbone", str) or inferred["backbone"])
+    except ValueError as error:
+        raise CheckpointError(f"the checkpoint's config: {error}") from None
     result = {
         "model": kind,
-        "backbone": canonical_backbone(settings.get("backbone") or inferred["backbone"]),
-        "width": float(settings.get("width") or inferred["width"]),
-        "num_classes": settings.get("num_classes") or inferred["num_classes"],
+        "backbone": backbone,
+        "width": float(checked_setting(settings, "width", float, minimum=0) or inferred["width"]),
+        "num_classes": checked_setting(settings, "num_classes", int, minimum=0) or inferred["num_classes"],
         "spatial": bool(settings.get("spatial", inferred["spatial"])),
-        "drop_rate": float(settings.get("drop_rate", 0.1)),
+        "drop_rate": float(0.1 if settings.get("drop_rate") is None else checked_setting(settings, "drop_rate", float)),
     }
+    checked_setting(settings, "image_size", int, minimum=0)
+    for key in ("dataset", "transform"):
+        checked_setting(settings, key, str)
     result.update({key: settings[key] for key in CONFIG_PASSTHROUGH if settings.get(key) is not None})
     return result
+
+
+def config_settings(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The checkpoint's `config` as a dict (a Namespace, a dict, or none); CheckpointError for anything else."""
+    config = state.get("config")
+    if config is None:
+        return {}
+    if not isinstance(config, (argparse.Namespace, Mapping)):
+        raise CheckpointError(f"the checkpoint's 'config' is a {type(config).__name__}, not the settings of a run "
+                              "(an argparse.Namespace or a dict): restore the file, or delete its 'config' entry")
+    return dict(vars(config) if isinstance(config, argparse.Namespace) else config)
+
+
+def checked_setting(settings: Mapping[str, Any], key: str, kind: type, minimum: float | None = None) -> Any:
+    """`settings[key]` (None when absent) when it is a `kind` (an int for float too; never a bool) above
+    `minimum`; CheckpointError naming the field otherwise."""
+    value = settings.get(key)
+    if value is None:
+        return None
+    allowed = (int, float) if kind is float else kind
+    numeric = kind in (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed) or \
+            (numeric and not (math.isfinite(value) and (minimum is None or value > minimum) and value < 2**31)):
+        bound = f" > {minimum:g}" if minimum is not None else ""
+        raise CheckpointError(f"the checkpoint's config has {key} = {value!r:.80}, not a {kind.__name__}{bound}: "
+                              "the file was edited or damaged; restore it, or delete that entry")
+    return value
 
 
 def infer_model_config(weights: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -192,8 +238,17 @@ def model_from_state(state: Mapping[str, Any], device: str | torch.device = "cpu
         raise CheckpointError(f"cannot build a model for {source}: {error}") from error
     check_state_dict(model, weights)
     model.load_state_dict(weights, strict=True)
-    model.dropblock_step = int(state.get("dropblock_step", 0))
+    model.dropblock_step = checked_counter(state, "dropblock_step")
     return model.to(device).eval()
+
+
+def checked_counter(state: Mapping[str, Any], key: str, default: int = 0) -> int:
+    """A step counter of a checkpoint (`dropblock_step`, `step`): a non-negative int, else CheckpointError."""
+    value = state.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise CheckpointError(f"the checkpoint's '{key}' is {value!r:.80}, not a step count (an integer >= 0): the "
+                              "file was edited or damaged; restore it, or delete that entry")
+    return value
 
 
 CALIBRATION_KEY = "calibration"

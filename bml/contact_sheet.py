@@ -14,6 +14,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from bml.classifier import load_rgb
+from bml.utils.io import explain_disk_full
 
 THUMBNAIL_PIXELS = 128
 CELL_INCHES = 1.1
@@ -22,6 +23,8 @@ COLOURS = {None: "black", True: "tab:green", False: "red"}
 UNKNOWN = "unknown"
 """The prediction of a query whose confidence is below the rejection threshold."""
 UNKNOWN_COLOUR = "tab:gray"
+MAX_SUPPORT_ROWS = 20
+"""Support classes drawn on a sheet (one row each); more are evenly spaced, as the queries are."""
 
 
 @dataclass
@@ -92,13 +95,22 @@ def _frame(ax: Axes, colour: str, width: float) -> None:
 
 
 def draw_contact_sheet(path: str | os.PathLike, support: Mapping[Hashable, Sequence[Path]],
-                       queries: Sequence[SheetQuery], max_queries: int = 100, columns: int = 10) -> int:
+                       queries: Sequence[SheetQuery], max_queries: int = 100, columns: int = 10,
+                       max_classes: int = MAX_SUPPORT_ROWS) -> int:
     """Write the sheet to `path` (format from its suffix) and return how many queries it shows.
 
-    One row per support class (up to `columns` shots drawn); below, at most `max_queries` queries,
-    evenly spaced over `queries` when there are more. The query heading gives the accuracy over all
-    queries whose true class is known.
+    One row per support class (up to `columns` shots drawn), at most `max_classes` rows, evenly spaced over the
+    classes when there are more; below, at most `max_queries` queries, evenly spaced over `queries` when there
+    are more. The query heading gives the accuracy over all queries whose true class is known. A full disk is
+    an OutputError.
     """
+    classes = list(support)
+    drawn_classes = [classes[i] for i in evenly_spaced(len(classes), max_classes)]
+    shots = sum(len(paths) for paths in support.values())
+    counts = f"{len(support)} classes, {shots} images"
+    if len(drawn_classes) < len(classes):
+        counts += f"; {len(drawn_classes)} of the classes shown, evenly spaced"
+    support = {label: support[label] for label in drawn_classes}
     shown = [queries[i] for i in evenly_spaced(len(queries), max_queries)]
     label = short_labels([*support, *(query.prediction for query in queries), *(query.truth for query in queries
                                                                                if query.truth is not None)])
@@ -108,8 +120,7 @@ def draw_contact_sheet(path: str | os.PathLike, support: Mapping[Hashable, Seque
     figure = Figure(figsize=(columns * CELL_INCHES + 1.2, sum(heights)), layout="constrained")
     support_figure, query_figure = figure.subfigures(2, 1, height_ratios=heights)
 
-    shots = sum(len(paths) for paths in support.values())
-    support_figure.suptitle(f"Support set: {len(support)} classes, {shots} images", fontsize=11, weight="bold")
+    support_figure.suptitle(f"Support set: {counts}", fontsize=11, weight="bold")
     support_axes = support_figure.subplots(len(support), columns, squeeze=False)
     for row, (name, paths) in zip(support_axes, support.items()):
         for column, ax in enumerate(row):
@@ -134,7 +145,8 @@ def draw_contact_sheet(path: str | os.PathLike, support: Mapping[Hashable, Seque
             _frame(ax, COLOURS[False], 3.0)
         colour = UNKNOWN_COLOUR if query.rejected else COLOURS[query.correct]
         ax.set_title(title, fontsize=8, color=colour, parse_math=False)
-    figure.savefig(path, dpi=100)
+    with explain_disk_full(path):
+        figure.savefig(path, dpi=100)
     return len(shown)
 
 

@@ -37,7 +37,7 @@ from bml.scoring import BASE_MEAN, COMBINED, HEADS, PROTO, heads_needing
 from bml.utils import argtypes, messages
 from bml.utils.device import configure_tf32, tf32_active
 from bml.utils.distributed import DeviceError, resolve_device
-from bml.utils.io import OutputError, check_output_file
+from bml.utils.io import OutputError, check_output_file, check_output_folder, check_outputs_are_not_inputs
 
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -135,6 +135,10 @@ def main(args: argparse.Namespace) -> int:
         check_output_file(paths.text, "--output_dir")
         check_output_file(paths.json, "--json")
         check_calibration_output(args)
+        check_outputs_are_not_inputs({"the results file of --output_dir": text_path, "--json": json_path,
+                                      "--save_calibration": args.save_calibration}, {"--ckp_path": [args.ckp_path]})
+        if args.cache_dir is not None:
+            check_output_folder(args.cache_dir, "--cache_dir")
         heads = list(dict.fromkeys([PROTO, *args.head]))
         base_dataset = (build_evaluation_dataset(dataset_name, "train", args.data_root, image_size, transform)
                         if heads_needing(BASE_MEAN, heads) else None)

@@ -45,8 +45,26 @@ class RunLog:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The JSON lines of a log file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The JSON lines of a log file, each an object with a numeric `epoch`; PlotError naming the first line that
+    is not (a binary or edited file)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlotError(f"{path} is not a text file: pass the folder of a training run (its log.txt)") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            entry = None
+        epoch = entry.get("epoch") if isinstance(entry, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch):
+            raise PlotError(f"line {number} of {path} is not a log entry (a JSON object with a numeric 'epoch'): "
+                            f"{line[:80]!r}; restore the file or delete that line")
+        entries.append(entry)
+    return entries
 
 
 def read_run(folder: str | Path, label: str | None = None) -> RunLog:
@@ -58,7 +76,8 @@ def read_run(folder: str | Path, label: str | None = None) -> RunLog:
 
 
 def _series(entries: list[dict], key: str) -> tuple[list[float], list[float]]:
-    points = [(entry["epoch"], entry[key]) for entry in entries if key in entry]
+    points = [(entry["epoch"], entry[key]) for entry in entries
+              if isinstance(entry.get(key), (int, float)) and not isinstance(entry[key], bool)]
     return ([x for x, _ in points], [y for _, y in points]) if points else ([], [])
 
 
@@ -115,16 +134,28 @@ def validation_title(folder: Path) -> str:
     """The validation panel's title, with the episode shape from the run's config.json when there is one."""
     config_path = Path(folder) / "config.json"
     if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        if "n_ways" in config and "n_shots" in config:
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):   # a damaged config costs the title its episode shape only
+            config = None
+        if isinstance(config, dict) and "n_ways" in config and "n_shots" in config:
             return f"val accuracy, {config['n_ways']}-way {config['n_shots']}-shot (%)"
     return "val accuracy (%)"
+
+
+def check_image_format(path: Path) -> None:
+    """The image format of `path`'s suffix must be one Matplotlib writes: checked before the logs are read."""
+    formats = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise PlotError(f"-o {path}: {path.suffix or 'no suffix'} is not an image format Matplotlib writes; end the "
+                        f"name with one of {', '.join('.' + name for name in sorted(formats))}")
 
 
 def plot_runs(folders: Sequence[str | Path], path: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Draw the curves of the runs in `folders` into the image `path` (its format from the suffix)."""
     if labels is not None and len(labels) != len(folders):
         raise PlotError(f"{len(labels)} labels for {len(folders)} runs: give one label per run folder")
+    check_image_format(Path(path))
     runs = [read_run(folder, label) for folder, label in zip(folders, labels or [None] * len(folders))]
     if not any(run.epochs or run.steps for run in runs):
         raise PlotError(f"the logs of {', '.join(map(str, folders))} are empty: no epoch has finished yet")

@@ -28,12 +28,14 @@ from pathlib import Path
 from bml import cli
 from bml.checkpoint import CheckpointError
 from bml.classifier import CalibrationWarning, FewShotClassifier, FewShotInputError, Scores
-from bml.contact_sheet import UNKNOWN, SheetQuery, draw_contact_sheet
+from bml.contact_sheet import MAX_SUPPORT_ROWS, UNKNOWN, SheetQuery, draw_contact_sheet
 from bml.datasets import DatasetError, default_num_workers
+from bml.datasets.image_files import image_problem
 from bml.scoring import COMBINED, HEADS, PROTO, VOTES
 from bml.utils import argtypes, messages
 from bml.utils.distributed import DeviceError, resolve_device
-from bml.utils.io import OutputError, check_output_file
+from bml.utils.io import (OutputError, atomic_write, check_output_file, check_outputs_are_not_inputs,
+                          not_regular_file)
 
 CSV_COLUMNS = ("path", "prediction", "confidence", "runner_up")
 
@@ -95,13 +97,15 @@ def find_support(folder: Path) -> dict[str, list[Path]]:
     return support
 
 
-def find_queries(path: Path, exclude: set[Path]) -> list[Path]:
-    """The query image, or every visible file under the query folder except the run's own outputs."""
+def find_queries(path: Path) -> list[Path]:
+    """The query image, or every visible file under the query folder."""
+    if problem := not_regular_file(path):
+        raise FewShotInputError(f"--query: {problem}: give an image or a folder")
     if path.is_file():
         return [path]
     if not path.is_dir():
         raise FileNotFoundError(f"--query {path} does not exist")
-    files = [file for file in visible_files(path) if file.resolve() not in exclude]
+    files = visible_files(path)
     if not files:
         raise FewShotInputError(f"no files found under --query {path}")
     return files
@@ -117,6 +121,14 @@ def warn_of_support_queries(support: dict[str, list[Path]], queries: Sequence[Pa
                       f"images; give --query a folder of other images than --support")
 
 
+def earlier_outputs_left_out(queries: list[Path], query_root: Path, outputs: Sequence[str | None]) -> list[Path]:
+    """The queries, less a file in the query folder that this run writes and that is not an image (the CSV of an
+    earlier run): one that is an image stays a query, so that writing over it is refused."""
+    written = {Path(path).resolve() for path in outputs if path}
+    return [path for path in queries
+            if not (path != query_root and path.resolve() in written and image_problem(path))]
+
+
 def true_class(path: Path, query_root: Path, classes: set[str]) -> str | None:
     """The top-level sub-folder of `query_root` holding `path` when it is named after a support class."""
     if not query_root.is_dir():
@@ -126,8 +138,8 @@ def true_class(path: Path, query_root: Path, classes: set[str]) -> str | None:
 
 
 def write_predictions(path: Path, queries: Sequence[SheetQuery], runners_up: Sequence[Hashable]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
+    """The CSV, written atomically (a full disk is an OutputError; the previous file stays)."""
+    with atomic_write(path, "w") as file:
         writer = csv.writer(file)
         writer.writerow(CSV_COLUMNS)
         for query, runner_up in zip(queries, runners_up):
@@ -210,8 +222,10 @@ def predict(args: argparse.Namespace) -> None:
     check_output_file(args.out, "--out")
     if args.sheet:
         check_output_file(args.sheet, "--sheet")
-    outputs = {Path(path).resolve() for path in (args.out, args.sheet) if path}
-    query_paths = find_queries(query_root, outputs)
+    query_paths = earlier_outputs_left_out(find_queries(query_root), query_root, (args.out, args.sheet))
+    check_outputs_are_not_inputs({"--out": args.out, "--sheet": args.sheet},
+                                 {"--ckp_path": [args.ckp_path], "--support": [p for ps in support.values() for p in ps],
+                                  "--query": query_paths})
     classifier = FewShotClassifier.from_checkpoint(args.ckp_path, device=args.device, batch_size=args.embed_batch_size,
                                                    num_workers=args.num_workers, image_size=args.image_size,
                                                    transform_id=args.transform, progress=not args.no_progress,
@@ -239,7 +253,9 @@ def predict(args: argparse.Namespace) -> None:
     if args.sheet:
         shown = draw_contact_sheet(args.sheet, support, queries, max_queries=args.sheet_max)
         capped = f" (capped at --sheet_max {args.sheet_max}: {shown} of {len(queries)} queries shown)"
-        messages.info(f"wrote the contact sheet {args.sheet}{capped if shown < len(queries) else ''}")
+        rows = (f" ({MAX_SUPPORT_ROWS} of the {len(support)} support classes shown)"
+                if len(support) > MAX_SUPPORT_ROWS else "")
+        messages.info(f"wrote the contact sheet {args.sheet}{capped if shown < len(queries) else ''}{rows}")
 
 
 def main(args: argparse.Namespace) -> int:

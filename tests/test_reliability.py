@@ -330,7 +330,7 @@ def test_full_disk_is_said_and_the_previous_checkpoint_stays(tmp_path, capsys, m
 def test_orphan_temporary_checkpoints_are_removed_on_the_next_start(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    orphan = folder / ".last.pth.abc123.tmp"   # what a SIGKILL during a save leaves
+    orphan = folder / ".last.pth.abc123xy.tmp"   # what a SIGKILL during a save leaves (mkstemp's name)
     orphan.write_bytes(b"half a checkpoint")
     assert train(folder) == 0
     assert not orphan.exists() and (folder / "last.pth").is_file()

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from bml.utils.io import atomic_write
+from bml.utils.io import atomic_write, not_regular_file
 from bml.utils.messages import warn
 
 from .base import ReadOptions, SplitData
@@ -172,8 +172,10 @@ def cache_digest(arrays: dict[str, np.ndarray]) -> str:
 
 def read_cache(path: Path) -> dict[str, np.ndarray] | None:
     """The cached arrays, or None (with a note that it is rebuilt) when the file is damaged, incomplete or edited
-    (its digest differs from its contents')."""
+    (its digest differs from its contents'), or not a regular file (a FIFO would block the read)."""
     try:
+        if problem := not_regular_file(path):
+            raise OSError(problem)
         with np.load(path, allow_pickle=False) as cached:
             arrays = {key: cached[key] for key in cached.files}
         problem = None if set(arrays) == CACHED_ARRAYS | {DIGEST} else f"arrays {sorted(arrays)}"
@@ -194,8 +196,12 @@ def load_glyphs() -> dict[str, np.ndarray]:
     arrays = read_cache(path) if path.exists() else None
     if arrays is None:
         arrays = build_glyphs()
-        with atomic_write(path) as handle:
-            np.savez_compressed(handle, **arrays, **{DIGEST: np.array(cache_digest(arrays))})
+        try:
+            with atomic_write(path) as handle:
+                np.savez_compressed(handle, **arrays, **{DIGEST: np.array(cache_digest(arrays))})
+        except OSError as error:   # an unwritable, full or misplaced cache folder: the set is used from memory
+            warn(f"cannot keep the glyphs cache in {path.parent} ({error.strerror or error}): using the rendered set "
+                 "from memory (it is rendered again next time; set BML_CACHE_DIR to a writable folder)")
     return arrays
 
 

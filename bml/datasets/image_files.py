@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from bml.utils.io import not_regular_file
+
 from .errors import DatasetError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -68,6 +70,8 @@ def image_problem(path: str | Path) -> str | None:
     path = Path(path)
     if path.is_symlink() and not path.exists():
         return f"a link to {os.readlink(path)}, which does not exist"
+    if problem := not_regular_file(path):   # opening a FIFO would wait for a writer forever
+        return problem
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -9,6 +9,7 @@ scoring then reads it through the page cache, fast while the file fits in RAM, d
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ import torch
 from bml.datasets.device_augment import EvalCrops, to_model_input
 from bml.evaluation.errors import EvaluationError
 from bml.utils.device import AMP_DTYPES
+from bml.utils.io import DISK_FULL_ERRNOS, OutputError, check_output_folder
 from bml.utils.messages import info
 from bml.utils.progress import progress
 
@@ -75,7 +77,8 @@ def allocate_cache(num_images: int, dims: Sequence[int], dtype: torch.dtype,
     """One (num_images, D) tensor per view, in RAM if it fits the budget, else memory-mapped.
 
     A memory-mapped cache is an unlinked temporary file: its disk space is freed when the tensors
-    are, even if the process dies.
+    are, even if the process dies. Its space is reserved when it is created (`posix_fallocate`), so that a disk
+    that fills up says "no space left on device" then, instead of killing the process with SIGBUS mid-embedding.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     needed = num_images * sum(dims) * itemsize
@@ -83,6 +86,7 @@ def allocate_cache(num_images: int, dims: Sequence[int], dtype: torch.dtype,
     if needed <= budget:
         return tuple(torch.empty((num_images, dim), dtype=dtype) for dim in dims)
     cache_dir = cache_dir or tempfile.gettempdir()
+    check_output_folder(cache_dir, "--cache_dir")
     free = shutil.disk_usage(cache_dir).free
     if needed > free:
         raise MemoryError(
@@ -95,9 +99,26 @@ def allocate_cache(num_images: int, dims: Sequence[int], dtype: torch.dtype,
     cache = []
     for dim in dims:
         with tempfile.NamedTemporaryFile(dir=cache_dir, prefix="bml_embeddings_", suffix=".bin") as file:
+            reserve_space(file.fileno(), num_images * dim * itemsize, cache_dir)
             array = np.memmap(file, dtype=numpy_dtype, mode="w+", shape=(num_images, dim))
         cache.append(torch.from_numpy(array))
     return tuple(cache)
+
+
+def reserve_space(descriptor: int, size: int, cache_dir: str) -> None:
+    """Allocate `size` bytes of the open file on its disk now; OutputError when the disk cannot hold them."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(descriptor, 0, size)
+        else:   # no fallocate (macOS): at least the file's size, so that the memory map covers it
+            os.ftruncate(descriptor, size)
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS + (errno.EFBIG,):
+            raise
+        raise OutputError(error.errno, f"no space left on device for the memory-mapped embedding cache in {cache_dir} "
+                                       f"({size / 2**30:.2f} GB, {shutil.disk_usage(cache_dir).free / 2**30:.2f} GB "
+                                       "free): free some space, pass --cache_dir on a larger disk, or raise "
+                                       "--max_memory_gb") from None
 
 
 @torch.inference_mode()

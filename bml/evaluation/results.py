@@ -12,22 +12,28 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 from bml.scoring import COMBINED
-from bml.utils.io import OutputError, atomic_write, hash_file
+from bml.utils.io import OutputError, atomic_write_together, hash_file
 
 CHECKPOINT_LINE = "# checkpoint: "
 SHA256_LINE = "# checkpoint sha256: "
+MAX_SEEDS = 10_000
+"""More seeds than this in one `--seeds` token is refused before the list is made (0-100000000 would take gigabytes
+before a single episode)."""
 
 
 def parse_seed_range(token: str) -> list[int]:
     """argparse type for one `--seeds` token: a seed ('3') or an inclusive range ('0-9')."""
     first, _, last = token.partition("-")
     try:
-        seeds = list(range(int(first), int(last or first) + 1))
+        seeds = range(int(first), int(last or first) + 1)
     except ValueError:
-        seeds = []
+        seeds = range(0)
     if not seeds:
         raise argparse.ArgumentTypeError(f"{token!r} is not a seed (e.g. 3) or an increasing range (e.g. 0-9)")
-    return seeds
+    if len(seeds) > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{token!r} is {len(seeds):,} seeds: at most {MAX_SEEDS:,} (each seed scores "
+                                         "--episodes episodes; the published protocol uses 0-9)")
+    return list(seeds)
 
 
 @dataclass(frozen=True)
@@ -112,15 +118,13 @@ def write_results(results: dict[str, dict], label: str, paths: ResultsPaths, che
     The text file has the checkpoint's path and sha256 as `#` lines, one `seed: acc` line per seed of the
     combined prediction, then `==> Mean ACC on <label>: acc`; the JSON has `metadata`, the checkpoint's
     identity, every view's results (`results`, the published head) and, under `head_results`, those of the
-    other heads ({head: {vote: results}}).
+    other heads ({head: {vote: results}}). The two are written as one unit: two evaluations writing the same
+    pair at once leave both files of one of them.
     """
     combined = results[COMBINED]
     seed_lines = [f"{seed}: {summary['acc']:.4f}" for seed, summary in combined["per_seed"].items()]
     lines = [*checkpoint.text_lines(), *seed_lines, f"==> Mean ACC on {label}: {combined['acc']:.4f}"]
-    with atomic_write(paths.text, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    with atomic_write(paths.json, "w") as handle:
-        extra = {"head_results": head_results} if head_results else {}
-        handle.write(json.dumps({**checkpoint.record(), **(metadata or {}), "results": results, **extra},
-                                indent=2) + "\n")
+    extra = {"head_results": head_results} if head_results else {}
+    record = {**checkpoint.record(), **(metadata or {}), "results": results, **extra}
+    atomic_write_together({paths.text: "\n".join(lines) + "\n", paths.json: json.dumps(record, indent=2) + "\n"})
     return paths

@@ -31,6 +31,8 @@ from bml.calibration import calibrate_checkpoints
 from bml.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from bml.datasets import DatasetError, EpisodeSampler, build_dataset
 from bml.evaluation import EvaluationError
+from bml.evaluation.cache import available_memory_bytes
+from bml.methods import get_method
 from bml.models import build_model
 from bml.methods import get_method
 from bml.training.engine import evaluate, forward_backward, train_one_epoch
@@ -40,10 +42,11 @@ from bml.training.guard import STOP_CAUSING_FLAGS, NonFiniteLossError, check_wei
 from bml.training.processes import agreed_stop, on_main_process
 from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
 from bml.training.init_from import load_init_weights
-from bml.training.settings import (SettingsError, finish_settings, loss_settings, record_compile_status,
-                                   record_run_folder, record_training_data, run_plan, run_recipe)
+from bml.training.settings import (SettingsError, check_training_memory, episode_plan_bytes, finish_settings,
+                                   loss_settings, record_compile_status, record_run_folder, record_training_data,
+                                   run_plan, run_recipe)
 from bml.training.signals import StopOnSignal
-from bml.training.state import TrainComponents, TrainingState, checkpoint_state, resume
+from bml.training.state import TrainComponents, TrainingState, checkpoint_state, restore_saved_rng, resume
 from bml.training.step_plan import build_training_loader, dropblock_counter, steps_per_epoch
 from bml.training.wrappers import (COMPILE_REPORT_STEPS, build_optimizer, report_compile_after, set_epoch_lr,
                                    wrap_for_training)
@@ -52,7 +55,7 @@ from bml.utils.device import AMP_DTYPES, compute_precision, configure_tf32
 from bml.utils.io import OutputError
 from bml.utils.logger import RunLogger
 from bml.utils.messages import error, info, log_to, progress_line, warn
-from bml.utils.rng import derive_seed, restore_rng_state, seed_everything
+from bml.utils.rng import derive_seed, seed_everything
 
 EXIT_FAILURE = 1
 MESSAGES_FILE = "messages.txt"
@@ -149,7 +152,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
         return TrainingOutcome(0, save_folder=save_folder)
     parts = build_components(args, context, data, init_weights=not (args.is_continue and last_path.is_file()))
     state = restore_or_start(args, parts, context, last_path, data.steps)
-    logger = RunLogger(save_folder, enabled=context.is_main_process)
+    fresh = not (args.is_continue and last_path.is_file())
+    logger = RunLogger(save_folder, enabled=context.is_main_process, fresh=fresh)
     logger.write_config(args)
     announce(args, context, data, save_folder)
     with StopOnSignal() as stop:
@@ -164,8 +168,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
 
 def prepare_run(args: argparse.Namespace, context: distributed.DistributedContext,
                 resources: contextlib.ExitStack, explicit_folder: bool) -> Path:
-    """The run folder claimed and locked (`explicit_folder`: given with --run_folder), the random streams seeded,
-    the GPU configured; the settings are finished."""
+    """The run folder claimed and locked (`explicit_folder`: given with --run_folder; after the settings and the
+    data are checked: a run that cannot start claims nothing), the random streams seeded, the GPU configured."""
     folder = on_main_process(lambda: claim_run_folder(args, explicit_folder, resources))
     record_run_folder(args, folder)
     log_to(folder / MESSAGES_FILE)
@@ -196,6 +200,7 @@ def open_data(args: argparse.Namespace, context: distributed.DistributedContext)
                                 transform=args.transform, allow_uncropped_cub=args.allow_uncropped_cub)
     on_main_process(lambda: check_validation_episodes(args, val_set))
     record_training_data(args, train_set.num_classes)
+    check_training_memory(args, context.device)
     return RunData(train_set, val_set, steps_per_epoch(args, len(train_set)))
 
 
@@ -226,6 +231,11 @@ def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None)
     """Validation episodes must fit the val split: checked before training, not after the first epoch."""
     if val_set is None:
         return
+    needed = episode_plan_bytes(args.val_episodes, val_set.num_classes, args.n_ways * (args.n_shots + args.n_queries))
+    if needed > available_memory_bytes():
+        raise SettingsError(f"--val_episodes {args.val_episodes} needs about {needed / 2**30:,.1f} GB to draw, more "
+                            f"than the {available_memory_bytes() / 2**30:,.1f} GB of memory available: lower "
+                            "--val_episodes (the published protocol uses 2,000 per seed)")
     try:
         EpisodeSampler(val_set.labels, args.n_ways, args.n_shots, args.n_queries, episodes=args.val_episodes)
     except DatasetError as problem:
@@ -269,7 +279,7 @@ def restore_or_start(args: argparse.Namespace, parts: TrainComponents, context: 
     if not state.initial_weight_norm:   # a fresh run (or a checkpoint from before this was recorded)
         state.initial_weight_norm = weight_norm(parts.model)
     if saved_rng is not None and len(saved_rng) == context.world_size:
-        restore_rng_state(saved_rng[context.rank])
+        restore_saved_rng(saved_rng[context.rank], last_path)
     elif saved_rng is not None:
         warn(f"the checkpoint holds RNG states of {len(saved_rng)} processes, this run has {context.world_size}: "
              "random streams are reseeded, so the run continues consistently but not bit-exactly")
@@ -317,7 +327,7 @@ def run_epochs(args: argparse.Namespace, parts: TrainComponents, state: Training
                 return _stopped(args, agreed_stop(stop, parts.device), last_path, parts.model, state, saved), {}
             last_validation = end_epoch(args, parts, state, epoch, result.stats, data.val_set, logger) or last_validation
             exit_code = agreed_stop(stop, parts.device)
-            if exit_code and epoch < args.epochs:
+            if exit_code:   # also after the last epoch: the signal's exit code, never 0
                 return _stopped(args, exit_code, last_path, parts.model, state), last_validation
     except NonFiniteLossError as problem:
         kept = f"the last good checkpoint is {last_path}" if last_path.is_file() else "no checkpoint was written yet"

@@ -11,13 +11,16 @@ import sys
 from pathlib import Path
 
 from bml.training.settings import SettingsError
-from bml.utils.io import check_output_folder, folder_lock, remove_orphan_temporaries
+from bml.utils.io import HOLDER_FILE, LOCK_FILE, check_output_folder, folder_lock, link_error, remove_orphan_temporaries
 from bml.utils.messages import info
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
 RUN_RECORDS = (LAST_CHECKPOINT, BEST_CHECKPOINT, "epoch_*.pth", "log.txt")
 """Files that make a folder another run's: a fresh run never overwrites or appends to them."""
+RUN_FILES = (*RUN_RECORDS, LOCK_FILE, HOLDER_FILE, "config.json", "log_steps.txt", "messages.txt", "curves.png", "tensorboard")
+"""Every file a run writes in its folder: none may be a link (it would be written through), and only the
+temporary files of these are removed as left by a killed save."""
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,7 +48,10 @@ def claim_run_folder(args: argparse.Namespace, explicit: bool, resources: contex
         info(f"{taken} already holds a run (continue it with --is_continue); this run goes to {folder}")
     check_output_folder(folder, "--run_folder" if explicit else "--save_folder")
     resources.enter_context(folder_lock(folder))
-    for orphan in remove_orphan_temporaries(folder):
+    links = sorted(path for pattern in RUN_FILES for path in folder.glob(pattern) if path.is_symlink())
+    if links:
+        raise link_error(links[0])
+    for orphan in remove_orphan_temporaries(folder, RUN_FILES):
         info(f"removed {orphan}, left by a save that was killed")
     return folder
 

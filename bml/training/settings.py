@@ -222,6 +222,48 @@ def record_run_folder(args: argparse.Namespace, folder: Path) -> None:
     args.save_folder = str(folder)
 
 
+TRAINING_COPIES = 4
+"""Bytes held per parameter in training, in float32 words: the weights, their gradients, the optimiser's momentum
+and a copy in flight (lower bound: Adam holds one more)."""
+
+
+def episode_plan_bytes(episodes: int, num_classes: int, images_per_episode: int) -> int:
+    """Memory that drawing `episodes` episodes at once takes (`EpisodeSampler.sample`: a random key and its rank per
+    class, then the chosen indices), in bytes."""
+    return episodes * (16 * num_classes + 8 * images_per_episode)
+
+
+def step_memory_bytes(args: argparse.Namespace) -> tuple[int, int]:
+    """A lower bound of what one training step holds: (the model's parameters in training, the step's images and
+    first-stage activations), in bytes. The model is built on the meta device: nothing is allocated."""
+    from bml.models import build_model
+    from bml.models.backbones import BACKBONES, canonical_backbone
+
+    with torch.device("meta"):
+        parameters = sum(parameter.numel() for parameter in build_model(args).parameters())
+    method = get_method(args)
+    per_episode = args.batch_size if method.batches else \
+        args.n_train_ways * (args.n_train_shots + args.n_train_queries) + (getattr(args, "global_batch", 0) or 0)
+    images = args.episodes_per_process * per_episode
+    first_stage = BACKBONES[canonical_backbone(args.backbone)].channels[0] * args.width
+    return 4 * TRAINING_COPIES * parameters, int(4 * images * args.image_size ** 2 * (3 + first_stage))
+
+
+def check_training_memory(args: argparse.Namespace, device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model or a step that cannot fit the device's memory (`--width 100`,
+    `--image_size 100000`), naming the flags that set its size."""
+    from bml.evaluation.cache import available_memory_bytes
+
+    parameters, step = step_memory_bytes(args)
+    available = torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else available_memory_bytes()
+    if parameters + step > available:
+        raise SettingsError(f"this run needs at least {(parameters + step) / 2**30:,.1f} GB on {device.type} (the "
+                            f"model {parameters / 2**30:,.1f} GB in training, a step's images and first activations "
+                            f"{step / 2**30:,.1f} GB), more than its {available / 2**30:,.1f} GB: lower --width "
+                            f"({args.width:g}) or --image_size ({args.image_size}), or the images per step "
+                            "(--n_train_ways, --n_train_shots, --n_train_queries, --episodes_per_step)")
+
+
 def record_training_data(args: argparse.Namespace, num_classes: int) -> None:
     """What the model's size depends on, known once the training split is open."""
     args.num_classes = num_classes

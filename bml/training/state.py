@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bml.checkpoint import CheckpointError, check_state_dict, model_state_dict, read_checkpoint
+from bml.checkpoint import (CheckpointError, check_state_dict, checked_counter, config_settings, model_state_dict,
+                            read_checkpoint)
 from bml.training.step_plan import training_steps
 from bml.utils import distributed
-from bml.utils.rng import capture_rng_state
+from bml.utils.rng import capture_rng_state, restore_rng_state
 
 
 @dataclass
@@ -119,7 +120,7 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path, steps: 
         raise CheckpointError(f"{path} cannot be resumed: it holds weights only (no {' or '.join(missing)}), like a "
                               "released checkpoint. --is_continue continues a run this project's training wrote; "
                               "move the file away (or choose another --run_folder) to start afresh")
-    saved = vars(checkpoint["config"])
+    saved = config_settings(checkpoint)
     state = restore_training_state(checkpoint["training_state"], path)
     check_counters(args, state, saved, steps, path)
     weights = model_state_dict(checkpoint)
@@ -129,11 +130,19 @@ def resume(args: argparse.Namespace, parts: TrainComponents, path: Path, steps: 
         raise CheckpointError(f"{path} holds non-finite weights ({len(non_finite)} tensors, e.g. {non_finite[0]}): "
                               "it cannot be resumed. Copy an earlier epoch_<N>.pth over it, or delete the folder to "
                               "start afresh")
+    rng = checkpoint.get("rng")
+    if rng is not None and not (isinstance(rng, list) and rng and all(isinstance(part, dict) for part in rng)):
+        raise CheckpointError(f"the 'rng' of {path} is not the random states a training run saves (one dict per "
+                              "process): restore the file, or delete its 'rng' entry to continue with reseeded streams")
+    checked_counter(checkpoint, "step")
     parts.model.load_state_dict(weights, strict=True)
     load_optimizer_state(parts.optimizer, checkpoint["optimizer"], path)
     if checkpoint.get("scaler"):
-        parts.scaler.load_state_dict(checkpoint["scaler"])
-    parts.model.dropblock_step = int(checkpoint.get("dropblock_step", state.step))
+        try:
+            parts.scaler.load_state_dict(checkpoint["scaler"])
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"the gradient scaler state in {path} is damaged ({error}): restore the file") from None
+    parts.model.dropblock_step = checked_counter(checkpoint, "dropblock_step", state.step)
     changed = changed_settings(saved, args)
     warnings = [("resuming with settings that differ from the checkpoint's (the run will not match an "
                  "uninterrupted one): " + ", ".join(changed))] if changed else []
@@ -146,7 +155,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
     mismatch = "it was saved for another model or optimiser (see --optim)"
     try:
         optimizer.load_state_dict(saved)
-    except (ValueError, KeyError, TypeError, RuntimeError) as error:
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError, IndexError) as error:
         raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({error})") from None
     for group in optimizer.param_groups:
         for parameter in group["params"]:
@@ -154,6 +163,15 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict, path: Pa
                 if torch.is_tensor(value) and value.dim() > 0 and value.shape != parameter.shape:
                     raise CheckpointError(f"the optimiser state in {path} does not fit this run: {mismatch} ({name} "
                                           f"{tuple(value.shape)} for a parameter {tuple(parameter.shape)})")
+
+
+def restore_saved_rng(saved: dict, path: Path) -> None:
+    """`restore_rng_state`, a damaged state a CheckpointError."""
+    try:
+        restore_rng_state(saved)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, IndexError) as error:
+        raise CheckpointError(f"the 'rng' of {path} is damaged ({type(error).__name__}: {error}): restore the file, or "
+                              "delete its 'rng' entry to continue with reseeded streams") from None
 
 
 def restore_training_state(saved: object, path: Path) -> TrainingState:

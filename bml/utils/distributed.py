@@ -15,10 +15,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from bml.utils.messages import INFO, emit
+
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 """Long enough for the other processes to wait while rank 0 validates on a large split."""
 LEAVE_TIMEOUT = timedelta(minutes=1)
 """How long a process that is done waits for the others before it leaves the process group."""
+FIRST_CONTACT_TIMEOUT = timedelta(minutes=2)
+"""How long the processes of a run started without a launcher (RANK and WORLD_SIZE set by hand) wait for each
+other before saying who is missing; torchrun starts them all itself."""
+TRAINING_DEVICE_TYPES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,14 @@ def resolve_device(requested: str | None, local_rank: int = 0, select: bool = Tr
     """
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"--device {requested!r} is not a device: use cpu, cuda or cuda:<index> (or leave --device "
+                          "out to pick one automatically)") from None
+    if device.type not in TRAINING_DEVICE_TYPES:
+        raise DeviceError(f"--device {requested}: this project runs on {' or '.join(TRAINING_DEVICE_TYPES)} only; use "
+                          "--device cpu or cuda (or leave --device out to pick one automatically)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {requested} was asked for but no CUDA GPU is visible; "
@@ -92,17 +105,53 @@ def init_distributed_mode(device: str | None = None) -> DistributedContext:
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistributedContext(rank=0, local_rank=0, world_size=1, device=resolve_device(device))
-    rank = int(os.environ["RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = launcher_ranks()
     context = DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size,
                                  device=resolve_device(device, local_rank))
     if world_size > 1 and not is_dist_avail_and_initialized():
         backend = "nccl" if context.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", world_size=world_size, rank=rank,
-                                timeout=COLLECTIVE_TIMEOUT, device_id=context.device if backend == "nccl" else None)
+        store = None if "TORCHELASTIC_RUN_ID" in os.environ else first_contact(rank, world_size)
+        dist.init_process_group(backend=backend, init_method=None if store else "env://", store=store,
+                                world_size=world_size, rank=rank, timeout=COLLECTIVE_TIMEOUT,
+                                device_id=context.device if backend == "nccl" else None)
         dist.barrier()
     return context
+
+
+def launcher_ranks() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) from the environment, checked: a DeviceError names a malformed one."""
+    def variable(name: str, default: str | None = None) -> int:
+        text = os.environ.get(name, default)
+        try:
+            return int(text)
+        except ValueError:
+            raise DeviceError(f"{name}={text!r} in the environment is not an integer: start the run with torchrun "
+                              "(or bash train_bml.sh), or unset RANK and WORLD_SIZE to run in one process") from None
+
+    rank, world_size, local_rank = variable("RANK"), variable("WORLD_SIZE"), variable("LOCAL_RANK", "0")
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise DeviceError(f"RANK={rank} WORLD_SIZE={world_size} LOCAL_RANK={local_rank} in the environment do not "
+                          "describe a process of a run (0 <= RANK < WORLD_SIZE, LOCAL_RANK >= 0): start the run with "
+                          "torchrun (or bash train_bml.sh), or unset RANK and WORLD_SIZE to run in one process")
+    return rank, world_size, local_rank
+
+
+def first_contact(rank: int, world_size: int) -> dist.Store:
+    """The store of a run whose processes were started by hand (no launcher), once every process has reached it;
+    a DeviceError saying who is missing after FIRST_CONTACT_TIMEOUT, not a silent wait of COLLECTIVE_TIMEOUT."""
+    address, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), os.environ.get("MASTER_PORT", "29500")
+    seconds = FIRST_CONTACT_TIMEOUT.total_seconds()
+    waited = (f"the other {world_size - 1} process(es) of WORLD_SIZE={world_size}" if rank == 0
+              else f"process 0 (RANK=0) at MASTER_ADDR={address} MASTER_PORT={port}")
+    emit(INFO, f"rank {rank}: RANK and WORLD_SIZE are set without a launcher: waiting up to {seconds:g} s for "
+               f"{waited}", every_rank=True)
+    try:
+        return dist.TCPStore(address, int(port), world_size, is_master=rank == 0, timeout=FIRST_CONTACT_TIMEOUT,
+                             wait_for_workers=True)
+    except (RuntimeError, ValueError, OSError) as problem:   # torch's DistStoreError is a RuntimeError
+        raise DeviceError(f"rank {rank}: {waited} did not join within {seconds:g} s ({type(problem).__name__}): "
+                          f"start all {world_size} processes (torchrun --nproc_per_node={world_size} ..., or bash "
+                          "train_bml.sh), or unset RANK and WORLD_SIZE to run in one process") from None
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,10 @@ import json
 from collections import deque
 from pathlib import Path
 
-from bml.utils.io import explain_disk_full
+from bml.utils.io import append_file, atomic_write, explain_disk_full
+
+STEP_LOG = "log_steps.txt"
+TENSORBOARD = "tensorboard"
 
 
 class SmoothedValue:
@@ -42,9 +45,13 @@ class RunLogger:
       `log.txt`, whose readers expect one line per epoch;
     - `tensorboard/`: scalars (loss terms, learning rate, images/s, validation accuracy), the points of
       `log_steps.txt` under `steps/` (x axis: the global step), and the run's settings as text (`settings`).
+
+    `fresh`: a run that starts from no checkpoint; the step log and TensorBoard events of an earlier run killed
+    before its first checkpoint are removed, so that the two runs' records are never mixed. Files are never
+    written through links.
     """
 
-    def __init__(self, save_folder: Path, enabled: bool) -> None:
+    def __init__(self, save_folder: Path, enabled: bool, fresh: bool = False) -> None:
         self.save_folder = Path(save_folder)
         self.enabled = enabled
         self.writer = None
@@ -52,14 +59,17 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.save_folder.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(self.save_folder / "tensorboard"))
+            if fresh:
+                (self.save_folder / STEP_LOG).unlink(missing_ok=True)
+                for events in (self.save_folder / TENSORBOARD).glob("events.out.tfevents.*"):
+                    events.unlink()
+            self.writer = SummaryWriter(log_dir=str(self.save_folder / TENSORBOARD))
 
     def write_config(self, args: argparse.Namespace) -> None:
         if self.enabled:
             text = json.dumps(vars(args), indent=2, sort_keys=True, default=str)
-            path = self.save_folder / "config.json"
-            with explain_disk_full(path, len(text) + 1):
-                path.write_text(text + "\n")
+            with atomic_write(self.save_folder / "config.json", "w") as handle:
+                handle.write(text + "\n")
             rows = [f"| {key} | {json.dumps(value, default=str)} |" for key, value in sorted(vars(args).items())]
             self.writer.add_text("settings", "\n".join(["| setting | value |", "|---|---|", *rows]))
 
@@ -72,13 +82,14 @@ class RunLogger:
         if self.enabled:
             line = json.dumps(stats, sort_keys=True) + "\n"
             path = self.save_folder / "log.txt"
-            with explain_disk_full(path, len(line)), open(path, "a") as log_file:
+            with explain_disk_full(path, len(line)), append_file(path) as log_file:
                 log_file.write(line)
             self.writer.flush()
 
     def steps(self, stats: dict) -> None:
         if self.enabled:
-            with open(self.save_folder / "log_steps.txt", "a") as log_file:
+            path = self.save_folder / STEP_LOG
+            with explain_disk_full(path), append_file(path) as log_file:
                 log_file.write(json.dumps(stats, sort_keys=True) + "\n")
             for name, value in stats.items():
                 if name != "step":

@@ -21,10 +21,11 @@ _log_file: TextIO | None = None
 
 
 def _is_main_process() -> bool:
-    """Rank 0, or a single process; imported lazily so that this module stays at the bottom layer."""
-    from bml.utils.distributed import is_main_process
+    """Rank 0, or a single process; torch's process group asked directly (imported lazily), so that this module
+    stays at the bottom layer, below `bml.utils.distributed`, which tells through it what a rendezvous waits for."""
+    import torch.distributed as dist
 
-    return is_main_process()
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def log_to(path: str | Path | None) -> None:
@@ -34,7 +35,9 @@ def log_to(path: str | Path | None) -> None:
         _log_file.close()
         _log_file = None
     if path is not None and _is_main_process():
-        _log_file = open(path, "a", encoding="utf-8")
+        from bml.utils.io import append_file   # lazily: this module stays at the bottom layer
+
+        _log_file = append_file(path)
 
 
 def emit(level: str, message: str, every_rank: bool = False) -> None:
