@@ -135,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
         check_output_file(paths.text, "--output_dir")
         check_output_file(paths.json, "--json")
         check_calibration_output(args)
-        check_outputs_are_not_inputs({"the results file of --output_dir": text_path, "--json": json_path,
+        check_outputs_are_not_inputs({"the results file of --output_dir": paths.text, "--json": paths.json,
                                       "--save_calibration": args.save_calibration}, {"--ckp_path": [args.ckp_path]})
         if args.cache_dir is not None:
             check_output_folder(args.cache_dir, "--cache_dir")

@@ -25,7 +25,8 @@ from bml.models import BML, build_model
 from bml.models.dropblock import keep_probability
 from bml.recipes import BML_LOSSES
 from bml.training import apply_recipe
-from bml.training.driver import RunData, announce
+from bml.training.driver import announce
+from bml.training.run_data import RunData
 from bml.training.engine import forward_backward
 from bml.training.run_folder import claim_run_folder, resume_command
 from bml.training.settings import finish_settings

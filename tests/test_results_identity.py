@@ -20,7 +20,7 @@ from bml.datasets.__main__ import main as datasets_main
 from bml.datasets.fingerprint import SAMPLE_IMAGES, sample_rows
 from bml.evaluation import CheckpointIdentity, results_paths
 from bml.models import BML
-from bml.training import driver
+from bml.training import run_data
 from bml.training.settings import finish_settings
 from bml.utils import distributed
 from bml.utils.io import OutputError
@@ -243,6 +243,6 @@ def test_training_reads_tiered_labels_as_its_flag_says(tmp_path):
             ["--dataset", "tieredImageNet", "--data_root", str(tmp_path), "--tiered_labels", choice,
              "--num_workers", "0", "--device", "cpu"])
         finish_settings(args, context)
-        data = driver.open_data(args, context)
+        data = run_data.open_data(args, context)
         classes[choice] = (args.num_classes, len(np.unique(data.train_set.labels)))
     assert classes == {"offset": (7, 7), "raw": (7, 4)}

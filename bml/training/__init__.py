@@ -4,6 +4,7 @@
     settings     the recipe filled in and the derived settings: the only writer of `args`; the dry-run plan
     run_folder   which folder a run writes to, claimed and locked; the resume and next-step commands
     step_plan    which images each step uses (episodes or shuffled batches, per method)
+    run_data     the splits opened and checked against every episode shape before any work
     state        the counters, what a step needs, and the training checkpoint (exact resume)
     wrappers     the loss as forward pass, DDP, torch.compile, optimiser and learning rate
     engine       `train_one_epoch`, `evaluate` (validation)

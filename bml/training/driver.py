@@ -22,32 +22,28 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
 from bml.calibration import calibrate_checkpoints
 from bml.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
-from bml.datasets import DatasetError, EpisodeSampler, build_dataset
+from bml.datasets import DatasetError
 from bml.evaluation import EvaluationError
-from bml.evaluation.cache import available_memory_bytes
-from bml.methods import get_method
 from bml.models import build_model
-from bml.methods import get_method
 from bml.training.engine import evaluate, forward_backward, train_one_epoch
 from bml.training.estimate import (ESTIMATE_NUM_CLASSES, TIMED_STEPS, WARMUP_STEPS, images_per_step,
                                    measured_projection, synthetic_step_batch, time_steps)
 from bml.training.guard import STOP_CAUSING_FLAGS, NonFiniteLossError, check_weights_bounded, weight_norm
-from bml.training.processes import agreed_stop, on_main_process
-from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
 from bml.training.init_from import load_init_weights
-from bml.training.settings import (SettingsError, check_training_memory, episode_plan_bytes, finish_settings,
-                                   loss_settings, record_compile_status, record_run_folder, record_training_data,
-                                   run_plan, run_recipe)
+from bml.training.processes import agreed_stop, on_main_process
+from bml.training.run_data import RunData, open_data
+from bml.training.run_folder import BEST_CHECKPOINT, LAST_CHECKPOINT, claim_run_folder, next_steps, resume_command
+from bml.training.settings import (SettingsError, finish_settings, loss_settings, record_compile_status,
+                                   record_run_folder, record_training_data, run_plan, run_recipe)
 from bml.training.signals import StopOnSignal
 from bml.training.state import TrainComponents, TrainingState, checkpoint_state, restore_saved_rng, resume
-from bml.training.step_plan import build_training_loader, dropblock_counter, steps_per_epoch
+from bml.training.step_plan import build_training_loader, dropblock_counter
 from bml.training.wrappers import (COMPILE_REPORT_STEPS, build_optimizer, report_compile_after, set_epoch_lr,
                                    wrap_for_training)
 from bml.utils import distributed
@@ -68,15 +64,6 @@ class TrainingOutcome:
     model: nn.Module | None = None
     state: TrainingState | None = None
     save_folder: Path | None = None
-
-
-@dataclass
-class RunData:
-    """The open splits of a run and its steps per epoch."""
-
-    train_set: Dataset
-    val_set: Dataset | None
-    steps: int
 
 
 def train(args: argparse.Namespace) -> TrainingOutcome:
@@ -186,62 +173,6 @@ def finished_run(last_path: Path, epochs: int) -> bool:
         return False
     saved = read_checkpoint(last_path).get("training_state") or {}
     return saved.get("epoch", 0) >= epochs and not saved.get("epoch_step", 0)
-
-
-def open_data(args: argparse.Namespace, context: distributed.DistributedContext) -> RunData:
-    """The training split (every process) and the val split (the main process, which validates), checked
-    against the run's episodes before any step."""
-    train_set = build_dataset(args.dataset, "train", args.data_root, args.image_size, train=True,
-                              transform=args.transform, tiered_labels=args.tiered_labels)
-    check_training_episodes(args, np.asarray(train_set.labels))
-    val_set = None
-    if args.val_split and context.is_main_process:
-        val_set = build_dataset(args.dataset, args.val_split, args.data_root, args.image_size, train=False,
-                                transform=args.transform, allow_uncropped_cub=args.allow_uncropped_cub)
-    on_main_process(lambda: check_validation_episodes(args, val_set))
-    record_training_data(args, train_set.num_classes)
-    check_training_memory(args, context.device)
-    return RunData(train_set, val_set, steps_per_epoch(args, len(train_set)))
-
-
-def check_training_episodes(args: argparse.Namespace, labels: np.ndarray) -> None:
-    """Every training step's shape must fit the training split: checked here, not inside a loader worker."""
-    counts = np.bincount(labels)
-    method = get_method(args)
-    if not method.batches:
-        try:
-            EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries, episodes=1)
-        except DatasetError:
-            raise SettingsError(
-                f"training episodes of {args.n_train_ways} ways x ({args.n_train_shots} shots + {args.n_train_queries} "
-                f"queries) do not fit the training split of {args.dataset}: {len(counts)} classes, the smallest of "
-                f"{counts.min()} images. Use --n_train_ways at most {len(counts)} and --n_train_shots + "
-                f"--n_train_queries at most {counts.min()}") from None
-    extra = getattr(args, method.extra_batch_flag) if method.extra_batch_flag else 0
-    images_per_epoch = extra * args.episodes_per_epoch * args.episodes_per_step
-    if images_per_epoch > len(labels):
-        raise SettingsError(
-            f"--{method.extra_batch_flag} {extra} over {args.episodes_per_epoch} steps of {args.episodes_per_step} "
-            f"episode(s) needs {images_per_epoch} distinct images an epoch, but the training split of {args.dataset} "
-            f"has {len(labels)}: lower --{method.extra_batch_flag} (at most "
-            f"{len(labels) // (args.episodes_per_epoch * args.episodes_per_step)}) or --episodes_per_epoch")
-
-
-def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None) -> None:
-    """Validation episodes must fit the val split: checked before training, not after the first epoch."""
-    if val_set is None:
-        return
-    needed = episode_plan_bytes(args.val_episodes, val_set.num_classes, args.n_ways * (args.n_shots + args.n_queries))
-    if needed > available_memory_bytes():
-        raise SettingsError(f"--val_episodes {args.val_episodes} needs about {needed / 2**30:,.1f} GB to draw, more "
-                            f"than the {available_memory_bytes() / 2**30:,.1f} GB of memory available: lower "
-                            "--val_episodes (the published protocol uses 2,000 per seed)")
-    try:
-        EpisodeSampler(val_set.labels, args.n_ways, args.n_shots, args.n_queries, episodes=args.val_episodes)
-    except DatasetError as problem:
-        raise SettingsError(f"validation episodes ({args.n_ways}-way {args.n_shots}-shot {args.n_queries}-query) do "
-                            f"not fit the val split of {args.dataset}: {problem}. Change --n_ways, --n_shots or "
-                            "--n_queries (or --eval_freq 0: no validation)") from None
 
 
 def build_components(args: argparse.Namespace, context: distributed.DistributedContext,
