@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import sys
 import time
 from pathlib import Path
 
@@ -154,8 +153,8 @@ def main(args: argparse.Namespace) -> int:
             messages.info(f"Calibrating on {args.calibration_episodes} episodes of {val_set}")
             calibration, source = calibrate(model, val_set, args.n_ways, args.n_shots, args.n_queries,
                                             args.calibration_episodes, device=args.device, amp=args.amp,
-                                            num_workers=args.num_workers, progress=not args.no_progress
-                                            and sys.stderr.isatty()), "--calibrate"
+                                            num_workers=args.num_workers,
+                                            progress=not args.no_progress), "--calibrate"
             if args.save_calibration:
                 save_checkpoint(args.save_calibration, with_calibration(checkpoint, calibration))
                 messages.info(f"wrote {args.save_calibration}: {args.ckp_path} with the temperatures")
@@ -164,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
         options = EmbeddingOptions(batch_size=args.embed_batch_size, device=args.device, amp=args.amp,
                                    num_workers=args.num_workers, storage_dtype=STORAGE_DTYPES[args.storage],
                                    max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir,
-                                   progress=not args.no_progress and sys.stderr.isatty())
+                                   progress=not args.no_progress)
         head_results = evaluate_heads(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes,
                                       seeds, heads, base_dataset, base_means_dir(), options,
                                       report=storage, logits_sink=meter)

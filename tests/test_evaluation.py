@@ -300,3 +300,18 @@ def test_eval_bml_cub_without_crops_stops_unless_asked_and_records_it(tmp_path, 
     assert eval_bml.main(eval_bml.get_args_parser().parse_args([*flags, "--allow_uncropped_cub"])) == 0
     assert "WARNING" in capsys.readouterr().err
     assert json.loads((tmp_path / "r.json").read_text())["uncropped_cub"] is True
+
+
+def test_eval_bml_off_a_terminal_says_its_progress_in_tenths(tmp_path, data_root):
+    """Embedding and scoring off a terminal (nohup, batch jobs): lines per tenth of the work on stderr, no bars."""
+    torch.manual_seed(0)
+    checkpoint = save_released_checkpoint(tmp_path / "bml.pth", BML(num_classes=6, width=0.125),
+                                          dataset="CIFAR-FS", backbone="Res12")
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "eval_bml.py"), "--ckp_path", str(checkpoint), "--data_root", str(data_root),
+         "--n_shots", "1", "--episodes", "20", "--seeds", "0", "--image_size", "32", "--num_workers", "0",
+         "--embed_batch_size", "8", "--output_dir", str(tmp_path / "out")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert "embedding" in completed.stderr and "scoring" in completed.stderr
+    assert "\r" not in completed.stderr   # no progress bar redrawn in place
