@@ -128,6 +128,8 @@ def main(args: argparse.Namespace) -> int:
                                            args.allow_uncropped_cub)
         label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
         label += "" if args.split == "test" else f"_{args.split}"
+        inputs = {"--ckp_path": [args.ckp_path]}
+        check_outputs_are_not_inputs({"--json": args.json, "--save_calibration": args.save_calibration}, inputs)
         paths = results_paths(label, args.n_shots, identity, args.output_dir, args.json)
         if paths.taken is not None:
             messages.info(f"{paths.taken} holds results that are not this checkpoint's; these go to {paths.text}")
@@ -135,7 +137,7 @@ def main(args: argparse.Namespace) -> int:
         check_output_file(paths.json, "--json")
         check_calibration_output(args)
         check_outputs_are_not_inputs({"the results file of --output_dir": paths.text, "--json": paths.json,
-                                      "--save_calibration": args.save_calibration}, {"--ckp_path": [args.ckp_path]})
+                                      "--save_calibration": args.save_calibration}, inputs)
         if args.cache_dir is not None:
             check_output_folder(args.cache_dir, "--cache_dir")
         heads = list(dict.fromkeys([PROTO, *args.head]))

@@ -26,7 +26,7 @@ from bml.checkpoint import read_checkpoint, save_checkpoint
 from bml.contact_sheet import SheetQuery, draw_contact_sheet
 from bml.datasets import DatasetError, build_dataset, glyphs
 from bml.evaluation import cache, write_results
-from bml.evaluation.results import parse_seed_range
+from bml.evaluation.results import CheckpointIdentity, ResultsPaths, parse_seed_range
 from bml.training import driver
 from bml.utils import distributed
 from bml.utils.io import OutputError
@@ -136,7 +136,8 @@ def test_eval_refuses_an_output_that_is_an_input(tmp_path, checkpoint_path, caps
     before = target.read_bytes()
     assert eval_bml.main(eval_args(ckpt, out, "--json", str(target))) == 1
     error = capsys.readouterr().err
-    assert "--json" in error and ("input of this command" in error or "is also" in error)
+    refusal = "input of this command" if json_target == "checkpoint" else "holds the results of another checkpoint"
+    assert "--json" in error and refusal in error
     assert target.read_bytes() == before
 
 
@@ -182,17 +183,20 @@ def test_a_results_file_and_its_json_are_written_as_one_unit(tmp_path, monkeypat
     """A second evaluation writes the same pair while the first is between its two files: both files end up the
     same evaluation's."""
     original, second = os.replace, {}
+    paths = ResultsPaths(tmp_path / "glyphs_bml_eval_results_1shot.txt", tmp_path / "glyphs_bml_eval_results_1shot.json",
+                         None)
+    first_checkpoint, second_checkpoint = (CheckpointIdentity(name, name * 8, 1) for name in ("first.pth", "second.pth"))
 
     def replace(source, destination):
         original(source, destination)
         if not second and str(destination).endswith(".txt"):   # the first's text file is in place, not its JSON
             second["thread"] = threading.Thread(target=write_results, args=(
-                results_of(47.93), "glyphs", 1, tmp_path, None, {"checkpoint": "second.pth"}))
+                results_of(47.93), "glyphs", paths, second_checkpoint))
             second["thread"].start()
             second["thread"].join(timeout=5)   # finishes at once without a lock; waits for the first with one
 
     monkeypatch.setattr(os, "replace", replace)
-    text, json_path = write_results(results_of(44.0), "glyphs", 1, tmp_path, None, {"checkpoint": "first.pth"})
+    text, json_path, _ = write_results(results_of(44.0), "glyphs", paths, first_checkpoint)
     second["thread"].join()
     written = json.loads(json_path.read_text())
     accuracy = float(text.read_text().splitlines()[-1].rsplit(" ", 1)[1])

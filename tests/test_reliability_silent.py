@@ -3,6 +3,7 @@ float16 underflow, resumes with other settings, and images as they are meant to 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -198,9 +199,12 @@ def finished_run(tmp_path_factory) -> Path:
 CHANGED = {"--n_train_ways": "4", "--clip_grad": "1", "--drop_rate": "0.2", "--weights": "1_1_0"}
 
 
-def test_resuming_with_other_settings_names_each(finished_run, capsys):
+def test_resuming_with_other_settings_names_each(finished_run, tmp_path, capsys):
+    """A resume into one more epoch (a finished run has nothing to continue) with four settings changed."""
+    resumed = tmp_path / "run"
+    shutil.copytree(finished_run, resumed)
     flags = [part for flag, value in CHANGED.items() for part in (flag, value)]
-    assert train(finished_run, "--episodes_per_epoch", "3", "--is_continue", *flags) == 0
+    assert train(resumed, "--episodes_per_epoch", "3", "--epochs", "2", "--is_continue", *flags) == 0
     error = capsys.readouterr().err
     assert "settings that differ from the checkpoint's" in error
     assert [flag for flag in CHANGED if f"{flag[2:]} " not in error] == []

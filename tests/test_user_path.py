@@ -71,7 +71,7 @@ def test_init_from_loads_trunk_and_views_with_a_new_classifier(tmp_path, capsys)
     args = bml_args("--init_from", str(tmp_path / "source.pth"), "--run_folder", str(tmp_path / "run"))
     finish_settings(args, CPU)
     record_training_data(args, 64)
-    parts = build_components(args, CPU)
+    parts = build_components(args, CPU, train_images=3840)
     state = parts.model.state_dict()
     assert all(torch.equal(state[key], weights[key]) for key in weights if not key.startswith("global_w."))
     assert state["global_w.weight"].shape[0] == 64 and weights["global_w.weight"].shape[0] == 7
@@ -195,7 +195,7 @@ def test_tensorboard_has_the_settings_and_the_step_points(finished_run):
 
 # 5. --estimate and the dry-run projection
 def test_estimate_times_real_steps_without_data(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("bml.training.driver.build_dataset", lambda *a, **k: pytest.fail("--estimate read data"))
+    monkeypatch.setattr("bml.training.run_data.build_dataset", lambda *a, **k: pytest.fail("--estimate read data"))
     assert train(bml_args("--estimate", "--run_folder", str(tmp_path / "run"))).exit_code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images_per_step"] == 25 and result["steps"] == 4 * 50
@@ -253,7 +253,7 @@ context = distributed.init_distributed_mode("cpu") if "RANK" in os.environ else 
 finish_settings(args, context)
 record_training_data(args, 64)
 torch.manual_seed(0)
-parts = build_components(args, context)
+parts = build_components(args, context, train_images=3840)
 generator = torch.Generator().manual_seed(1)
 images = torch.randn(2, 25, 3, 32, 32, generator=generator)   # the step's two episodes
 labels = torch.randint(0, 64, (2, 25), generator=generator)

@@ -102,7 +102,7 @@ def estimate_run(args: argparse.Namespace, context: distributed.DistributedConte
     record_training_data(args, facts.get("train_classes", ESTIMATE_NUM_CLASSES))
     progress_line(f"Estimating: {WARMUP_STEPS} warm-up and {TIMED_STEPS} timed training steps of "
                   f"{images_per_step(args)} synthetic images on {context.device}")
-    parts = build_components(args, context)
+    parts = build_components(args, context, facts.get("train_images") or images_per_step(args))
     parts.model.train()
     images, labels = synthetic_step_batch(args, args.num_classes)
     settings = loss_settings(args, 1)
@@ -137,7 +137,8 @@ def _train(args: argparse.Namespace, context: distributed.DistributedContext,
         info(f"--is_continue: {last_path} has finished all {args.epochs} epochs; nothing to continue (raise --epochs "
              f"to train on). {next_steps(args, best if best.is_file() else last_path)}")
         return TrainingOutcome(0, save_folder=save_folder)
-    parts = build_components(args, context, data, init_weights=not (args.is_continue and last_path.is_file()))
+    parts = build_components(args, context, len(data.train_set),
+                             init_weights=not (args.is_continue and last_path.is_file()))
     state = restore_or_start(args, parts, context, last_path, data.steps)
     fresh = not (args.is_continue and last_path.is_file())
     logger = RunLogger(save_folder, enabled=context.is_main_process, fresh=fresh)
@@ -168,15 +169,16 @@ def prepare_run(args: argparse.Namespace, context: distributed.DistributedContex
 
 
 def finished_run(last_path: Path, epochs: int) -> bool:
-    """Whether the run's `last.pth` has done all `epochs` (an --is_continue would only recalibrate it)."""
+    """Whether the run's `last.pth` has done exactly `epochs` (an --is_continue would only recalibrate it). A
+    checkpoint past `epochs`, or with counters a run does not write, is for `resume` to refuse."""
     if not last_path.is_file():
         return False
-    saved = read_checkpoint(last_path).get("training_state") or {}
-    return saved.get("epoch", 0) >= epochs and not saved.get("epoch_step", 0)
+    saved = read_checkpoint(last_path).get("training_state")
+    return isinstance(saved, dict) and saved.get("epoch") == epochs and saved.get("epoch_step") == 0
 
 
-def build_components(args: argparse.Namespace, context: distributed.DistributedContext,
-                     data: RunData, init_weights: bool = True) -> TrainComponents:
+def build_components(args: argparse.Namespace, context: distributed.DistributedContext, train_images: int,
+                     init_weights: bool = True) -> TrainComponents:
     """The model on its device (with `init_weights`, from --init_from's checkpoint when given; a resumed run
     loads its own), its optimiser, gradient scaler, training wrappers and DropBlock counter."""
     device = context.device
@@ -192,7 +194,7 @@ def build_components(args: argparse.Namespace, context: distributed.DistributedC
     return TrainComponents(model=model, loss_module=loss_module, ddp=ddp, optimizer=optimizer, scaler=scaler,
                            device=device, amp_dtype=AMP_DTYPES[args.amp], channels_last=args.channels_last,
                            clip_grad=args.clip_grad,
-                           dropblock_count=dropblock_counter(args, len(data.train_set)))
+                           dropblock_count=dropblock_counter(args, train_images))
 
 
 def restore_or_start(args: argparse.Namespace, parts: TrainComponents, context: distributed.DistributedContext,

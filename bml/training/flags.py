@@ -159,7 +159,7 @@ def get_common_parser(description: str, model: str, modes: tuple[str, ...] | Non
     return parser
 
 
-NOT_RERUN = ("save_folder", "is_continue", "dry_run", "estimate", "config", "device", "num_workers")
+NOT_RERUN = ("save_folder", "run_folder", "is_continue", "dry_run", "estimate", "config", "device", "num_workers")
 """Settings of a config.json that `--config` does not take over: where and on what this run goes, what it does."""
 TRAINING_SCRIPTS = {"bml": "train_bml.py", "global": "train_baseline.py --mode global",
                     "local": "train_baseline.py --mode local"}
