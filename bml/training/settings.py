@@ -2,8 +2,9 @@
 
 This is the only module of training that writes `args`: everything else reads it. After
 `finish_settings` every entry is a plain value (`args` is stored as the checkpoint's `config`), and
-two later facts join it here too: the run folder once claimed (`record_run_folder`) and the number of
-base classes once the training split is open (`record_training_data`).
+later facts join it here too: the run folder once claimed (`record_run_folder`), the number of base
+classes once the training split is open (`record_training_data`) and what torch.compile made of the step
+(`record_compile_status`).
 """
 
 from __future__ import annotations
