@@ -129,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
         label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
         label += "" if args.split == "test" else f"_{args.split}"
         inputs = {"--ckp_path": [args.ckp_path]}
-        check_outputs_are_not_inputs({"--json": args.json, "--save_calibration": args.save_calibration}, inputs)
+        check_outputs_are_not_inputs({"--json": args.json}, inputs)   # before results_paths reads it
         paths = results_paths(label, args.n_shots, identity, args.output_dir, args.json)
         if paths.taken is not None:
             messages.info(f"{paths.taken} holds results that are not this checkpoint's; these go to {paths.text}")
