@@ -124,8 +124,7 @@ def main(args: argparse.Namespace) -> int:
         transform, image_size = input_transform_settings({**config, "dataset": dataset_name}, args.image_size,
                                                          args.transform)
         dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root, image_size, transform,
-                                           args.test_dataset,
-                                           args.allow_uncropped_cub)
+                                           args.test_dataset, args.allow_uncropped_cub)
         label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
         label += "" if args.split == "test" else f"_{args.split}"
         inputs = {"--ckp_path": [args.ckp_path]}
@@ -144,9 +143,9 @@ def main(args: argparse.Namespace) -> int:
         base_dataset = (build_evaluation_dataset(dataset_name, "train", args.data_root, image_size, transform)
                         if heads_needing(BASE_MEAN, heads) else None)
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
-        messages.info(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on {dataset}: "
-              f"{len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
-              f"{args.n_queries}-query episodes")
+        messages.info(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on "
+                      f"{dataset}: {len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
+                      f"{args.n_queries}-query episodes")
         start = time.perf_counter()
         calibration, source = read_calibration(checkpoint), "checkpoint"
         if args.calibrate:
