@@ -19,6 +19,7 @@ from PIL import Image
 
 import train_baseline
 import train_bml
+from test_training import one_thread  # noqa: F401  (an autouse fixture, used here too)
 from bml.checkpoint import read_checkpoint, save_checkpoint
 from bml.models import BML
 from bml.recipes import FolderFacts, folder_recipe
@@ -32,14 +33,6 @@ from tests.test_training import ROOT, TINY, subprocess_env
 
 CPU = distributed.DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 SHORT = ["--epochs", "1", "--episodes_per_epoch", "3", "--eval_freq", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def bml_args(*extra: str) -> argparse.Namespace:
