@@ -21,6 +21,7 @@ import torch
 
 from bml.checkpoint import (CheckpointError, model_from_state, read_checkpoint, save_checkpoint, temperature_problem,
                             with_calibration)
+from bml.datasets import EpisodeRule
 from bml.evaluation import EmbeddingOptions, EvaluationError, evaluate_episodes
 from bml.utils.messages import warn
 
@@ -160,20 +161,22 @@ def rejection_curve(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 
 def calibrate(model: torch.nn.Module, val_set: torch.utils.data.Dataset, way: int, shot: int, query: int,
               episodes: int, seed: int = 0, device: str | torch.device = "cpu", amp: str = "off",
-              num_workers: int = 0, progress: bool = False) -> dict:
-    """Fit every vote's temperature on `episodes` episodes of `val_set` (its test transform applied).
+              num_workers: int = 0, progress: bool = False, rule: EpisodeRule = EpisodeRule()) -> dict:
+    """Fit every vote's temperature on `episodes` episodes of `val_set` (its test transform applied), drawn under
+    `rule`.
 
     The record stored in checkpoints: 'temperatures' {vote: T}; 'fitted_on' (split, way, shot, query,
-    episodes, seed); 'val_nll' {vote: {'uncalibrated', 'calibrated'}}; 'val_rejection' {vote:
-    `rejection_curve`}.
+    episodes, seed, and the rule's label when not the free rule); 'val_nll' {vote: {'uncalibrated',
+    'calibrated'}}; 'val_rejection' {vote: `rejection_curve`}.
     """
     collector = LogitCollector()
     evaluate_episodes(model, val_set, way, shot, query, episodes, seeds=[seed],
                       options=EmbeddingOptions(device=device, amp=amp, num_workers=num_workers, progress=progress),
-                      logits_sink=collector)
+                      logits_sink=collector, rule=rule)
     record: dict = {"temperatures": {}, "val_nll": {}, "val_rejection": {},
                     "fitted_on": {"split": getattr(val_set, "split", "val"), "way": way, "shot": shot,
-                                  "query": query, "episodes": episodes, "seed": seed}}
+                                  "query": query, "episodes": episodes, "seed": seed,
+                                  **({"rule": rule.label} if rule.label else {})}}
     for name in collector.chunks:
         logits, labels = collector.logits(name)
         temperature = fit_temperature(logits, labels)
@@ -190,9 +193,10 @@ def calibrate(model: torch.nn.Module, val_set: torch.utils.data.Dataset, way: in
 
 def calibrate_checkpoints(paths: Sequence[Path], val_set: torch.utils.data.Dataset, way: int, shot: int,
                           query: int, episodes: int, device: str | torch.device = "cpu", amp: str = "off",
-                          num_workers: int = 0, progress: bool = False) -> str:
-    """Calibrate each existing checkpoint of a finished run in place (one fit per distinct epoch) and return
-    a line to print. A failure returns a line saying so: the trained weights stand, uncalibrated."""
+                          num_workers: int = 0, progress: bool = False, rule: EpisodeRule = EpisodeRule()) -> str:
+    """Calibrate each existing checkpoint of a finished run in place (one fit per distinct epoch, on episodes drawn
+    under `rule`) and return a line to print. A failure returns a line saying so: the trained weights stand,
+    uncalibrated."""
     fitted: dict[int, dict] = {}
     lines = []
     try:
@@ -202,7 +206,7 @@ def calibrate_checkpoints(paths: Sequence[Path], val_set: torch.utils.data.Datas
             if epoch not in fitted:
                 fitted[epoch] = calibrate(model_from_state(state, device, source=str(path)), val_set, way, shot,
                                           query, episodes, device=device, amp=amp, num_workers=num_workers,
-                                          progress=progress)
+                                          progress=progress, rule=rule)
             save_checkpoint(path, with_calibration(state, fitted[epoch]))
             temperatures = ", ".join(f"{name} {value:.3g}" for name, value in fitted[epoch]["temperatures"].items())
             lines.append(f"Calibrated {path} on val: temperatures {temperatures}")

@@ -189,7 +189,7 @@ class FewShotClassifier:
                         vote: str = COMBINED, head: str = PROTO, data_root: str | None = None) -> FewShotClassifier:
         """A released or own checkpoint with its data set's test transform and input size.
 
-        `device` defaults to CUDA when available. `image_size` and `transform_id` ('A'..'E', 'O')
+        `device` defaults to CUDA when available. `image_size` and `transform_id` ('A'..'E', 'O', 'K')
         override what the checkpoint records (with a warning when they differ from it). `vote`
         names how the views' logits are combined (`bml.scoring.votes_for`); its temperature is the
         checkpoint's calibration of that vote, None when it has none (`calibrated_on`: the task the calibration

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from bml.datasets import TRANSFORM_IDS, dataset_flag_help
+from bml.datasets import TRANSFORM_IDS, EpisodeRule, dataset_flag_help
 from bml.utils import argtypes
 from bml.utils.device import AMP_CHOICES
 
@@ -101,7 +101,21 @@ def episode_parser() -> argparse.ArgumentParser:
                           help="support images per class (training: the recipe's, 1)")
     episodes.add_argument("--n_queries", type=argtypes.positive_int, default=None,
                           help="query images per class (training: the recipe's, 15)")
+    episodes.add_argument("--within_group", action="store_true",
+                          help="every episode's classes from one group of classes, the group drawn uniformly among "
+                               "those with at least --n_ways classes (omniglot, omniglot-lake: one alphabet, as Lake "
+                               "et al.'s one-shot runs)")
+    episodes.add_argument("--distinct_drawers", action="store_true",
+                          help="support and query images by different people: each episode draws n_shots + "
+                               "n_queries drawers, one for each support and query position (data sets that record "
+                               "drawers: omniglot, omniglot-lake)")
     return parser
+
+
+def episode_rule(args: argparse.Namespace) -> EpisodeRule:
+    """The `EpisodeRule` of the --within_group and --distinct_drawers flags (absent in older configs: off)."""
+    return EpisodeRule(within_group=bool(getattr(args, "within_group", False)),
+                       distinct_drawers=bool(getattr(args, "distinct_drawers", False)))
 
 
 def checkpoint_parser(required: bool = True) -> argparse.ArgumentParser:

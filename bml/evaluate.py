@@ -125,8 +125,9 @@ def main(args: argparse.Namespace) -> int:
                                                          args.transform)
         dataset = build_evaluation_dataset(dataset_name, args.split, args.data_root, image_size, transform,
                                            args.test_dataset, args.allow_uncropped_cub)
+        rule = cli.episode_rule(args)
         label = dataset.name if args.test_dataset is None else f"{dataset_name}_to_{dataset.name}"
-        label += "" if args.split == "test" else f"_{args.split}"
+        label += ("" if args.split == "test" else f"_{args.split}") + (f"_{rule.label}" if rule.label else "")
         inputs = {"--ckp_path": [args.ckp_path]}
         check_outputs_are_not_inputs({"--json": args.json}, inputs)   # before results_paths reads it
         paths = results_paths(label, args.n_shots, identity, args.output_dir, args.json)
@@ -145,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         messages.info(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on "
                       f"{dataset}: {len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
-                      f"{args.n_queries}-query episodes")
+                      f"{args.n_queries}-query episodes" + (f" ({rule.label.replace('_', ' ')})" if rule.label else ""))
         start = time.perf_counter()
         calibration, source = read_calibration(checkpoint), "checkpoint"
         if args.calibrate:
@@ -154,8 +155,8 @@ def main(args: argparse.Namespace) -> int:
             messages.info(f"Calibrating on {args.calibration_episodes} episodes of {val_set}")
             calibration, source = calibrate(model, val_set, args.n_ways, args.n_shots, args.n_queries,
                                             args.calibration_episodes, device=args.device, amp=args.amp,
-                                            num_workers=args.num_workers,
-                                            progress=not args.no_progress), "--calibrate"
+                                            num_workers=args.num_workers, progress=not args.no_progress,
+                                            rule=rule), "--calibrate"
             if args.save_calibration:
                 save_checkpoint(args.save_calibration, with_calibration(checkpoint, calibration))
                 messages.info(f"wrote {args.save_calibration}: {args.ckp_path} with the temperatures")
@@ -167,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
                                    progress=not args.no_progress)
         head_results = evaluate_heads(model, dataset, args.n_ways, args.n_shots, args.n_queries, args.episodes,
                                       seeds, heads, base_dataset, base_means_dir(), options,
-                                      report=storage, logits_sink=meter)
+                                      report=storage, logits_sink=meter, rule=rule)
     except (CheckpointError, DatasetError, DeviceError, EvaluationError, FileNotFoundError, MemoryError,
             OutputError) as problem:
         messages.error(str(problem))
@@ -175,6 +176,7 @@ def main(args: argparse.Namespace) -> int:
     metadata = {"model": config["model"], "dataset": dataset_name,
                 "test_dataset": args.test_dataset, "split": args.split, "image_size": dataset.image_size,
                 "way": args.n_ways, "shot": args.n_shots, "query": args.n_queries, "episodes": args.episodes,
+                "within_group": rule.within_group, "distinct_drawers": rule.distinct_drawers,
                 "seeds": seeds, "heads": {head: HEADS[head].description for head in heads},
                 "storage": args.storage, **storage, "amp": args.amp, "tf32": tf32, "device": str(args.device),
                 "data_fingerprint": dataset_fingerprint(dataset),

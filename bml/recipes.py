@@ -127,6 +127,7 @@ RECIPES: dict[str, Recipe] = {
     "CUB": PUBLISHED,
     "glyphs": GLYPHS,
     "omniglot": OMNIGLOT,
+    "omniglot-lake": OMNIGLOT,
     "omniglot-small": OMNIGLOT,
 }
 """BML's recipe of each data set, and the baselines' where `METHOD_RECIPES` has none; any other name is an

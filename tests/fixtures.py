@@ -196,6 +196,7 @@ def make_image_folder(root: str | Path, name: str, classes: tuple[int, int, int]
 OMNIGLOT_ALPHABETS = (("images_background", "Alpha", 3), ("images_background", "Beta", 2),
                       ("images_evaluation", "Gamma", 3))
 OMNIGLOT_SPLIT_ALPHABETS = {"train": ("Alpha",), "val": ("Beta",), "test": ("Gamma",)}
+"""Which alphabets the fixture's Vinyals split lists give each split; its Lake split holds Beta out as val too."""
 
 
 def make_omniglot(root: str | Path, drawers: int = 4, image_size: int = 21, npz: bool = True, png: bool = False,
@@ -206,7 +207,8 @@ def make_omniglot(root: str | Path, drawers: int = 4, image_size: int = 21, npz:
     evaluation Gamma 3; global ids from 1), `images_{background,evaluation}.npz` ('images' bool
     (chars, drawers, S, S), True = paper; 'labels') and/or the PNG trees
     `images_*/<Alphabet>/characterNN/<id>_<drawer>.png` (mode '1', same pixels), and with split_files
-    `<root>/splits/omniglot/vinyals/{train,val,test,trainval}.txt` (Alpha / Beta / Gamma, 4 rotations).
+    `<root>/splits/omniglot/vinyals/{train,val,test,trainval}.txt` (Alpha / Beta / Gamma, 4 rotations) and
+    `<root>/splits/omniglot/lake/val_alphabets.txt` (Beta).
     """
     rng = np.random.default_rng(seed)
     folder = Path(root) / "omniglot"
@@ -243,4 +245,7 @@ def make_omniglot(root: str | Path, drawers: int = 4, image_size: int = 21, npz:
         lines["trainval"] = lines["train"] + lines["val"]
         for split, split_lines in lines.items():
             (split_dir / f"{split}.txt").write_text("\n".join(split_lines) + "\n")
+        lake_dir = Path(root) / "splits" / "omniglot" / "lake"
+        lake_dir.mkdir(parents=True, exist_ok=True)
+        (lake_dir / "val_alphabets.txt").write_text("# held out\n" + "\n".join(OMNIGLOT_SPLIT_ALPHABETS["val"]) + "\n")
     return Path(root)

@@ -316,4 +316,5 @@ def test_summary_command_exit_code_without_traceback(tmp_path):
 
 
 def test_known_names():
-    assert DATASET_NAMES == ("miniImageNet", "tieredImageNet", "CIFAR-FS", "FC100", "CUB", "glyphs", "omniglot")
+    assert DATASET_NAMES == ("miniImageNet", "tieredImageNet", "CIFAR-FS", "FC100", "CUB", "glyphs", "omniglot",
+                             "omniglot-lake")

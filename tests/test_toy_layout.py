@@ -67,17 +67,17 @@ def test_summarize_asks_for_metadata_only(toy_root, capsys):
 
 
 def test_the_help_and_the_messages_name_the_toy_layout(toy_root, tmp_path_factory, capsys):
-    assert dataset_names()[-1] == "ToySquares" and "omniglot, ToySquares, or the name of an image folder" in \
+    assert dataset_names()[-1] == "ToySquares" and "omniglot-lake, ToySquares, or the name of an image folder" in \
         dataset_flag_help()
     assert "  ToySquares: coloured squares, three classes\n      <data_root>/ToySquares/ holds {train,val,test}.npy" \
         in describe_datasets()
     with pytest.raises(SystemExit):
         datasets_main(["summary", "--help"])
     assert "ToySquares: coloured squares" in capsys.readouterr().out
-    assert "omniglot, ToySquares, or the name" in " ".join(dataset_parser().format_help().split())
+    assert "omniglot-lake,ToySquares,orthename" in "".join(dataset_parser().format_help().split())   # wraps anywhere
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(DatasetError, match="expected the folder .*ToySquares for ToySquares, holding "
                                            r"\{train,val,test\}.npy"):
         read_split("ToySquares", "train", empty)
-    with pytest.raises(DatasetError, match="unknown dataset 'nope': not one of .*omniglot, ToySquares"):
+    with pytest.raises(DatasetError, match="unknown dataset 'nope': not one of .*omniglot-lake, ToySquares"):
         read_split("nope", "train", empty)

@@ -1,11 +1,11 @@
-"""Transforms A-E and O: output shapes, scaled parameters, defaults, augmentation across workers/epochs."""
+"""Transforms A-E, O and K: output shapes, scaled parameters, defaults, augmentation across workers/epochs."""
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from bml.datasets import (NORMALIZATION, TRANSFORM_IDS, ArrayDataset, DatasetError, EpisodeSampler,
+from bml.datasets import (NORMALIZATION, TRANSFORM_IDS, ArrayDataset, DatasetError, DeviceAugment, EpisodeSampler,
                           build_step_loader, build_transform, dataset_defaults)
 
 
@@ -45,8 +45,26 @@ def test_test_transforms_are_deterministic_and_normalised():
     torch.testing.assert_close(build_transform("D", 32)(image), expected)   # "as stored" at the stored size
 
 
+def test_k_is_o_with_affine_distortions_in_training_only():
+    image = Image.fromarray(np.full((40, 40, 3), 255, dtype=np.uint8))
+    image.paste((0, 0, 0), (16, 12, 24, 28))                     # a stroke in the middle of white paper
+    steps = [type(t).__name__ for t in build_transform("K", 28, train=True).transforms]
+    assert steps == ["Resize", "RandomAffine", "RandomCrop", "ToTensor", "Normalize"]
+    torch.testing.assert_close(build_transform("K", 28)(image), build_transform("O", 28)(image))   # test: as O
+    torch.manual_seed(0)
+    distorted = torch.stack([build_transform("K", 28, train=True)(image) for _ in range(20)])
+    torch.manual_seed(0)
+    shifted = torch.stack([build_transform("O", 28, train=True)(image) for _ in range(20)])
+    paper = build_transform("K", 28)(Image.new("RGB", (40, 40), (255, 255, 255)))[0, 0, 0]
+    corners = distorted[..., [0, 0, -1, -1], [0, -1, 0, -1]]
+    torch.testing.assert_close(corners, torch.full_like(corners, paper.item()))   # what turns in is paper
+    assert not torch.allclose(distorted, shifted)
+    with pytest.raises(DatasetError, match="host only: use --augment host"):
+        DeviceAugment("K", 28)
+
+
 def test_unknown_transform():
-    with pytest.raises(DatasetError, match="unknown transform 'F': expected one of A, B, C, D, E, O"):
+    with pytest.raises(DatasetError, match="unknown transform 'F': expected one of A, B, C, D, E, O, K"):
         build_transform("F")
 
 

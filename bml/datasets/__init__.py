@@ -17,18 +17,20 @@ from .npz import read_npz_arrays
 from .readers import TIERED_LABELS
 from .safe_pickle import load_pickle
 from .device_augment import AUGMENT_MODES, DeviceAugment, draw_parameters
-from .sampler import EpisodeSampler, StepBatches, build_step_loader, default_num_workers, shuffled_batches
+from .sampler import (EpisodeRule, EpisodeSampler, StepBatches, build_step_loader, default_num_workers, episode_sampler,
+                      shuffled_batches)
 from .transforms import NORMALIZATION, TRANSFORM_IDS, TransformSettings, build_transform, crop_transform
 
 __all__ = [
     "AUGMENT_MODES", "ArrayDataset", "DATASETS", "DATASET_NAMES", "DatasetDefaults", "DatasetError", "DatasetLayout",
-    "DeviceAugment", "EpisodeSampler", "FewShotDataset", "FileDataset", "IMAGE_FOLDER", "InputSettings",
+    "DeviceAugment", "EpisodeRule", "EpisodeSampler", "FewShotDataset", "FileDataset", "IMAGE_FOLDER", "InputSettings",
     "NATURAL_IMAGES_DATASET", "NORMALIZATION", "ReadOptions", "SPLITS", "SplitData", "StepBatches", "TIERED_LABELS",
     "TRANSFORM_IDS",
     "TransformSettings", "build_dataset", "build_step_loader", "build_transform",
     "canonical_name", "crop_transform", "dataset_defaults", "dataset_fingerprint",
     "dataset_flag_help", "dataset_layout", "dataset_names",
-    "default_num_workers", "describe_datasets", "draw_parameters", "episode_labels", "input_transform_settings",
+    "default_num_workers", "describe_datasets", "draw_parameters", "episode_labels", "episode_sampler",
+    "input_transform_settings",
     "load_pickle", "read_npz_arrays", "read_split", "resolve_data_root", "shuffled_batches",
     "split_fingerprint", "summarize", "with_normalization",
 ]

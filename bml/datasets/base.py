@@ -35,6 +35,8 @@ class ReadOptions:
     """tieredImageNet train (train + val): 'offset' numbers val's classes after train's (448 classes); 'raw'
     concatenates the stored labels as the original code did, so that val's class k shares output k with train's
     class k (`bml.datasets.readers.TIERED_LABELS`)."""
+    rotation_classes: bool = False
+    """omniglot-lake train: each character's rotations by 90, 180 and 270 degrees are three more classes."""
 
 
 @dataclass
@@ -55,6 +57,11 @@ class SplitData:
     stored_class_ids: dict[str, np.ndarray] = field(default_factory=dict)
     """Label file name -> the class ids as that file stores them (sorted), for readers of such files: what
     `python -m bml.datasets summary` reports as the stored label ranges."""
+    class_groups: list[str] | None = None
+    """The group of each class where the data set declares groups (Omniglot: its alphabet), for episodes within
+    one group (`bml.datasets.sampler.EpisodeRule`)."""
+    drawers: np.ndarray | None = None
+    """Who drew each image, as an int per image (-1: unknown), where the data set records it (Omniglot)."""
 
 
 def remap_labels(original: Sequence | np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
@@ -86,13 +93,23 @@ class FewShotDataset(torch.utils.data.Dataset):
     `input_settings` (`TransformSettings`, None when unknown) says as data what its images go through: transform
     id, input size and normalisation; `train` whether that is the training (True) or the test (False) transform.
     `transform` is what `ds[i]` applies: the one `use_input_settings` built from them, or any callable given.
+    `class_groups` (one name per class) and `drawers` (one int per image) are None unless the data set declares
+    them (`SplitData`); episodes within a group and by distinct drawers read them (`episode_sampler`).
     """
 
     def __init__(self, labels: np.ndarray, class_names: list[str], transform: Callable | None = None,
                  name: str = "", split: str = "", transform_id: str | None = None, image_size: int | None = None,
-                 train: bool | None = None):
+                 train: bool | None = None, class_groups: Sequence[str] | None = None,
+                 drawers: np.ndarray | None = None):
         self.labels = np.ascontiguousarray(labels, dtype=np.int64)
         self.class_names = list(class_names)
+        self.class_groups = None if class_groups is None else list(class_groups)
+        self.drawers = None if drawers is None else np.asarray(drawers, dtype=np.int64)
+        if self.class_groups is not None and len(self.class_groups) != len(self.class_names):
+            raise DatasetError(f"{name} {split}: {len(self.class_groups)} class groups for {len(self.class_names)} "
+                               "classes")
+        if self.drawers is not None and len(self.drawers) != len(self.labels):
+            raise DatasetError(f"{name} {split}: {len(self.drawers)} drawers for {len(self.labels)} images")
         self.transform = transform
         self.name, self.split, self.train = name, split, train
         self.input_settings = None if transform_id is None else TransformSettings.of(transform_id, image_size)

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .transforms import (CROP_RATIO, CROP_SCALE, JITTER, NORMALIZATION, check_transform_id, crop_transform,
-                         has_jitter_and_flip, shift_padding)
+from .errors import DatasetError
+from .transforms import (CROP_RATIO, CROP_SCALE, HOST_ONLY_TRANSFORMS, JITTER, NORMALIZATION, check_transform_id,
+                         crop_transform, has_jitter_and_flip, shift_padding)
 
 AUGMENT_MODES = ("host", "device")
 BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2
@@ -87,7 +88,7 @@ def centre_crops(height: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
 def draw_parameters(count: int, transform_id: str, stored_size: tuple[int, int] | torch.Tensor, image_size: int
                     ) -> torch.Tensor:
     """Parameters of `count` training images of transform `transform_id`, (count, 13) float32 ((count, 6)
-    for 'O'), from torch's CPU generator (the loader seeds it per step).
+    for 'O'; 'K' augments on the host only), from torch's CPU generator (the loader seeds it per step).
 
     `stored_size`: (height, width) of the images sent, or (count, 2) sizes, one per image.
     """
@@ -165,6 +166,9 @@ class DeviceAugment:
     parameters (..., 13) -> normalised float images (..., 3, S, S), on the images' device."""
 
     def __init__(self, transform_id: str, image_size: int) -> None:
+        if check_transform_id(transform_id) in HOST_ONLY_TRANSFORMS:
+            raise DatasetError(f"transform {transform_id}'s affine distortions run on the host only: use --augment "
+                               "host")
         self.size, self.transform_id = int(image_size), transform_id
         self.jitter_and_flip = has_jitter_and_flip(transform_id)
         self.edge = shift_padding(transform_id, self.size)[1] == "edge"

@@ -22,7 +22,8 @@ from .errors import DATA_HELP, DatasetError
 from .fingerprint import split_fingerprint
 from .glyphs import read_glyphs
 from .image_files import common_image_shape
-from .omniglot import OMNIGLOT_FILES, OMNIGLOT_IMAGE_SIZE, OMNIGLOT_SPLITS, read_omniglot
+from .omniglot import (LAKE_SPLITS, OMNIGLOT_FILES, OMNIGLOT_IMAGE_SIZE, OMNIGLOT_SPLITS, read_omniglot,
+                       read_omniglot_lake)
 from .readers import (CIFAR_FILES, CUB_FILES, IMAGE_FOLDER_FILES, MINI_IMAGENET_FILES, TIERED_FILES, TIERED_LABELS,
                       read_cub, read_image_folder, read_pickle_split, read_tiered)
 from .transforms import TransformSettings, check_transform_id
@@ -41,7 +42,7 @@ class DatasetLayout:
     """One line: what the data set is."""
     reader: Reader
     transform: str
-    """Default transform id ('A'..'E', 'O'; `bml.datasets.transforms`)."""
+    """Default transform id ('A'..'E', 'O', 'K'; `bml.datasets.transforms`)."""
     image_size: int
     """Default input size in pixels."""
     expected_files: tuple[str, ...]
@@ -51,6 +52,10 @@ class DatasetLayout:
     """False: built by the toolkit itself, nothing to download (the reader gets no folder)."""
     listed: bool = True
     """Named in DATASET_NAMES and the help texts; False for an image folder known only for its input settings."""
+    folder: str | None = None
+    """The folder under the data root, when not the data set's name (omniglot-lake reads omniglot/)."""
+    rotation_classes: bool = False
+    """Whether its reader can make each training class's rotations more classes (`ReadOptions.rotation_classes`)."""
 
 
 DATASETS: dict[str, DatasetLayout] = {
@@ -75,6 +80,11 @@ DATASETS: dict[str, DatasetLayout] = {
     "omniglot": DatasetLayout(
         "Omniglot's characters in four rotations, Vinyals split (4112/688/1692 classes), resized at load time",
         read_omniglot, "O", OMNIGLOT_IMAGE_SIZE, OMNIGLOT_FILES, splits=OMNIGLOT_SPLITS),
+    "omniglot-lake": DatasetLayout(
+        "Omniglot as Lake et al. meant it: train on 26 background alphabets (829 characters), val on 4 others "
+        "(135), test on the 20 evaluation alphabets (659); alphabets as groups, drawers recorded",
+        read_omniglot_lake, "O", OMNIGLOT_IMAGE_SIZE, OMNIGLOT_FILES, splits=LAKE_SPLITS, folder="omniglot",
+        rotation_classes=True),
     "omniglot-small": DatasetLayout(
         "an image folder of Omniglot characters (experiments/omniglot_cpu.sh quick)",
         read_image_folder, "O", OMNIGLOT_IMAGE_SIZE, IMAGE_FOLDER_FILES, listed=False),
@@ -124,7 +134,7 @@ def dataset_flag_help() -> str:
 
 def describe_datasets() -> str:
     """Every data set of the table with its description and what its folder holds, two lines each."""
-    entries = [(name, name, layout) for name, layout in DATASETS.items() if layout.listed]
+    entries = [(name, layout.folder or name, layout) for name, layout in DATASETS.items() if layout.listed]
     lines = []
     for label, folder, layout in [*entries, ("any other name", "<name>", IMAGE_FOLDER)]:
         where = (f"<data_root>/{folder}/ holds {', '.join(layout.expected_files)}" if layout.needs_data_root
@@ -160,7 +170,7 @@ def input_transform_settings(recorded: Mapping[str, Any], image_size: int | None
     if dataset is None and transform_id is None and recorded.get("transform") is None:
         warnings.warn(f"the checkpoint records neither its data set nor its transform: using the "
                       f"{NATURAL_IMAGES_DATASET} test transform (ImageNet-style normalisation); pass the "
-                      f"transform id ('A'..'E', 'O') if the model was trained on something else", stacklevel=2)
+                      f"transform id ('A'..'E', 'O', 'K') if the model was trained on something else", stacklevel=2)
     defaults = dataset_defaults(dataset or NATURAL_IMAGES_DATASET)
     return InputSettings(check_transform_id(transform_id or recorded.get("transform") or defaults.transform),
                          int(image_size or recorded.get("image_size") or defaults.image_size))
@@ -181,19 +191,25 @@ def _missing_folder(name: str, folder: Path, layout: DatasetLayout) -> DatasetEr
 
 def read_split(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
                load_images: bool = True, allow_uncropped_cub: bool = False,
-               tiered_labels: str = TIERED_LABELS[0]) -> SplitData:
+               tiered_labels: str = TIERED_LABELS[0], rotation_classes: bool = False) -> SplitData:
     """Labels, class names and images (or paths) of one split, without a transform, read by the data set's
     entry of `DATASETS` (any other name: an image folder).
 
     load_images=False lets tieredImageNet read only its npz headers (for `summarize`).
     allow_uncropped_cub: CUB val/test may use the uncropped images when the crops are missing (warns).
     tiered_labels: how tieredImageNet's train + val are labelled (`ReadOptions.tiered_labels`).
+    rotation_classes: omniglot-lake train with each character's rotations as more classes.
     """
     name = canonical_name(name)
     layout = dataset_layout(name)
     if split not in layout.splits:
         raise DatasetError(f"unknown split '{split}' for {name}: expected one of {', '.join(layout.splits)}")
-    options = ReadOptions(int(image_size or layout.image_size), load_images, allow_uncropped_cub, tiered_labels)
+    if rotation_classes and not layout.rotation_classes:
+        able = ", ".join(known for known, entry in DATASETS.items() if entry.rotation_classes)
+        raise DatasetError(f"{name} cannot make rotations of its classes more classes (--rotation_classes): only "
+                           f"{able} can; leave the flag out")
+    options = ReadOptions(int(image_size or layout.image_size), load_images, allow_uncropped_cub, tiered_labels,
+                          rotation_classes)
     if not layout.needs_data_root:
         return layout.reader(None, split, options)
     root = resolve_data_root(data_root)
@@ -202,7 +218,7 @@ def read_split(name: str, split: str, data_root: str | Path | None = None, image
             f"data root {root} does not exist: pass --data_root, or set BML_DATA_ROOT, to the folder holding "
             f"{name}/ ({DATA_HELP}); the embedded data set '{EMBEDDED_DATASET}' needs no download"
         )
-    folder = root / name
+    folder = root / (layout.folder or name)
     if not folder.is_dir():
         raise _missing_folder(name, folder, layout)
     return layout.reader(folder, split, options)
@@ -210,17 +226,19 @@ def read_split(name: str, split: str, data_root: str | Path | None = None, image
 
 def build_dataset(name: str, split: str, data_root: str | Path | None = None, image_size: int | None = None,
                   train: bool = False, transform: str | None = None,
-                  allow_uncropped_cub: bool = False, tiered_labels: str = TIERED_LABELS[0]) -> FewShotDataset:
+                  allow_uncropped_cub: bool = False, tiered_labels: str = TIERED_LABELS[0],
+                  rotation_classes: bool = False) -> FewShotDataset:
     """A split of a data set with its training (`train=True`) or test transform.
 
     image_size None means the data set's default (84; omniglot 28; glyphs 32). `transform` is a
-    transform id ('A'..'E', 'O') overriding the data set's default. CUB val/test need the bounding-box
-    crops unless `allow_uncropped_cub`. `tiered_labels`: `ReadOptions.tiered_labels`.
+    transform id ('A'..'E', 'O', 'K') overriding the data set's default. CUB val/test need the bounding-box
+    crops unless `allow_uncropped_cub`. `tiered_labels`, `rotation_classes`: `ReadOptions`.
     """
     transform_id, image_size = input_transform_settings({"dataset": name}, image_size, transform)
     data = read_split(name, split, data_root, image_size, allow_uncropped_cub=allow_uncropped_cub,
-                      tiered_labels=tiered_labels)
-    common = dict(class_names=data.class_names, name=canonical_name(name), split=split, train=train)
+                      tiered_labels=tiered_labels, rotation_classes=rotation_classes)
+    common = dict(class_names=data.class_names, name=canonical_name(name), split=split, train=train,
+                  class_groups=data.class_groups, drawers=data.drawers)
     if data.images is not None:
         dataset = ArrayDataset(data.images, data.labels, **common)
     else:

@@ -4,6 +4,10 @@ An N-way K-shot Q-query episode is a list of N*(K+Q) dataset indices in shot-maj
 i*N + c holds the i-th image of the c-th drawn class, so the first N*K are the support set and query j
 has episode label j mod N. A whole epoch is drawn at once with array operations.
 
+An `EpisodeRule` narrows what an episode may hold: all its classes from one group (Omniglot's alphabet: a
+within-alphabet episode), and its support and query images by different drawers (Lake et al.'s one-shot
+protocol: each of the episode's support images drawn by one person, each query by another).
+
 Training draws each epoch's *plan* (the dataset indices of every step: episodes from
 `EpisodeSampler.sample`, or `shuffled_batches` for the global baseline) and loads the run's steps
 with `build_step_loader`, which augments each step from its own seed.
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,15 +29,36 @@ from .device_augment import DeviceAugment, DeviceAugmentLoader, cut_regions, dra
 _MAX_KEYS = 1 << 22   # random keys drawn at once when choosing images (32 MiB of float64)
 
 
+@dataclass(frozen=True)
+class EpisodeRule:
+    """What an episode may hold beyond its shape; the default draws classes and images freely."""
+
+    within_group: bool = False
+    """Every class of an episode from one group (Omniglot: one alphabet); the group uniformly among those with at
+    least `way` classes."""
+    distinct_drawers: bool = False
+    """Each episode draws shot + query distinct drawers: its i-th support images are all by the i-th, its j-th
+    queries all by the (shot + j)-th, so no query shares a drawer with any support image."""
+
+    @property
+    def label(self) -> str:
+        """A short name for results and logs ('' for the default)."""
+        return "_".join(name for name, on in (("within_group", self.within_group),
+                                              ("distinct_drawers", self.distinct_drawers)) if on)
+
+
 class EpisodeSampler(Sampler[list[int]]):
     """Yields `episodes` episodes per epoch; usable as a DataLoader `batch_sampler`.
 
     Episodes depend only on (seed, rank, epoch): reproducible, and different on every rank of a
     distributed run (each process draws its own episodes; world_size is kept for bookkeeping).
+    `groups` (one id per image, the same for all images of a class) draws every episode within one group;
+    `drawers` (one id per image, every class drawn once by each drawer) draws support and query from
+    different drawers (`EpisodeRule`). Without either, episodes are those of the free rule.
     """
 
     def __init__(self, labels, way: int, shot: int, query: int, episodes: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, groups=None, drawers=None):
         labels = np.asarray(labels).reshape(-1)
         class_ids, classes = np.unique(labels, return_inverse=True)
         counts = np.bincount(classes, minlength=len(class_ids))
@@ -59,6 +85,26 @@ class EpisodeSampler(Sampler[list[int]]):
         self.way, self.shot, self.query, self.episodes = way, shot, query, episodes
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
+        self.class_groups = None if groups is None else _class_groups(np.asarray(groups).reshape(-1), classes,
+                                                                      class_ids, way)
+        self.by_drawer = None if drawers is None else _images_by_drawer(np.asarray(drawers).reshape(-1), classes,
+                                                                        class_ids)
+
+    def _draw_classes(self, rng: np.random.Generator) -> np.ndarray:
+        """(episodes, way) class rows: any classes, or all of one group drawn per episode."""
+        num_classes = len(self.counts)
+        keys = rng.random((self.episodes, num_classes))
+        if self.class_groups is not None:
+            groups, members = self.class_groups
+            chosen = groups[rng.integers(len(groups), size=self.episodes)]
+            keys[members[None, :] != chosen[:, None]] = np.inf     # classes of other groups sort last
+        return np.argsort(keys, axis=1)[:, :self.way]
+
+    def _by_distinct_drawers(self, classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(episodes, way, shot + query) images: per episode shot + query distinct drawers, the k-th of which drew
+        the k-th image of every class."""
+        drawers = np.argsort(rng.random((self.episodes, self.by_drawer.shape[1])), axis=1)[:, :self.shot + self.query]
+        return self.by_drawer[classes[..., None], drawers[:, None, :]]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -69,9 +115,11 @@ class EpisodeSampler(Sampler[list[int]]):
     def sample(self) -> np.ndarray:
         """The epoch's episodes, (episodes, way * (shot + query)) int64 dataset indices."""
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.rank, self.epoch]))
-        num_classes, width = self.members.shape
+        width = self.members.shape[1]
         per_class = self.shot + self.query
-        classes = np.argsort(rng.random((self.episodes, num_classes)), axis=1)[:, :self.way]
+        classes = self._draw_classes(rng)
+        if self.by_drawer is not None:
+            return self._by_distinct_drawers(classes, rng).transpose(0, 2, 1).reshape(self.episodes, -1)
         chunk = max(1, _MAX_KEYS // (self.way * width))
         picked = np.empty((self.episodes, self.way, per_class), dtype=np.int64)
         for start in range(0, self.episodes, chunk):
@@ -85,6 +133,70 @@ class EpisodeSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for episode in self.sample():
             yield episode.tolist()
+
+
+def _class_groups(groups: np.ndarray, classes: np.ndarray, class_ids: np.ndarray, way: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(the groups with at least `way` classes, the group of each class), checked: one group per class."""
+    if len(groups) != len(classes):
+        raise DatasetError(f"{len(groups)} group ids for {len(classes)} images: give one per image")
+    group_ids, group_of_image = np.unique(groups, return_inverse=True)
+    member = np.full(len(class_ids), -1)
+    member[classes] = group_of_image
+    if (member[classes] != group_of_image).any():
+        image = int(np.argmax(member[classes] != group_of_image))
+        raise DatasetError(f"class {class_ids[classes[image]]} has images in more than one group: a group holds "
+                           "whole classes")
+    sizes = np.bincount(member, minlength=len(group_ids))
+    eligible = np.flatnonzero(sizes >= way)
+    if not len(eligible):
+        raise DatasetError(f"{way}-way episodes within one group need a group of {way} classes, but the largest "
+                           f"group ({group_ids[np.argmax(sizes)]}) has {sizes.max()}: lower the number of ways")
+    return eligible, member
+
+
+def _images_by_drawer(drawers: np.ndarray, classes: np.ndarray, class_ids: np.ndarray) -> np.ndarray:
+    """(classes, drawers) table of the image of each class by each drawer, checked complete and unique (so every
+    class has as many images as there are drawers, which the count check compares with shot + query)."""
+    if len(drawers) != len(classes):
+        raise DatasetError(f"{len(drawers)} drawer ids for {len(classes)} images: give one per image")
+    if (drawers < 0).any():
+        raise DatasetError(f"image {int(np.argmax(drawers < 0))} has no recorded drawer: episodes by distinct "
+                           "drawers need every image's")
+    drawer_ids, drawer_of_image = np.unique(drawers, return_inverse=True)
+    table = np.full((len(class_ids), len(drawer_ids)), -1, dtype=np.int64)
+    table[classes, drawer_of_image] = np.arange(len(classes))
+    filled = np.zeros_like(table)
+    np.add.at(filled, (classes, drawer_of_image), 1)
+    if (filled != 1).any():
+        c, d = np.argwhere(filled != 1)[0]
+        raise DatasetError(f"class {class_ids[c]} has {filled[c, d]} images by drawer {drawer_ids[d]}: episodes by "
+                           "distinct drawers need every class drawn exactly once by every drawer")
+    return table
+
+
+def episode_sampler(dataset, way: int, shot: int, query: int, episodes: int, seed: int = 0,
+                    rule: EpisodeRule = EpisodeRule(), rank: int = 0, world_size: int = 1) -> EpisodeSampler:
+    """The `EpisodeSampler` of `dataset` (a `FewShotDataset`, or just its labels under the free rule) under `rule`,
+    its groups and drawers read from the data set; a rule the data set cannot follow is an error naming what it
+    lacks."""
+    labels = np.asarray(getattr(dataset, "labels", dataset))
+    groups = drawers = None
+    name = f"{getattr(dataset, 'name', '')} {getattr(dataset, 'split', '')}".strip() or "this data set"
+    if rule.within_group:
+        class_groups = getattr(dataset, "class_groups", None)
+        if class_groups is None:
+            raise DatasetError(f"{name} declares no groups of classes, so episodes cannot be drawn within one group: "
+                               "leave the group option out (omniglot and omniglot-lake group by alphabet)")
+        groups = np.unique(class_groups, return_inverse=True)[1][labels]
+    if rule.distinct_drawers:
+        drawers = getattr(dataset, "drawers", None)
+        if drawers is None:
+            raise DatasetError(f"{name} does not record who drew each image, so support and query cannot be by "
+                               "different drawers: leave the drawer option out (omniglot and omniglot-lake record "
+                               "drawers)")
+    return EpisodeSampler(labels, way, shot, query, episodes, seed=seed, rank=rank, world_size=world_size,
+                          groups=groups, drawers=drawers)
 
 
 def shuffled_batches(num_images: int, batch_size: int, batches: int, seed: int, epoch: int, rank: int = 0,

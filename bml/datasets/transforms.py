@@ -1,4 +1,5 @@
-"""The published transforms A-E (docs/ARCHITECTURE.md, "Transforms") and 'O', the identity-keeping one for characters.
+"""The published transforms A-E (docs/ARCHITECTURE.md, "Transforms"), 'O', the identity-keeping one for characters,
+and 'K', 'O' with the small affine distortions Koch et al. (2015) trained their Omniglot network with.
 
 Every transform takes a PIL RGB image and returns a normalised 3 x S x S float tensor, S = image_size.
 Sizes other than 84 scale the padding and the test-time Resize(92) proportionally. Images stored
@@ -21,9 +22,16 @@ _OMNIGLOT = ((0.917, 0.917, 0.917), (0.221, 0.221, 0.221))   # ink on white pape
 
 # transform id -> (mean, std)
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "A": _MINI, "B": _TIERED, "C": _TIERED, "D": _CIFAR, "E": _MINI, "O": _OMNIGLOT,
+    "A": _MINI, "B": _TIERED, "C": _TIERED, "D": _CIFAR, "E": _MINI, "O": _OMNIGLOT, "K": _OMNIGLOT,
 }
 TRANSFORM_IDS = tuple(NORMALIZATION)
+CHARACTER_TRANSFORMS = ("O", "K")
+"""Transforms for characters: shifts (and for K affine distortions), no colour jitter or flips."""
+HOST_ONLY_TRANSFORMS = ("K",)
+"""Transforms whose training augmentation runs on the host only (`--augment host`)."""
+AFFINE_DEGREES, AFFINE_SCALE, AFFINE_SHEAR = 10.0, (0.8, 1.2), 16.7
+"""K's distortions (Koch et al. 2015): rotation within +-10 degrees, scale within 0.8-1.2, shear within +-16.7
+degrees on each axis (their shear factor 0.3 = tan 16.7 degrees), on white paper, before O's shifts."""
 
 
 def check_transform_id(transform_id: str) -> str:
@@ -63,14 +71,14 @@ CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 def shift_padding(transform_id: str, image_size: int) -> tuple[int, str]:
     """(pixels, padding mode) of the padded RandomCrop of B, C, D and O, scaled with the input size."""
-    if check_transform_id(transform_id) == "O":
+    if check_transform_id(transform_id) in CHARACTER_TRANSFORMS:
         return max(1, round(2 * int(image_size) / 28)), "edge"
     return round(8 * int(image_size) / 84), "constant"
 
 
 def has_jitter_and_flip(transform_id: str) -> bool:
-    """A-E jitter colours and flip; 'O' does neither (both change a character's identity)."""
-    return check_transform_id(transform_id) != "O"
+    """A-E jitter colours and flip; 'O' and 'K' do neither (both change a character's identity)."""
+    return check_transform_id(transform_id) not in CHARACTER_TRANSFORMS
 
 
 def crop_transform(transform_id: str, image_size: int = 84, train: bool = False) -> Callable:
@@ -85,6 +93,9 @@ def crop_transform(transform_id: str, image_size: int = 84, train: bool = False)
             return T.Compose([T.RandomResizedCrop(size, scale=CROP_SCALE, ratio=CROP_RATIO)])
         return T.Compose([T.Resize(round(92 * size / 84)), T.CenterCrop(size)])
     steps = [T.Resize((size, size))]
+    if train and transform_id == "K":
+        steps.append(T.RandomAffine(AFFINE_DEGREES, scale=AFFINE_SCALE, shear=(-AFFINE_SHEAR, AFFINE_SHEAR) * 2,
+                                    interpolation=T.InterpolationMode.BILINEAR, fill=(255, 255, 255)))
     if train:   # 'O': small shifts only, colour, flips and rotations change a character's identity
         padding, mode = shift_padding(transform_id, size)
         steps.append(T.RandomCrop(size, padding=padding, padding_mode=mode))

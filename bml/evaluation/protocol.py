@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bml.datasets import EpisodeSampler
+from bml.datasets import EpisodeRule, episode_sampler
 from bml.evaluation.base_means import base_class_means
 from bml.evaluation.cache import STORAGE_FALLBACK_NOTE, EmbeddingOptions, embed_dataset
 from bml.evaluation.cached_scoring import LogitsSink, score_episodes
@@ -22,10 +22,11 @@ def accuracy_summary(accuracies: np.ndarray) -> dict[str, float]:
             "ci95": float(1.96 * accuracies.std() / np.sqrt(len(accuracies)))}
 
 
-def sample_episodes(labels: np.ndarray, way: int, shot: int, query: int, episodes: int,
-                    seeds: Sequence[int]) -> np.ndarray:
-    """(len(seeds) * episodes, way*(shot+query)) indices: each seed's episodes from the shared sampler."""
-    return np.concatenate([EpisodeSampler(labels, way, shot, query, episodes, seed=seed).sample()
+def sample_episodes(dataset, way: int, shot: int, query: int, episodes: int, seeds: Sequence[int],
+                    rule: EpisodeRule = EpisodeRule()) -> np.ndarray:
+    """(len(seeds) * episodes, way*(shot+query)) indices: each seed's episodes from the shared sampler, under `rule`
+    (`dataset`: a `FewShotDataset`, or its labels under the free rule)."""
+    return np.concatenate([episode_sampler(dataset, way, shot, query, episodes, seed=seed, rule=rule).sample()
                            for seed in seeds])
 
 
@@ -33,7 +34,8 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, wa
                    query: int, episodes: int, seeds: Sequence[int], heads: Sequence[str] = (PROTO,),
                    base_dataset: torch.utils.data.Dataset | None = None, means_dir: str | Path | None = None,
                    options: EmbeddingOptions = EmbeddingOptions(), report: dict | None = None,
-                   logits_sink: LogitsSink | None = None) -> dict[str, dict[str, dict]]:
+                   logits_sink: LogitsSink | None = None, rule: EpisodeRule = EpisodeRule()
+                   ) -> dict[str, dict[str, dict]]:
     """The published protocol (README "Evaluation") on `dataset` (already carrying its test transform), for
     every head of `heads` (`bml.scoring.HEADS`) from one embedding pass, embedded with `options`.
 
@@ -42,7 +44,8 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, wa
     `means_dir` when given).
     `report`, when given, receives 'storage' (the dtype the embeddings were cached in) and, when
     float16 could not hold them, 'storage_note'. `logits_sink` receives the logits of the published head
-    (`proto`) only, as in `score_episodes`.
+    (`proto`) only, as in `score_episodes`. `rule` narrows the episodes (`bml.datasets.EpisodeRule`: within one
+    group, support and query by different drawers).
 
     Returns {head: {vote: results}} for every vote of `score_episodes` (each view name, 'bml': the argmax
     of the summed view logits, for a one-view baseline that view; 'bml_scaled' with two views), results
@@ -57,7 +60,7 @@ def evaluate_heads(model: torch.nn.Module, dataset: torch.utils.data.Dataset, wa
     if centring and base_dataset is None:
         raise EvaluationError(f"head(s) {', '.join(centring)} centre on the base classes' mean embedding: "
                               f"they need the training split (base_dataset)")
-    indices = sample_episodes(dataset.labels, way, shot, query, episodes, seeds)
+    indices = sample_episodes(dataset, way, shot, query, episodes, seeds, rule)
     cache = embed_dataset(model, dataset, options)
     if report is not None:
         report["storage"] = str(cache[0].dtype).removeprefix("torch.")
@@ -84,7 +87,8 @@ def seed_summaries(per_episode: np.ndarray, seeds: Sequence[int]) -> dict:
 
 def evaluate_episodes(model: torch.nn.Module, dataset: torch.utils.data.Dataset, way: int, shot: int,
                       query: int, episodes: int, seeds: Sequence[int], options: EmbeddingOptions = EmbeddingOptions(),
-                      report: dict | None = None, logits_sink: LogitsSink | None = None) -> dict[str, dict]:
+                      report: dict | None = None, logits_sink: LogitsSink | None = None,
+                      rule: EpisodeRule = EpisodeRule()) -> dict[str, dict]:
     """`evaluate_heads` of the published head alone (`proto`): {vote: results}."""
     return evaluate_heads(model, dataset, way, shot, query, episodes, seeds, heads=(PROTO,), options=options,
-                          report=report, logits_sink=logits_sink)[PROTO]
+                          report=report, logits_sink=logits_sink, rule=rule)[PROTO]

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from bml.calibration import calibrate_checkpoints
+from bml.cli import episode_rule
 from bml.checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from bml.datasets import DatasetError
 from bml.evaluation import EvaluationError
@@ -305,7 +306,7 @@ def finish(args: argparse.Namespace, parts: TrainComponents, state: TrainingStat
              f"{args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}")
         info(calibrate_checkpoints([last_path, save_folder / BEST_CHECKPOINT], data.val_set, args.n_ways,
                                    args.n_shots, args.n_queries, args.val_episodes, parts.device, args.amp,
-                                   args.num_workers, progress=True))
+                                   args.num_workers, progress=True, rule=episode_rule(args)))
     if last_validation:
         info(f"Validation accuracy ({args.n_ways}-way {args.n_shots}-shot, {args.val_episodes} episodes of the val "
              f"split): last {last_validation['acc']:.2f} +- {last_validation['ci95']:.2f}%, best "
@@ -377,11 +378,13 @@ def end_epoch(args: argparse.Namespace, parts: TrainComponents, state: TrainingS
 
 def validate(args: argparse.Namespace, model: nn.Module, val_set: Dataset, device: torch.device) -> dict[str, float]:
     """Validation accuracy on fixed episodes (seed 0), without touching the training RNG streams."""
-    info(f"Validating on {args.val_episodes} {args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}")
+    rule = episode_rule(args)
+    info(f"Validating on {args.val_episodes} {args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}"
+         + (f" ({rule.label.replace('_', ' ')})" if rule.label else ""))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate(model, val_set, way=args.n_ways, shot=args.n_shots, query=args.n_queries,
                         episodes=args.val_episodes, seed=0, device=device, amp=args.validation_amp,
-                        num_workers=args.num_workers, progress=True)
+                        num_workers=args.num_workers, progress=True, rule=rule)
 
 
 def _stopped(args: argparse.Namespace, exit_code: int, last_path: Path, model: nn.Module,

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from bml.datasets import EpisodeRule
 from bml.evaluation import EmbeddingOptions, evaluate_heads
 from bml.scoring import COMBINED, PROTO
 from bml.training.guard import NonFiniteLossError
@@ -255,17 +256,18 @@ def epoch_stats(state: TrainingState, optimizer: torch.optim.Optimizer) -> dict[
 
 def evaluate(model: nn.Module, dataset, *, way: int, shot: int, query: int, episodes: int, seed: int,
              device: torch.device, amp: str = "off", num_workers: int = 0, progress: bool = False,
-             heads: Sequence[str] = (PROTO,), base_dataset=None) -> dict[str, float]:
+             heads: Sequence[str] = (PROTO,), base_dataset=None, rule: EpisodeRule = EpisodeRule()) -> dict[str, float]:
     """Validation accuracy (%) with its 95% interval: 'acc'/'ci95' of the model's prediction (BML: the
     sum of both views), 'acc_<view>' of each view alone and, for BML, 'acc_bml_scaled' of the scaled vote;
     for every other head of `heads` (`bml.scoring.HEADS`; `base_dataset`: the training split, for cl2n),
-    'acc_<head>' of its prediction and 'acc_<head>_<vote>' of the other votes.
+    'acc_<head>' of its prediction and 'acc_<head>_<vote>' of the other votes. `rule` narrows the episodes
+    (`bml.datasets.EpisodeRule`).
 
     Uses the fast protocol of `bml.evaluation` (embed the split once, score every episode of every head
     from the cache); the model's training mode is restored afterwards.
     """
     head_results = evaluate_heads(model, dataset, way, shot, query, episodes, seeds=[seed],
-                                  heads=list(dict.fromkeys([PROTO, *heads])), base_dataset=base_dataset,
+                                  heads=list(dict.fromkeys([PROTO, *heads])), base_dataset=base_dataset, rule=rule,
                                   options=EmbeddingOptions(device=device, amp=amp, num_workers=num_workers,
                                                            progress=progress))
     results = head_results.pop(PROTO)

@@ -46,6 +46,9 @@ def get_common_parser(description: str, model: str, modes: tuple[str, ...] | Non
                            "train's (448 distinct classes); raw concatenates the labels as the files store them, as "
                            "the original code did: where the files' ids overlap (python -m bml.datasets summary "
                            "says whether they do), a val class shares its classifier output with a train class")
+    data.add_argument("--rotation_classes", action="store_true",
+                      help="omniglot-lake: each training character turned by 90, 180 and 270 degrees makes three more "
+                           "classes (as the Vinyals split's classes are); val and test stay upright")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", default=None, choices=backbone_flag_choices(),
@@ -72,6 +75,10 @@ def get_common_parser(description: str, model: str, modes: tuple[str, ...] | Non
                           help="support images per class (recipe: 5)")
     episodes.add_argument("--n_train_queries", type=argtypes.positive_int, default=None,
                           help="query images per class (recipe: 7)")
+    episodes.add_argument("--train_within_group", action="store_true",
+                          help="every training episode's classes from one group of classes (omniglot-lake: one "
+                               "alphabet), as --within_group draws evaluation episodes; groups smaller than "
+                               "--n_train_ways are never drawn")
     episodes.add_argument("--episodes_per_epoch", type=argtypes.positive_int, default=None,
                           help="optimiser steps per epoch (recipe: 500); each step averages --episodes_per_step "
                                "episodes")

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import Dataset
 
-from bml.datasets import DatasetError, EpisodeSampler, build_dataset
+from bml.cli import episode_rule
+from bml.datasets import DatasetError, build_dataset, episode_sampler
 from bml.evaluation.cache import available_memory_bytes
 from bml.methods import get_method
 from bml.training.processes import on_main_process
 from bml.training.settings import (SettingsError, check_training_memory, episode_plan_bytes,
                                    record_training_data)
-from bml.training.step_plan import steps_per_epoch
+from bml.training.step_plan import steps_per_epoch, training_episode_rule
 from bml.utils import distributed
 
 
@@ -33,8 +34,9 @@ def open_data(args: argparse.Namespace, context: distributed.DistributedContext)
     """The training split (every process) and the val split (the main process, which validates), checked
     against the run's episodes before any step."""
     train_set = build_dataset(args.dataset, "train", args.data_root, args.image_size, train=True,
-                              transform=args.transform, tiered_labels=args.tiered_labels)
-    check_training_episodes(args, np.asarray(train_set.labels))
+                              transform=args.transform, tiered_labels=args.tiered_labels,
+                              rotation_classes=getattr(args, "rotation_classes", False))
+    check_training_episodes(args, train_set)
     val_set = None
     if args.val_split and context.is_main_process:
         val_set = build_dataset(args.dataset, args.val_split, args.data_root, args.image_size, train=False,
@@ -45,14 +47,22 @@ def open_data(args: argparse.Namespace, context: distributed.DistributedContext)
     return RunData(train_set, val_set, steps_per_epoch(args, len(train_set)))
 
 
-def check_training_episodes(args: argparse.Namespace, labels: np.ndarray) -> None:
-    """Every training step's shape must fit the training split: checked here, not inside a loader worker."""
+def check_training_episodes(args: argparse.Namespace, train_set) -> None:
+    """Every training step's shape must fit the training split (a `FewShotDataset`, or its labels when episodes need
+    not be drawn within groups): checked here, not inside a loader worker."""
+    labels = np.asarray(getattr(train_set, "labels", train_set))
     counts = np.bincount(labels)
     method = get_method(args)
     if not method.batches:
+        rule = training_episode_rule(args)
         try:
-            EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries, episodes=1)
-        except DatasetError:
+            episode_sampler(train_set, args.n_train_ways, args.n_train_shots, args.n_train_queries, episodes=1,
+                            rule=rule)
+        except DatasetError as problem:
+            if rule.within_group:
+                raise SettingsError(f"training episodes within one group do not fit the training split of "
+                                    f"{args.dataset}: {problem}; lower --n_train_ways or leave out "
+                                    "--train_within_group") from None
             raise SettingsError(
                 f"training episodes of {args.n_train_ways} ways x ({args.n_train_shots} shots + {args.n_train_queries} "
                 f"queries) do not fit the training split of {args.dataset}: {len(counts)} classes, the smallest of "
@@ -78,8 +88,9 @@ def check_validation_episodes(args: argparse.Namespace, val_set: Dataset | None)
                             f"than the {available_memory_bytes() / 2**30:,.1f} GB of memory available: lower "
                             "--val_episodes (the published protocol uses 2,000 per seed)")
     try:
-        EpisodeSampler(val_set.labels, args.n_ways, args.n_shots, args.n_queries, episodes=args.val_episodes)
+        episode_sampler(val_set, args.n_ways, args.n_shots, args.n_queries, args.val_episodes, rule=episode_rule(args))
     except DatasetError as problem:
         raise SettingsError(f"validation episodes ({args.n_ways}-way {args.n_shots}-shot {args.n_queries}-query) do "
-                            f"not fit the val split of {args.dataset}: {problem}. Change --n_ways, --n_shots or "
-                            "--n_queries (or --eval_freq 0: no validation)") from None
+                            f"not fit the val split of {args.dataset}: {problem}. Change --n_ways, --n_shots, "
+                            "--n_queries, --within_group or --distinct_drawers (or --eval_freq 0: no validation)"
+                            ) from None

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bml.datasets import (DATASETS, DatasetError, canonical_name, default_num_workers, input_transform_settings,
-                          read_split)
+from bml.datasets import (DATASETS, DatasetError, canonical_name, dataset_defaults, default_num_workers,
+                          input_transform_settings, read_split)
 from bml.datasets.image_files import read_image_sizes
+from bml.datasets.transforms import HOST_ONLY_TRANSFORMS
 from bml.methods import get_method
 from bml.models.backbones import backbone_spec
 from bml.recipes import (DECAY_STEP_GAMMA, FOLDER_RULE, LR_BY_OPTIMIZER, RECIPES, FolderFacts, Recipe,
@@ -135,7 +136,9 @@ def default_save_folder(args: argparse.Namespace) -> Path:
     (as the original's `-s params` gave params/<name>)."""
     method = get_method(args)
     parts = [args.dataset, method.run_name, args.backbone, f"w{args.width:g}", f"{args.image_size}px",
-             *method.run_name_parts(args)]
+             *([f"t{args.transform}"] if args.transform != dataset_defaults(args.dataset).transform else []),
+             *(["rot"] if getattr(args, "rotation_classes", False) else []), *method.run_name_parts(args),
+             *(["ingroup"] if getattr(args, "train_within_group", False) and not method.batches else [])]
     if args.episodes_per_step != run_recipe(args).episodes_per_step:
         parts.append(f"x{args.episodes_per_step}")
     parts += [args.optim, f"lr{args.lr:g}"]
@@ -211,7 +214,11 @@ def finish_settings(args: argparse.Namespace, context: distributed.DistributedCo
     args.validation_amp = VALIDATION_AMP
     trains_on_val = run_recipe(args).trains_on_val
     args.val_split = None if trains_on_val or args.eval_freq == 0 else "val"
-    args.augment = args.augment or ("device" if context.device.type == "cuda" else "host")
+    host_only = args.transform in HOST_ONLY_TRANSFORMS
+    if args.augment == "device" and host_only:
+        raise SettingsError(f"--transform {args.transform}'s affine distortions run on the host only: use --augment "
+                            "host (or leave --augment out)")
+    args.augment = args.augment or ("device" if context.device.type == "cuda" and not host_only else "host")
     if args.num_workers is None:
         args.num_workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     args.save_folder = str(args.run_folder or default_save_folder(args))   # now the run's own folder

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bml.datasets import DatasetError, EpisodeSampler, build_step_loader, shuffled_batches
+from bml.datasets import DatasetError, EpisodeRule, build_step_loader, episode_sampler, shuffled_batches
 from bml.methods import get_method
 from bml.recipes import ORIGINAL_EVAL_EPISODES, ORIGINAL_EVAL_FREQ
 from bml.utils.rng import derive_seed
@@ -64,13 +64,20 @@ def dropblock_counter(args: argparse.Namespace, num_images: int) -> Callable[[in
                    uncounted_per_epoch=partial_batch)
 
 
-def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: int) -> np.ndarray:
-    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_process, B).
+def training_episode_rule(args: argparse.Namespace) -> EpisodeRule:
+    """How training episodes are drawn: within one group with --train_within_group (absent in older configs)."""
+    return EpisodeRule(within_group=bool(getattr(args, "train_within_group", False)))
+
+
+def step_plan(args: argparse.Namespace, data, epoch: int, rank: int) -> np.ndarray:
+    """Dataset indices of every step of `epoch` on this rank: (steps, episodes_per_process, B). `data` is the
+    training split (a `FewShotDataset`; its labels alone when episodes need not be drawn within groups).
 
     The plan of all `episodes_per_step` slots is drawn as by one process, and each rank takes its
     consecutive slots: the step's episodes do not depend on how many processes share them, so 2
     processes of 1 episode train exactly like 1 process of 2.
     """
+    labels = np.asarray(getattr(data, "labels", data))
     steps = steps_per_epoch(args, len(labels))
     slots = args.episodes_per_step
     method = get_method(args)
@@ -78,8 +85,8 @@ def step_plan(args: argparse.Namespace, labels: np.ndarray, epoch: int, rank: in
         batches = np.stack([shuffled_batches(len(labels), args.batch_size, steps, seed=derive_seed(args.seed, slot),
                                              epoch=epoch) for slot in range(slots)], axis=1)
     else:
-        sampler = EpisodeSampler(labels, args.n_train_ways, args.n_train_shots, args.n_train_queries,
-                                 episodes=steps * slots, seed=args.seed)
+        sampler = episode_sampler(data, args.n_train_ways, args.n_train_shots, args.n_train_queries,
+                                  episodes=steps * slots, seed=args.seed, rule=training_episode_rule(args))
         sampler.set_epoch(epoch)
         batches = sampler.sample()
         extra = getattr(args, method.extra_batch_flag) if method.extra_batch_flag else 0
@@ -94,7 +101,7 @@ def build_training_loader(args: argparse.Namespace, dataset: Dataset, first: tup
                           device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every remaining step of the run from `first` = (epoch, steps done in it): a resumed epoch skips the
     steps done."""
-    plans = partial(step_plan, args, np.asarray(dataset.labels), rank=rank)
+    plans = partial(step_plan, args, dataset, rank=rank)
     return iter(build_step_loader(dataset, plans, (args.seed, rank), first=first,
                                   last_epoch=args.epochs, steps_per_epoch=steps, num_workers=args.num_workers,
                                   augment=args.augment, device=device))
