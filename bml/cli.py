@@ -118,6 +118,12 @@ def episode_rule(args: argparse.Namespace) -> EpisodeRule:
                        distinct_drawers=bool(getattr(args, "distinct_drawers", False)))
 
 
+def episode_rule_flags(rule: EpisodeRule) -> list[str]:
+    """The flags that ask for `rule` (the inverse of `episode_rule`)."""
+    return [flag for flag, on in (("--within_group", rule.within_group), ("--distinct_drawers", rule.distinct_drawers))
+            if on]
+
+
 def checkpoint_parser(required: bool = True) -> argparse.ArgumentParser:
     """A trained checkpoint: what evaluation and prediction read (training takes it with the original's
     --is_eval, to name the evaluation command)."""

@@ -18,40 +18,31 @@ MODE=${1:-}
 DATA_ROOT=${2:-../shared/data}
 cd "$(dirname "$0")/.."
 
-# One budget for every model: EPOCHS x STEPS steps of PER_STEP images (16 x 100 x 200 = 320,000 images seen).
-EPOCHS=16; STEPS=100; PER_STEP=200
+# One budget for every model: 320,000 training images seen. BML and baseline-local: EPOCHS x STEPS steps of
+# PER_STEP images (16 x 100 x 200); baseline-global: shuffled batches of PER_STEP images, 80 a pass over the 16,580
+# upright training images, for 20 epochs.
+EPOCHS=16; STEPS=100; PER_STEP=200; GLOBAL_EPOCHS=20; GLOBAL_STEPS=80
 # Validation: within-alphabet 20-way 1-shot episodes, support and query by different drawers, on the val alphabets.
 VALIDATION=(--n_ways 20 --n_shots 1 --n_queries 5 --within_group --distinct_drawers --val_episodes 1000 --eval_freq 2)
-COMMON=(--dataset omniglot-lake --data_root "$DATA_ROOT" --epochs "$EPOCHS" --episodes_per_epoch "$STEPS"
-        --seed "${SEED:-0}" --num_workers 1 --width 0.25 --image_size 28 --clip_grad 10 --print_freq 1000
-        "${VALIDATION[@]}")
-# The sweep's choice (docs/RESULTS.md, "Omniglot, Lake et al.'s protocol"): rotations as more training classes,
-# 50-way 1-shot 3-query training episodes within one alphabet.
-CHOSEN=(--rotation_classes --train_within_group --n_train_ways 50 --n_train_shots 1 --n_train_queries 3)
+COMMON=(--dataset omniglot-lake --data_root "$DATA_ROOT" --seed "${SEED:-0}" --num_workers 1 --width 0.25
+        --image_size 28 --clip_grad 10 --print_freq 1000 "${VALIDATION[@]}")
+EPISODIC=(--epochs "$EPOCHS" --episodes_per_epoch "$STEPS" --n_train_ways 100 --n_train_shots 1 --n_train_queries 1)
+# The sweep's choice on val (docs/RESULTS.md, "Omniglot as Lake et al. meant it"): the omniglot recipe's data and
+# episodes (run A); neither rotations as more classes (B) nor affine distortions (C) did better on val.
+CHOSEN=()
 
-run() {   # run OUT NAME COMMAND...: train into OUT/NAME unless it finished before; wall time to OUT/times.txt
-    local out=$1 name=$2 start=$SECONDS
-    shift 2
-    if grep -q "^Done:" "$out/$name.out" 2>/dev/null; then
-        echo "$name: finished before, skipped"
-        return
-    fi
-    echo "$name: training ($(date +%H:%M))"
-    "$@" --run_folder "$out/$name" > "$out/$name.out" 2>&1
-    echo "$name $((SECONDS - start))" >> "$out/times.txt"
-}
+source experiments/run_once.sh
 
 case $MODE in
 sweep)
     OUT=output/omniglot_lake_sweep
     mkdir -p "$OUT" && touch "$OUT/times.txt"
-    # A: the omniglot recipe as it is (100-way 1-shot 1-query episodes from any alphabets, characters upright).
-    run "$OUT" A python train_bml.py "${COMMON[@]}" --n_train_ways 100 --n_train_shots 1 --n_train_queries 1
+    # A: the omniglot recipe's data and episodes (100-way 1-shot 1-query from any alphabets, characters upright).
+    run_once "$OUT" A python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}"
     # B: A with each character's rotations as three more classes.
-    run "$OUT" B python train_bml.py "${COMMON[@]}" --n_train_ways 100 --n_train_shots 1 --n_train_queries 1 \
-        --rotation_classes
-    # C: B with every training episode within one alphabet, 50-way 1-shot 3-query (every alphabet has 50 classes).
-    run "$OUT" C python train_bml.py "${COMMON[@]}" "${CHOSEN[@]}"
+    run_once "$OUT" B python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --rotation_classes
+    # C: A with Koch et al.'s affine distortions (transform K).
+    run_once "$OUT" C python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --transform K
     python experiments/omniglot_lake_report.py --sweep "$OUT"
     ;;
 final)
@@ -64,11 +55,11 @@ final)
             continue
         fi
         case $MODEL in
-            bml) run "$OUT" bml python train_bml.py "${COMMON[@]}" "${CHOSEN[@]}" ;;
-            local) run "$OUT" local python train_baseline.py --mode local "${COMMON[@]}" "${CHOSEN[@]}" ;;
-            # The same images a step, in shuffled batches over all the (rotated) training classes.
-            global) run "$OUT" global python train_baseline.py --mode global "${COMMON[@]}" --rotation_classes \
-                        --batch_size "$PER_STEP" ;;
+            bml) run_once "$OUT" bml python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" "${CHOSEN[@]}" ;;
+            local) run_once "$OUT" local python train_baseline.py --mode local "${COMMON[@]}" "${EPISODIC[@]}" \
+                       "${CHOSEN[@]}" ;;
+            global) run_once "$OUT" global python train_baseline.py --mode global "${COMMON[@]}" "${CHOSEN[@]}" \
+                        --epochs "$GLOBAL_EPOCHS" --episodes_per_epoch "$GLOBAL_STEPS" --batch_size "$PER_STEP" ;;
             *) echo "unknown model '$MODEL' in MODELS: use bml, local, global" >&2; exit 2 ;;
         esac
     done
@@ -79,7 +70,7 @@ final)
             start=$SECONDS
             python eval_bml.py --ckp_path "$OUT/$MODEL/best.pth" --data_root "$DATA_ROOT" --split test \
                 --n_ways 20 --n_shots 1 --n_queries 1 --episodes 1000 --seeds 0-9 --distinct_drawers \
-                $([ $GROUPING = within ] && echo --within_group) --head proto cl2n logreg --device cpu \
+                $([ $GROUPING = within ] && echo --within_group) --device cpu \
                 --num_workers 1 --no_progress --output_dir "$OUT/eval" --json "$OUT/eval/${MODEL}_${GROUPING}.json"
             echo "eval_${MODEL}_${GROUPING} $((SECONDS - start))" >> "$OUT/times.txt"
         done

@@ -51,23 +51,6 @@ def results_table(run: Path) -> str:
     return "\n".join(rows)
 
 
-def heads_table(run: Path) -> str:
-    """Test error (%) of each model's prediction under every test-time head (`eval_bml.py --head`)."""
-    rows = ["| model | head | within one alphabet | across alphabets |", "|---|---|---|---|"]
-    for model in evaluated_models(run):
-        saved = {g: evaluation(run, model, g) for g in GROUPINGS}
-        heads = {"proto": {g: saved[g]["results"] for g in GROUPINGS}}
-        for head in saved["within"].get("head_results", {}):
-            heads[head] = {g: saved[g]["head_results"][head] for g in GROUPINGS}
-        for head, results in heads.items():
-            votes = ["bml", "bml_scaled"] if model == "bml" else ["bml"]
-            for vote in votes:
-                name = f"{model_label(model)}" + (", scaled vote" if vote == "bml_scaled" else "")
-                rows.append(f"| {name} | {head} | " + " | ".join(error_cell(results[g][vote]) for g in GROUPINGS)
-                            + " |")
-    return "\n".join(rows)
-
-
 def best_validation(log: list[dict]) -> dict:
     """The validated epoch with the highest accuracy (what best.pth holds)."""
     return max((entry for entry in log if "val_acc" in entry), key=lambda entry: entry["val_acc"])
@@ -100,7 +83,7 @@ def main(args: argparse.Namespace) -> None:
         timing = ", ".join(f"{model_label(model)} {times[model] / 60:.1f} min" for model in MODELS if model in times)
         evaluation_time = sum(seconds for name, seconds in times.items() if name.startswith("eval_"))
         report = (f"{results_table(run)}\n\nTraining wall time: {timing}; all evaluations: "
-                  f"{evaluation_time / 60:.1f} min.\n\nTest-time heads (error %):\n\n{heads_table(run)}\n")
+                  f"{evaluation_time / 60:.1f} min.\n")
         models = [model for model in MODELS if (run / model / "log.txt").is_file()]
         plot_runs([run / model for model in models], run / CURVES, labels=[model_label(m).strip("*") for m in models])
     (run / "report.md").write_text(report)

@@ -18,17 +18,8 @@ COMMON=(--dataset omniglot --data_root "$DATA_ROOT" --epochs 4 --seed 0 --num_wo
         --image_size 28 --eval_freq 2 --n_ways 20 --n_shots 1 --val_episodes 1000 --print_freq 1000
         --clip_grad 0)   # no clipping unless a run asks for it (the Omniglot recipe's default is the sweep's outcome)
 
-run() {   # run NAME COMMAND...: train into $OUT/NAME, record the wall time in $OUT/times.txt
-    local name=$1 start=$SECONDS
-    shift
-    if grep -q "^Done:" "$OUT/$name.out" 2>/dev/null; then
-        echo "$name: finished before, skipped"
-        return
-    fi
-    echo "$name: training ($(date +%H:%M))"
-    "$@" --run_folder "$OUT/$name" > "$OUT/$name.out" 2>&1
-    echo "$name $((SECONDS - start))" >> "$OUT/times.txt"
-}
+source experiments/run_once.sh
+run() { run_once "$OUT" "$@"; }   # run NAME COMMAND...: train into $OUT/NAME unless it finished before
 
 mkdir -p "$OUT"
 touch "$OUT/times.txt"   # appended to: the report takes each name's latest time

@@ -205,7 +205,9 @@ def test_training_validates_within_alphabets_by_distinct_drawers(data_root, tmp_
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["within_group"] and config["distinct_drawers"] and config["rotation_classes"]
     assert config["num_classes"] == 4 * 3          # Alpha's 3 characters in 4 rotations
-    assert "episodes of val (within group distinct drawers)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "episodes of val (within group distinct drawers)" in out
+    assert "--n_ways 2 --within_group --distinct_drawers" in out        # the evaluation it suggests follows the rule
     wide = parse_training_args(train_bml.get_args_parser(), [*argv[:-2], "--n_ways", "3", "--run_folder",
                                                                str(tmp_path / "wide")])
     assert train(wide).exit_code != 0        # val alphabet Beta has 2 characters: refused before any step

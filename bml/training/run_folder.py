@@ -10,6 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bml.cli import episode_rule, episode_rule_flags
 from bml.training.settings import SettingsError
 from bml.utils.io import HOLDER_FILE, LOCK_FILE, check_output_folder, folder_lock, link_error, remove_orphan_temporaries
 from bml.utils.messages import info
@@ -99,10 +100,14 @@ def next_steps(args: argparse.Namespace, checkpoint: Path) -> str:
     else:   # an installed package: the console command, whose defaults are the published protocol
         evaluate = ["bml-eval", "--dataset", args.dataset, "--transform", args.transform, "--ckp_path",
                     str(checkpoint), "--n_shots", str(args.n_shots)]
-    evaluate_command = shlex.join([*evaluate, *data_root])
+    rule = episode_rule(args)   # a run validated under a rule (Lake's protocol) is evaluated under it too
+    way = args.n_ways if rule.label else 5
+    rule_flags = ["--n_ways", str(way), *episode_rule_flags(rule)] if rule.label else []
+    evaluate_command = shlex.join([*evaluate, *data_root, *rule_flags])
     predict_command = shlex.join(["python", "-m", "bml.predict", "--ckp_path", str(checkpoint),
                                   "--support", "SUPPORT/", "--query", "IMAGES/", "--sheet", "sheet.png"])
-    return (f"Evaluate it with the published protocol (10 seeds x 2,000 5-way {args.n_shots}-shot "
-            f"episodes of the test split):\n  {evaluate_command}\n"
+    return (f"Evaluate it with the published protocol (10 seeds x 2,000 {way}-way {args.n_shots}-shot "
+            f"episodes of the test split{', ' + rule.label.replace('_', ' ') if rule.label else ''}):\n"
+            f"  {evaluate_command}\n"
             "Classify your own images (SUPPORT/ holds one sub-folder of examples per class; IMAGES/ an image or "
             f"a folder):\n  {predict_command}")
