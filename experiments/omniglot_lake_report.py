@@ -18,6 +18,7 @@ MODELS = ("bml", "global", "local")
 GROUPINGS = ("within", "across")
 # Lake, Salakhutdinov and Tenenbaum, Science 2015: error (%) on their 20 within-alphabet 20-way 1-shot runs.
 PUBLISHED = {"People": 4.5, "Bayesian Program Learning": 3.3, "Siamese network (Koch et al. 2015)": 8.0}
+AUGMENTATIONS = {"O": "shifts (O)", "K": "affine distortions and shifts (K)"}
 VOTES = {"bml": "published vote (sum of the views)", "bml_scaled": "scaled vote (our extension)",
          "global": "global view alone", "local": "local view alone"}
 
@@ -60,8 +61,8 @@ def sweep_table(sweep: Path) -> str:
     """One row per sweep run: its training data and episodes, and its best validation (within-alphabet 20-way
     1-shot, distinct drawers) of each vote and view."""
     times = read_times(sweep / "times.txt")
-    rows = ["| run | training classes | training episodes | best epoch | val error, published vote | scaled vote "
-            "| global view | local view | minutes |", "|" + "---|" * 9]
+    rows = ["| run | training classes | augmentation | training episodes | best epoch | val error, published vote "
+            "| scaled vote | global view | local view | minutes |", "|" + "---|" * 10]
     for name in times:
         config = json.loads((sweep / name / "config.json").read_text())
         best = best_validation(read_log(sweep / name / "log.txt"))
@@ -69,7 +70,8 @@ def sweep_table(sweep: Path) -> str:
         shape = (f"{config['n_train_ways']}w{config['n_train_shots']}s{config['n_train_queries']}q"
                  + (", within one alphabet" if config.get("train_within_group") else ""))
         errors = [f"{100 - best[key]:.2f}" for key in ("val_acc_bml_scaled", "val_acc_global", "val_acc_local")]
-        rows.append(f"| {name} | {classes} | {shape} | {best['epoch']} | {100 - best['val_acc']:.2f} ± "
+        augmentation = AUGMENTATIONS.get(config["transform"], config["transform"])
+        rows.append(f"| {name} | {classes} | {augmentation} | {shape} | {best['epoch']} | {100 - best['val_acc']:.2f} ± "
                     f"{best['val_ci95']:.2f} | {' | '.join(errors)} | {times[name] / 60:.1f} |")
     return "\n".join(rows)
 
