@@ -71,7 +71,8 @@ def sweep_table(sweep: Path) -> str:
                  + (", within one alphabet" if config.get("train_within_group") else ""))
         errors = [f"{100 - best[key]:.2f}" for key in ("val_acc_bml_scaled", "val_acc_global", "val_acc_local")]
         augmentation = AUGMENTATIONS.get(config["transform"], config["transform"])
-        rows.append(f"| {name} | {classes} | {augmentation} | {shape} | {best['epoch']} | {100 - best['val_acc']:.2f} ± "
+        rows.append(f"| {name} | {classes} | {augmentation} | {shape} | {best['epoch']} | "
+                    f"{100 - best['val_acc']:.2f} ± "
                     f"{best['val_ci95']:.2f} | {' | '.join(errors)} | {times[name] / 60:.1f} |")
     return "\n".join(rows)
 
