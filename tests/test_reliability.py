@@ -31,7 +31,7 @@ from bml.models import BML
 from bml.scoring import COMBINED
 from bml.utils.io import OutputError, folder_lock
 from fixtures import make_image_folder, make_tiered
-from test_training import epoch_log, one_thread  # noqa: F401  (one_thread: an autouse fixture, used here too)
+from test_training import epoch_log, on_losses_call, one_thread, send_sigterm  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -336,13 +336,8 @@ def test_orphan_temporary_checkpoints_are_removed_on_the_next_start(tmp_path):
     assert not orphan.exists() and (folder / "last.pth").is_file()
 
 
-def test_sigterm_on_a_full_disk_still_exits_143(tmp_path, capsys, monkeypatch):
-    def terminate(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    original = BML.losses
-    monkeypatch.setattr(BML, "losses", terminate)
+def test_sigterm_on_a_full_disk_still_exits_143(tmp_path, capsys, monkeypatch, on_losses_call):
+    on_losses_call(1, send_sigterm)
     full_disk_on_save(monkeypatch)
     assert train(tmp_path / "run", "--episodes_per_epoch", "3") == 128 + signal.SIGTERM
     captured = capsys.readouterr()

@@ -34,7 +34,7 @@ from fixtures import make_image_folder
 from test_predict import checkpoint, make_queries_by_class, make_support, run_cli  # noqa: F401  (checkpoint: a fixture)
 from test_reliability import (ROOT, checkpoint_path, edit_checkpoint, eval_args, finished_run,  # noqa: F401  (fixtures)
                               no_training, train, trained_run)
-from test_training import one_thread  # noqa: F401  (an autouse fixture, used here too)
+from test_training import on_losses_call, one_thread, send_sigterm  # noqa: F401  (fixtures used here too)
 
 
 @pytest.fixture
@@ -58,21 +58,27 @@ def mount_tmpfs(folder: Path, options: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
 
 
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str):
+    """`folder` as a tmpfs mounted with `options` while the block runs (skips the test where it cannot mount)."""
+    mount_tmpfs(folder, options)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs: the real ENOSPC of a disk that fills part-way through a write."""
-    folder = tmp_path / "small_disk"
-    mount_tmpfs(folder, "size=1m")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+    with mounted_tmpfs(tmp_path / "small_disk", "size=1m") as folder:
+        yield folder
 
 
 @pytest.fixture
 def read_only_disk(tmp_path):
-    folder = tmp_path / "read_only"
-    mount_tmpfs(folder, "ro,size=1m")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=False)
+    with mounted_tmpfs(tmp_path / "read_only", "ro,size=1m") as folder:
+        yield folder
 
 
 def fill(folder: Path) -> None:
@@ -329,15 +335,8 @@ def test_a_checkpoint_on_a_real_disk_that_fills_part_way(small_disk):
 
 
 def test_sigterm_when_torch_cannot_write_the_checkpoint_exits_143_with_the_resume_command(tmp_path, capsys,
-                                                                                           monkeypatch):
-    from bml.models import BML
-
-    def terminate(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return original(*args, **kwargs)
-
-    original = BML.losses
-    monkeypatch.setattr(BML, "losses", terminate)
+                                                                                           monkeypatch, on_losses_call):
+    on_losses_call(1, send_sigterm)
     torch_zip_writer_fails(monkeypatch)
     assert train(tmp_path / "run", "--episodes_per_epoch", "3") == 128 + signal.SIGTERM
     captured = capsys.readouterr()

@@ -81,6 +81,12 @@ def on_losses_call(monkeypatch):
     return install
 
 
+def send_sigterm(losses):
+    """An `on_losses_call` action: SIGTERM this process, as a scheduler stopping the job would."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    return losses
+
+
 # ----------------------------------------------------------------------------------------------
 # Settings
 
@@ -183,11 +189,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path, on_losses_c
     extra = ("--epochs", "2", "--episodes_per_epoch", "3", "--episodes_per_step", "2", "--eval_freq", "1", *augment)
     assert train_bml.main(bml_args(tmp_path / "straight", *extra)) == 0
 
-    def terminate(losses):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return losses
-
-    on_losses_call(9, terminate)   # 9th episode: epoch 2, step 2 (3 steps of 2 episodes an epoch)
+    on_losses_call(9, send_sigterm)   # 9th episode: epoch 2, step 2 (3 steps of 2 episodes an epoch)
     assert train_bml.main(bml_args(tmp_path / "resumed", *extra)) == 128 + signal.SIGTERM
     interrupted = read_checkpoint(tmp_path / "resumed" / "last.pth")
     assert (interrupted["epoch"], interrupted["training_state"]["epoch_step"], interrupted["step"]) == (1, 2, 5)
