@@ -9,6 +9,7 @@ Each function returns a new parser, so one entry point's defaults never leak int
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -113,15 +114,14 @@ def episode_parser() -> argparse.ArgumentParser:
 
 
 def episode_rule(args: argparse.Namespace) -> EpisodeRule:
-    """The `EpisodeRule` of the --within_group and --distinct_drawers flags (absent in older configs: off)."""
-    return EpisodeRule(within_group=bool(getattr(args, "within_group", False)),
-                       distinct_drawers=bool(getattr(args, "distinct_drawers", False)))
+    """The `EpisodeRule` of the --within_group and --distinct_drawers flags, each named as its part of the rule
+    (absent in older configs: off)."""
+    return EpisodeRule(**{part.name: bool(getattr(args, part.name, False)) for part in dataclasses.fields(EpisodeRule)})
 
 
 def episode_rule_flags(rule: EpisodeRule) -> list[str]:
     """The flags that ask for `rule` (the inverse of `episode_rule`)."""
-    return [flag for flag, on in (("--within_group", rule.within_group), ("--distinct_drawers", rule.distinct_drawers))
-            if on]
+    return [f"--{name}" for name in rule.active]
 
 
 def checkpoint_parser(required: bool = True) -> argparse.ArgumentParser:

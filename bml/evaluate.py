@@ -146,7 +146,7 @@ def main(args: argparse.Namespace) -> int:
         model = model_from_state(checkpoint, device=args.device, source=args.ckp_path)
         messages.info(f"Evaluating {args.ckp_path} ({config['model']}, views {', '.join(model.view_names)}) on "
                       f"{dataset}: {len(seeds)} seeds x {args.episodes} {args.n_ways}-way {args.n_shots}-shot "
-                      f"{args.n_queries}-query episodes" + (f" ({rule.label.replace('_', ' ')})" if rule.label else ""))
+                      f"{args.n_queries}-query episodes" + (f" ({rule.description})" if rule.label else ""))
         start = time.perf_counter()
         calibration, source = read_calibration(checkpoint), "checkpoint"
         if args.calibrate:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -41,10 +41,19 @@ class EpisodeRule:
     queries all by the (shot + j)-th, so no query shares a drawer with any support image."""
 
     @property
+    def active(self) -> tuple[str, ...]:
+        """The names of the parts in force (each also names its command-line flag, `bml.cli.episode_rule`)."""
+        return tuple(part.name for part in fields(self) if getattr(self, part.name))
+
+    @property
     def label(self) -> str:
-        """A short name for results and logs ('' for the default)."""
-        return "_".join(name for name, on in (("within_group", self.within_group),
-                                              ("distinct_drawers", self.distinct_drawers)) if on)
+        """A short name for results files ('' for the default)."""
+        return "_".join(self.active)
+
+    @property
+    def description(self) -> str:
+        """The parts in force in words, for messages ('' for the default)."""
+        return " ".join(self.label.split("_"))
 
 
 class EpisodeSampler(Sampler[list[int]]):

@@ -380,7 +380,7 @@ def validate(args: argparse.Namespace, model: nn.Module, val_set: Dataset, devic
     """Validation accuracy on fixed episodes (seed 0), without touching the training RNG streams."""
     rule = episode_rule(args)
     info(f"Validating on {args.val_episodes} {args.n_ways}-way {args.n_shots}-shot episodes of {args.val_split}"
-         + (f" ({rule.label.replace('_', ' ')})" if rule.label else ""))
+         + (f" ({rule.description})" if rule.label else ""))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         return evaluate(model, val_set, way=args.n_ways, shot=args.n_shots, query=args.n_queries,
                         episodes=args.val_episodes, seed=0, device=device, amp=args.validation_amp,

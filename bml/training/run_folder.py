@@ -107,7 +107,7 @@ def next_steps(args: argparse.Namespace, checkpoint: Path) -> str:
     predict_command = shlex.join(["python", "-m", "bml.predict", "--ckp_path", str(checkpoint),
                                   "--support", "SUPPORT/", "--query", "IMAGES/", "--sheet", "sheet.png"])
     return (f"Evaluate it with the published protocol (10 seeds x 2,000 {way}-way {args.n_shots}-shot "
-            f"episodes of the test split{', ' + rule.label.replace('_', ' ') if rule.label else ''}):\n"
+            f"episodes of the test split{', ' + rule.description if rule.label else ''}):\n"
             f"  {evaluate_command}\n"
             "Classify your own images (SUPPORT/ holds one sub-folder of examples per class; IMAGES/ an image or "
             f"a folder):\n  {predict_command}")
