@@ -27,9 +27,9 @@ VALIDATION=(--n_ways 20 --n_shots 1 --n_queries 5 --within_group --distinct_draw
 COMMON=(--dataset omniglot-lake --data_root "$DATA_ROOT" --seed "${SEED:-0}" --num_workers 1 --width 0.25
         --image_size 28 --clip_grad 10 --print_freq 1000 "${VALIDATION[@]}")
 EPISODIC=(--epochs "$EPOCHS" --episodes_per_epoch "$STEPS" --n_train_ways 100 --n_train_shots 1 --n_train_queries 1)
-# The sweep's choice on val (docs/RESULTS.md, "Omniglot as Lake et al. meant it"): the omniglot recipe's data and
-# episodes (run A); neither rotations as more classes (B) nor affine distortions (C) did better on val.
-CHOSEN=()
+# The sweep's choice on val (docs/RESULTS.md, "Omniglot as Lake et al. meant it"): run E, the omniglot recipe's data
+# and episodes on 42 px inputs; neither rotations as more classes (B) nor affine distortions (C) did better on val.
+CHOSEN=(--image_size 42 --channels_last)
 
 source experiments/run_once.sh
 
@@ -43,6 +43,8 @@ sweep)
     run_once "$OUT" B python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --rotation_classes
     # C: A with Koch et al.'s affine distortions (transform K).
     run_once "$OUT" C python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --transform K
+    # E: A on 42 px inputs instead of 28 (in the channels-last memory format, 1.6x faster on this CPU).
+    run_once "$OUT" E python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --image_size 42 --channels_last
     python experiments/omniglot_lake_report.py --sweep "$OUT"
     ;;
 final)

@@ -61,8 +61,8 @@ def sweep_table(sweep: Path) -> str:
     """One row per sweep run: its training data and episodes, and its best validation (within-alphabet 20-way
     1-shot, distinct drawers) of each vote and view."""
     times = read_times(sweep / "times.txt")
-    rows = ["| run | training classes | augmentation | training episodes | best epoch | val error, published vote "
-            "| scaled vote | global view | local view | minutes |", "|" + "---|" * 10]
+    rows = ["| run | input | training classes | augmentation | training episodes | best epoch "
+            "| val error, published vote | scaled vote | global view | local view | minutes |", "|" + "---|" * 11]
     for name in times:
         config = json.loads((sweep / name / "config.json").read_text())
         best = best_validation(read_log(sweep / name / "log.txt"))
@@ -71,7 +71,7 @@ def sweep_table(sweep: Path) -> str:
                  + (", within one alphabet" if config.get("train_within_group") else ""))
         errors = [f"{100 - best[key]:.2f}" for key in ("val_acc_bml_scaled", "val_acc_global", "val_acc_local")]
         augmentation = AUGMENTATIONS.get(config["transform"], config["transform"])
-        rows.append(f"| {name} | {classes} | {augmentation} | {shape} | {best['epoch']} | "
+        rows.append(f"| {name} | {config['image_size']} px | {classes} | {augmentation} | {shape} | {best['epoch']} | "
                     f"{100 - best['val_acc']:.2f} ± "
                     f"{best['val_ci95']:.2f} | {' | '.join(errors)} | {times[name] / 60:.1f} |")
     return "\n".join(rows)
