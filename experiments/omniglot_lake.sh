@@ -29,7 +29,8 @@ COMMON=(--dataset omniglot-lake --data_root "$DATA_ROOT" --seed "${SEED:-0}" --n
 EPISODIC=(--epochs "$EPOCHS" --episodes_per_epoch "$STEPS" --n_train_ways 100 --n_train_shots 1 --n_train_queries 1)
 # The sweep's choice on val (docs/RESULTS.md, "Omniglot as Lake et al. meant it"): run E, the omniglot recipe's data
 # and episodes on 42 px inputs; neither rotations as more classes (B) nor affine distortions (C) did better on val.
-CHOSEN=(--image_size 42 --channels_last)
+LARGER_INPUT=(--image_size 42 --channels_last)
+CHOSEN=("${LARGER_INPUT[@]}")
 
 source experiments/run_once.sh
 
@@ -44,7 +45,7 @@ sweep)
     # C: A with Koch et al.'s affine distortions (transform K).
     run_once "$OUT" C python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --transform K
     # E: A on 42 px inputs instead of 28 (in the channels-last memory format, 1.6x faster on this CPU).
-    run_once "$OUT" E python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --image_size 42 --channels_last
+    run_once "$OUT" E python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" "${LARGER_INPUT[@]}"
     python experiments/omniglot_lake_report.py --sweep "$OUT"
     ;;
 final)
