@@ -46,6 +46,10 @@ sweep)
     run_once "$OUT" C python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" --transform K
     # E: A on 42 px inputs instead of 28 (in the channels-last memory format, 1.6x faster on this CPU).
     run_once "$OUT" E python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" "${LARGER_INPUT[@]}"
+    # F: E with each step's 200 images as five 20-way 1-shot 1-query episodes, each within one alphabet (the test's
+    # episode shape, while the global view still sees 100 classes a step).
+    run_once "$OUT" F python train_bml.py "${COMMON[@]}" "${EPISODIC[@]}" "${LARGER_INPUT[@]}" --n_train_ways 20 \
+        --train_within_group --episodes_per_step 5
     python experiments/omniglot_lake_report.py --sweep "$OUT"
     ;;
 final)

@@ -68,7 +68,8 @@ def sweep_table(sweep: Path) -> str:
         best = best_validation(read_log(sweep / name / "log.txt"))
         classes = f"{config['num_classes']}" + (" (4 rotations)" if config.get("rotation_classes") else " (upright)")
         shape = (f"{config['n_train_ways']}w{config['n_train_shots']}s{config['n_train_queries']}q"
-                 + (", within one alphabet" if config.get("train_within_group") else ""))
+                 + (", within one alphabet" if config.get("train_within_group") else "")
+                 + (f", {config['episodes_per_step']} a step" if config.get("episodes_per_step", 1) > 1 else ""))
         errors = [f"{100 - best[key]:.2f}" for key in ("val_acc_bml_scaled", "val_acc_global", "val_acc_local")]
         augmentation = AUGMENTATIONS.get(config["transform"], config["transform"])
         rows.append(f"| {name} | {config['image_size']} px | {classes} | {augmentation} | {shape} | {best['epoch']} | "
