@@ -3,7 +3,7 @@
 # within one unseen alphabet, support and query by different people. BML against baseline-global and
 # baseline-local, trained under one budget on a CPU; settings chosen on the val alphabets only (sweep).
 #
-#   bash experiments/omniglot_lake.sh sweep [DATA_ROOT]   # the val-only sweep of BML's settings, ~25 min a run
+#   bash experiments/omniglot_lake.sh sweep [DATA_ROOT]   # the val-only sweep of BML's settings, 25-45 min a run
 #   bash experiments/omniglot_lake.sh final [DATA_ROOT]   # the comparison: train, evaluate on test, report
 #   MODELS="local global" bash experiments/omniglot_lake.sh final   # some models only
 #   EVAL_ONLY=1 bash experiments/omniglot_lake.sh final             # re-evaluate the trained models
