@@ -15,7 +15,7 @@ and its probabilities are far too close to 0 and 1. A temperature belongs to the
 fitted on: `fit` on a task of another shape warns (`CalibrationWarning`), as the confidences are then
 only roughly calibrated. `head` chooses how each view's logits are made
 (`bml.scoring.HEADS`: `'proto'`, the default, as above; `'cl2n'`, which needs the base classes' mean
-embeddings, from the checkpoint's training split or given as `base_means`; `'logreg'`).
+embeddings, from the checkpoint's training split or given as `base_means`; `'support_cl2n'`; `'logreg'`).
 
 Images may be PIL images, file paths (str or Path) or numpy uint8 arrays (H x W or H x W x C): these go
 through the checkpoint's test transform (its data set's resize/crop and normalisation, at its input

@@ -8,7 +8,7 @@ Each image of the split is embedded once and all seeds x episodes are scored fro
 Writes `<output_dir>/<dataset>_bml_eval_results_<K>shot.txt` and a JSON beside it with every view and
 every vote's expected calibration error, both naming the checkpoint by path and sha256 (a file holding another
 checkpoint's results is never replaced: the next free `..._<K>shot-2.txt`, ... is taken), and the JSON with the
-fingerprint of the split evaluated and whether TF32 was in force. `--head proto cl2n logreg` scores every head
+fingerprint of the split evaluated and whether TF32 was in force. `--head proto cl2n support_cl2n logreg` scores every head
 from the same embeddings (`bml.scoring.HEADS`); the text file reports `proto`, the published rule, and the JSON has every
 head. `--calibrate` first fits each vote's temperature on val episodes (`bml.calibration`) and reports the
 error before and after; `--save_calibration PATH` writes a copy of the checkpoint carrying the temperatures

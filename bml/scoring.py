@@ -11,8 +11,9 @@ The votes are the entries of `VOTES` plus each view alone (named after the view)
 
 How one view's logits are made is a *head*, the entries of `HEADS`: `proto` (nearest prototype, the
 published rule), `cl2n` (SimpleShot's centred L2: features centred on the base classes' mean
-embedding, L2-normalised, then nearest prototype) and `logreg` (RFS's multinomial logistic regression
-fitted on the support set of L2-normalised features). A new head is one `HEADS` entry; it then appears
+embedding, L2-normalised, then nearest prototype), `support_cl2n` (the same centred on the episode's own
+support: a style every image of the episode shares, such as one alphabet's, drops out) and `logreg`
+(RFS's multinomial logistic regression fitted on the support set of L2-normalised features). A new head is one `HEADS` entry; it then appears
 in `eval_bml.py --head`, in validation and as a `--head` choice of `python -m bml.predict`. Every
 vote applies to every head. A head names the side input its features need (`side_input`: `BASE_MEAN`
 for `cl2n`; `heads_needing` answers which heads need it) and whether the evaluation's fast paths apply
@@ -177,6 +178,20 @@ def nearest_prototype(support: torch.Tensor, labels: torch.Tensor, queries: torc
     return ViewScores(prototype_logits(queries, prototypes), prototypes)
 
 
+def support_centred_prototype(support: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor,
+                              way: int) -> ViewScores:
+    """`nearest_prototype` on embeddings centred on the episode's support centre (the mean of its class
+    prototypes: every class counts once whatever its shots), then L2-normalised.
+
+    cl2n's centre is the base classes' mean; this one is the episode's, so a component that all its images
+    share (in episodes within one group, the group's style) is removed before the comparison. Inductive: it
+    uses the support only.
+    """
+    center = labelled_prototypes(support.float(), labels, way).mean(-2, keepdim=True)
+    support, queries = (F.normalize(x.float() - center, dim=-1) for x in (support, queries))
+    return nearest_prototype(support, labels, queries, way)
+
+
 def fit_logistic_regression(support: torch.Tensor, labels: torch.Tensor, way: int, c: float = LOGREG_C,
                             iterations: int = LOGREG_ITERATIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression of every episode of a (..., S, D) support stack at once: (..., way, D)
@@ -250,6 +265,8 @@ HEADS: dict[str, Head] = {
     PROTO: Head(nearest_prototype, "nearest prototype (the published rule)", centred_fast_path=True),
     "cl2n": Head(nearest_prototype, "centred on the base classes' mean embedding, L2-normalised, nearest prototype",
                  centered_l2_normalized, side_input=BASE_MEAN, centred_fast_path=True),
+    "support_cl2n": Head(support_centred_prototype, "centred on the episode's support centre (the mean of its class "
+                                                    "prototypes), L2-normalised, nearest prototype"),
     "logreg": Head(logistic_regression, f"logistic regression on the L2-normalised support (C={LOGREG_C:g}, "
                                         f"{LOGREG_ITERATIONS} accelerated gradient steps)", l2_normalized,
                       in_support_span=True),

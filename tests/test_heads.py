@@ -82,6 +82,9 @@ def reference_logits(head: str, support: torch.Tensor, queries: torch.Tensor,
         return reference_logreg_predictions(support, queries)
     if head == "cl2n":
         support, queries = (F.normalize(x - base_mean, dim=-1) for x in (support, queries))
+    if head == "support_cl2n":
+        centre = torch.stack([support[c::WAY].mean(0) for c in range(WAY)]).mean(0)
+        support, queries = (F.normalize(x - centre, dim=-1) for x in (support, queries))
     prototypes = torch.stack([support[c::WAY].mean(0) for c in range(WAY)])
     return -((queries[:, None, :] - prototypes[None]) ** 2).sum(-1)
 
@@ -104,6 +107,24 @@ def test_each_head_on_cached_episodes_equals_a_per_episode_reference(head):
             assert scores[name][e] == pytest.approx((logits.argmax(1) == labels).double().mean().item() * 100), \
                 (head, name, e)
     assert set(scores) == set(votes_for(VIEWS))
+
+
+def test_support_cl2n_ignores_what_an_episode_shares_and_counts_each_class_once():
+    """A shift common to every image of an episode (a group's style) leaves support_cl2n's logits unchanged, not
+    cl2n's; and its centre is the mean of the class prototypes, so a class with more shots does not pull it."""
+    generator = torch.Generator().manual_seed(3)
+    support, queries = torch.randn(WAY * SHOT, DIM, generator=generator), torch.randn(7, DIM, generator=generator)
+    labels, shift, base_mean = episode_labels(WAY, WAY * SHOT), 4 * torch.randn(DIM, generator=generator), torch.zeros(DIM)
+    for head, invariant in (("support_cl2n", True), ("cl2n", False)):
+        plain = head_scores(head, support, labels, queries, WAY, base_mean).logits
+        shifted = head_scores(head, support + shift, labels, queries + shift, WAY, base_mean).logits
+        assert torch.allclose(plain, shifted, atol=1e-5) == invariant, head
+    extra, extra_labels = torch.cat([support, support[:1] + 0.1]), torch.cat([labels, labels[:1]])   # 3 shots of class 0
+    centre = torch.stack([extra[extra_labels == c].mean(0) for c in range(WAY)]).mean(0)
+    unit_support, unit_queries = F.normalize(extra - centre, dim=-1), F.normalize(queries - centre, dim=-1)
+    prototypes = torch.stack([unit_support[extra_labels == c].mean(0) for c in range(WAY)])
+    expected = -(unit_queries[:, None] - prototypes[None]).square().sum(-1)
+    torch.testing.assert_close(head_scores("support_cl2n", extra, extra_labels, queries, WAY).logits, expected)
 
 
 def test_logreg_stack_is_each_episode_fitted_alone():
@@ -174,10 +195,11 @@ def test_eval_bml_scores_every_head_from_one_embedding_pass(tmp_path, monkeypatc
         assert eval_bml.main(args) == 0
         return json.loads((tmp_path / "r.json").read_text())
 
-    saved = run("proto", "cl2n", "logreg")
+    saved = run(*HEADS)
     assert embedded == ["test", "train"]                     # the test split once, the base classes once
     assert list(saved["results"]) == ["global", "local", COMBINED, "bml_scaled"]   # proto, as before
-    assert list(saved["head_results"]) == ["cl2n", "logreg"] and list(saved["heads"]) == list(HEADS)
+    assert list(saved["head_results"]) == [head for head in HEADS if head != PROTO]
+    assert list(saved["heads"]) == list(HEADS)
     for results in saved["head_results"].values():
         assert list(results) == list(saved["results"])
         assert set(results[COMBINED]) == {"acc", "ci95", "per_seed"}
