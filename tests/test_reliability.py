@@ -26,7 +26,9 @@ from bml import predict
 from bml.training import driver, guard, signals
 from bml.checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from bml.datasets import DatasetError, build_dataset, read_npz_arrays
+from bml.datasets.sampler import build_step_loader
 from bml.evaluation import EmbeddingOptions, EvaluationError, evaluate_episodes
+from bml.evaluation.cache import embed_dataset
 from bml.models import BML
 from bml.scoring import COMBINED
 from bml.utils.io import OutputError, folder_lock
@@ -421,6 +423,42 @@ def test_the_signal_message_is_printed_once_not_by_each_loader_worker(capsys, mo
     monkeypatch.setattr(os, "getpid", lambda: parent.pid)
     parent.handle(signal.SIGINT, None)
     assert capsys.readouterr().out.count("SIGINT received") == 1
+
+
+class SignalledInWorker(torch.utils.data.Dataset):
+    """Eight constant images; loading image `at` in a loader worker sends SIGTERM to that worker, as stopping a
+    job signals every process of it (SLURM's scancel, `kill -- -PGID`)."""
+
+    labels = np.arange(8) % 2
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index == self.at and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return torch.full((3, 4, 4), float(index)), int(self.labels[index])
+
+
+class MeanView(torch.nn.Module):
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        return (images.mean((2, 3)),)
+
+
+def test_loader_workers_outlive_a_sigterm_so_the_main_process_can_save():
+    """PyTorch's workers die on a SIGTERM from outside; the main process would then fail on the lost worker
+    instead of stopping after the step with its checkpoint. The training and the evaluation loaders' workers
+    leave it to the main process: every batch still arrives."""
+    steps = list(build_step_loader(SignalledInWorker(at=3), {0: np.arange(8).reshape(4, 2)}.__getitem__, (0,),
+                                   first=(0, 0), last_epoch=0, steps_per_epoch=4, num_workers=1))
+    assert [images[:, 0, 0, 0].tolist() for images, _ in steps] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    (embedded,) = embed_dataset(MeanView(), SignalledInWorker(at=3),
+                                EmbeddingOptions(batch_size=2, num_workers=1, storage_dtype=torch.float32,
+                                                 progress=False))
+    assert embedded[:, 0].tolist() == list(range(8))
 
 
 def test_architecture_mismatch_lists_a_few_keys_and_a_count():

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..utils.rng import derive_seed, isolated_cpu_rng
+from ..utils.workers import leave_stopping_to_the_main_process
 from .base import DatasetError, FileDataset
 from .device_augment import DeviceAugment, DeviceAugmentLoader, cut_regions, draw_parameters
 
@@ -308,7 +309,8 @@ def build_step_loader(dataset: Dataset, plans: Callable[[int], np.ndarray], seed
     loader = DataLoader(StepBatches(dataset, plans, seed_key, augment), batch_size=None, sampler=keys,
                         num_workers=num_workers, pin_memory=device.type == "cuda",
                         prefetch_factor=max(2, -(-prefetch_steps // num_workers)) if num_workers else None,
-                        generator=torch.Generator())  # keeps the global RNG untouched
+                        generator=torch.Generator(),  # keeps the global RNG untouched
+                        worker_init_fn=leave_stopping_to_the_main_process)
     if augment == "device":
         return DeviceAugmentLoader(loader, DeviceAugment(dataset.transform_id, dataset.image_size), device)
     return loader

@@ -25,6 +25,7 @@ from bml.utils.device import AMP_DTYPES
 from bml.utils.io import DISK_FULL_ERRNOS, OutputError, check_output_folder
 from bml.utils.messages import info
 from bml.utils.progress import progress
+from bml.utils.workers import leave_stopping_to_the_main_process
 
 FLOAT16_MAX, FLOAT16_SMALLEST_NORMAL = 65504.0, 2.0 ** -14
 STORAGE_FALLBACK_NOTE = (f"the embeddings fall outside the float16 range (above {FLOAT16_MAX:g}, or an image's all "
@@ -137,7 +138,8 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset,
     crops = EvalCrops(dataset) if EvalCrops.applies_to(dataset) else None   # uint8 to the device, normalised there
     loader = torch.utils.data.DataLoader(crops if crops is not None else dataset, batch_size=options.batch_size,
                                          shuffle=False, num_workers=options.num_workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda",
+                                         worker_init_fn=leave_stopping_to_the_main_process)
     was_training = model.training
     model.eval()
     cache: tuple[torch.Tensor, ...] = ()
